@@ -1,0 +1,47 @@
+"""The Metal emulator: run and type-check MSL kernels without a Mac.
+
+    lib = compile_shader(source)            # like torch.mps.compile_shader; CPU tensors
+    lib = compile_shader(source, "cuda")    # a CUDA translation for CUDA tensors
+    lib.my_kernel(out, x, 3, 2.0, threads=[n], group_size=[128])
+    typecheck(source)                       # clang with Metal's address spaces; raises MSLCompileError
+
+Set FLASH_ATTN_METAL_EMULATOR_DEBUG=1 to bounds-check every device and constant buffer access.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import Diagnostic, KernelExecutionError, MSLCompileError, MSLError, UnsupportedMSL
+from .library import KernelFunction, Library
+from .translate import translate
+
+__all__ = [
+    "compile_shader", "typecheck", "Library", "KernelFunction",
+    "MSLError", "MSLCompileError", "UnsupportedMSL", "KernelExecutionError", "Diagnostic",
+]
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("FLASH_ATTN_METAL_EMULATOR_DEBUG", "0") not in ("", "0")
+
+
+def compile_shader(source: str, device: str = "cpu") -> Library:
+    """Compile MSL for the emulator. `device` is "cpu" (CPU tensors) or "cuda" (CUDA tensors)."""
+    debug = debug_enabled()
+    if device == "cpu":
+        from .cpu import CpuLibrary
+
+        return CpuLibrary(translate(source, debug=debug, target="cpu"), debug)
+    if device == "cuda":
+        from .cuda import CudaLibrary
+
+        return CudaLibrary(translate(source, debug=debug, target="cuda"), debug)
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
+def typecheck(source: str) -> None:
+    """Compile `source` with clang under Metal's type rules; raise MSLCompileError with MSL line numbers."""
+    from .typecheck import typecheck as _typecheck
+
+    _typecheck(source)

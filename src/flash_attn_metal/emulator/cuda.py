@@ -1,0 +1,88 @@
+"""Run MSL on an NVIDIA GPU: the CUDA translation (include/msl_cuda.h) is compiled with NVRTC through CuPy
+and launched on PyTorch's current CUDA stream. Imported only for `compile_shader(source, "cuda")`."""
+
+from __future__ import annotations
+
+import ctypes
+import warnings
+
+import torch
+
+from ..runtime.cache import MemoryCache, cache_key
+from .cpu import INCLUDE_DIR, _headers_digest
+from .errors import Diagnostic, KernelExecutionError, MSLCompileError
+from .library import Bound, KernelFunction, Library, fill_launch
+from .translate import Translation
+
+try:
+    import cupy
+except ImportError as exc:  # only on machines without CuPy
+    raise ImportError("the CUDA emulator needs CuPy (pip install cupy-cuda12x or cupy-cuda13x)") from exc
+
+# Functions without __device__ (the kernels' own helpers) compile for the device.
+NVRTC_OPTIONS = ("-std=c++17", "--device-as-default-execution-space", f"-I{INCLUDE_DIR}", "-w")
+ERROR_BYTES = 24  # sizeof(MslError) in include/msl_cuda.h
+_ERRORS = {
+    1: "buffer {buffer}: element {index} is out of bounds (the bound tensor holds {count})",
+    2: "a simdgroup_matrix operation needs all 32 lanes of the SIMD group",
+    3: "simdgroup_load/store with transpose_matrix and a nonzero matrix_origin: Apple does not document how they "
+       "combine; offset the pointer instead",
+}
+_modules: MemoryCache = MemoryCache()
+
+
+def _module(translation: Translation, debug: bool) -> "cupy.RawModule":
+    options = NVRTC_OPTIONS + (("-DMSL_DEBUG",) if debug else ())
+    key = cache_key(source=translation.cpp, headers=_headers_digest(), options=options)
+
+    def build() -> "cupy.RawModule":
+        module = cupy.RawModule(code=translation.cpp, options=options)
+        try:
+            module.compile()
+        except cupy.cuda.compiler.CompileException as exc:
+            raise MSLCompileError([Diagnostic(0, 0, "error", str(exc)[-3000:])],
+                                  "NVRTC could not compile the CUDA translation") from exc
+        return module
+
+    return _modules.get_or_create(key, build)
+
+
+def _device_values(b: Bound, device: torch.device) -> tuple[int, int, object]:
+    values = torch.tensor(b.values, dtype=torch.float32 if b.is_float else torch.int64, device=device)
+    return values.data_ptr(), values.numel() * values.element_size(), values
+
+
+class CudaLibrary(Library):
+    device_type = "cuda"
+
+    def __init__(self, translation: Translation, debug: bool) -> None:
+        super().__init__(translation.kernels)
+        self._module = _module(translation, debug)
+
+    def _threadgroup_bytes(self, name: str) -> int:
+        out = cupy.zeros(1, dtype=cupy.uint64)
+        self._module.get_function(f"msl_threadgroup_bytes_{name}")((1,), (1,), (out,))
+        return int(out.get()[0])
+
+    def _run(self, kernel: KernelFunction, bound: list[Bound], grid: tuple, group: tuple) -> None:
+        device = torch.device("cuda", torch.cuda.current_device())
+        launch, owners = fill_launch(bound, grid, group, lambda b: _device_values(b, device))
+        launch_bytes = torch.frombuffer(bytearray(ctypes.string_at(ctypes.addressof(launch), ctypes.sizeof(launch))),
+                                        dtype=torch.uint8).to(device)
+        with warnings.catch_warnings():  # newer CuPy prefers Stream.from_external; older has only this
+            warnings.simplefilter("ignore", DeprecationWarning)
+            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
+        error = cupy.ndarray((ERROR_BYTES,), cupy.uint8, self._module.get_global("msl_error"))
+        error.data.memset_async(0, ERROR_BYTES, stream)
+        blocks = tuple(-(-t // g) for t, g in zip(grid, group))
+        function = self._module.get_function(f"msl_kernel_{kernel.info.name}")
+        function(blocks, (group[0] * group[1] * group[2],), (cupy.uint64(launch_bytes.data_ptr()),),
+                 shared_mem=kernel.static_thread_group_memory_length, stream=stream)
+        raw = error.get(stream=stream).tobytes()  # synchronises: the emulator checks every launch
+        code, buffer = (int.from_bytes(raw[i : i + 4], "little", signed=True) for i in (0, 4))
+        index, count = (int.from_bytes(raw[i : i + 8], "little", signed=True) for i in (8, 16))
+        if code:
+            name = kernel.info.buffer_names.get(buffer, "?")
+            detail = _ERRORS[code].format(buffer=f"{buffer} ({name})", index=index, count=count)
+            raise KernelExecutionError(f"kernel {kernel.info.name}: {detail}")
+        del owners

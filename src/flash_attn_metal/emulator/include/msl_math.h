@@ -1,0 +1,168 @@
+// metal:: functions (with fast:: and precise:: spellings), numeric_limits and as_type.
+// 16-bit floats are computed in float and rounded back, elementwise over vectors.
+#pragma once
+#include "msl_types.h"
+
+#ifdef MSL_TARGET_CUDA
+#define MSL_LIBM(name) name##f
+#define MSL_ISNAN(x) __isnanf(x)
+#define MSL_ISINF(x) __isinff(x)
+#else
+#define MSL_LIBM(name) __builtin_##name##f
+#define MSL_ISNAN(x) __builtin_isnan(x)
+#define MSL_ISINF(x) __builtin_isinf(x)
+#endif
+
+// MSL's float constants (the spec's math constants section).
+#define INFINITY (::msl::u2f(0x7f800000u))
+#define NAN (::msl::u2f(0x7fc00000u))
+#define MAXFLOAT 3.402823466e+38f
+#define HUGE_VALF INFINITY
+#define M_E_F 2.71828182845904523536f
+#define M_LOG2E_F 1.44269504088896340736f
+#define M_LOG10E_F 0.434294481903251827651f
+#define M_LN2_F 0.693147180559945309417f
+#define M_LN10_F 2.30258509299404568402f
+#define M_PI_F 3.14159265358979323846f
+#define M_SQRT2_F 1.41421356237309504880f
+
+namespace metal {
+
+template <class T> struct numeric_limits;
+#define MSL_LIMITS(T, lo, hi, lowest_, eps, inf, nan, denorm)                                          \
+  template <> struct numeric_limits<T> {                                                              \
+    static constexpr bool is_specialized = true;                                                      \
+    MSL_FN static T min() { return lo; } MSL_FN static T max() { return hi; }                         \
+    MSL_FN static T lowest() { return lowest_; } MSL_FN static T epsilon() { return eps; }            \
+    MSL_FN static T infinity() { return inf; } MSL_FN static T quiet_NaN() { return nan; }            \
+    MSL_FN static T denorm_min() { return denorm; }                                                   \
+  };
+MSL_LIMITS(float, msl::u2f(0x00800000u), msl::u2f(0x7f7fffffu), msl::u2f(0xff7fffffu), msl::u2f(0x34000000u),
+           msl::u2f(0x7f800000u), msl::u2f(0x7fc00000u), msl::u2f(0x00000001u))
+#define MSL_H(bits) msl::from_bits<half>(bits)
+#define MSL_B(bits) msl::from_bits<bfloat>(bits)
+}  // namespace metal
+namespace msl {
+template <class T> MSL_FN T from_bits(ushort b) { T t; t.bits = b; return t; }
+}  // namespace msl
+namespace metal {
+MSL_LIMITS(half, MSL_H(0x0400), MSL_H(0x7bff), MSL_H(0xfbff), MSL_H(0x1400), MSL_H(0x7c00), MSL_H(0x7e00), MSL_H(0x0001))
+MSL_LIMITS(bfloat, MSL_B(0x0080), MSL_B(0x7f7f), MSL_B(0xff7f), MSL_B(0x3c00), MSL_B(0x7f80), MSL_B(0x7fc0), MSL_B(0x0001))
+MSL_LIMITS(int, (int)0x80000000u, 0x7fffffff, (int)0x80000000u, 0, 0, 0, 0)
+MSL_LIMITS(uint, 0u, 0xffffffffu, 0u, 0u, 0u, 0u, 0u)
+MSL_LIMITS(short, (short)-32768, (short)32767, (short)-32768, 0, 0, 0, 0)
+MSL_LIMITS(ushort, (ushort)0, (ushort)65535, (ushort)0, 0, 0, 0, 0)
+MSL_LIMITS(long, (long)(1ul << 63), (long)~(1ul << 63), (long)(1ul << 63), 0, 0, 0, 0)
+MSL_LIMITS(ulong, 0ul, ~0ul, 0ul, 0ul, 0ul, 0ul, 0ul)
+MSL_LIMITS(char, (char)-128, (char)127, (char)-128, 0, 0, 0, 0)
+MSL_LIMITS(uchar, (uchar)0, (uchar)255, (uchar)0, 0, 0, 0, 0)
+#undef MSL_LIMITS
+#undef MSL_H
+#undef MSL_B
+
+template <class To, class From> MSL_FN To as_type(const From& x) {
+  static_assert(sizeof(To) == sizeof(From), "as_type needs types of the same size");
+  To t;
+  msl::copy_bytes(&t, &x, sizeof(To));
+  return t;
+}
+
+// Unary float functions over float, half, bfloat and their vectors.
+#define MSL_UNARY(name, expr)                                                                          \
+  MSL_FN float name(float x) { return expr; }                                                         \
+  MSL_FN half name(half h) { float x = h; return half(expr); }                                        \
+  MSL_FN bfloat name(bfloat h) { float x = h; return bfloat(expr); }                                  \
+  template <class T, int N> MSL_FN vec<T, N> name(const vec<T, N>& a) {                               \
+    vec<T, N> o; for (int i = 0; i < N; ++i) o.v[i] = name(a.v[i]); return o; }
+MSL_UNARY(exp, MSL_LIBM(exp)(x)) MSL_UNARY(exp2, MSL_LIBM(exp2)(x)) MSL_UNARY(exp10, MSL_LIBM(pow)(10.0f, x))
+MSL_UNARY(log, MSL_LIBM(log)(x)) MSL_UNARY(log2, MSL_LIBM(log2)(x)) MSL_UNARY(log10, MSL_LIBM(log10)(x))
+MSL_UNARY(sqrt, MSL_LIBM(sqrt)(x)) MSL_UNARY(rsqrt, 1.0f / MSL_LIBM(sqrt)(x)) MSL_UNARY(tanh, MSL_LIBM(tanh)(x))
+MSL_UNARY(sin, MSL_LIBM(sin)(x)) MSL_UNARY(cos, MSL_LIBM(cos)(x)) MSL_UNARY(tan, MSL_LIBM(tan)(x))
+MSL_UNARY(fabs, MSL_LIBM(fabs)(x)) MSL_UNARY(floor, MSL_LIBM(floor)(x)) MSL_UNARY(ceil, MSL_LIBM(ceil)(x))
+MSL_UNARY(round, MSL_LIBM(round)(x)) MSL_UNARY(trunc, MSL_LIBM(trunc)(x)) MSL_UNARY(rint, MSL_LIBM(rint)(x))
+MSL_UNARY(fract, x - MSL_LIBM(floor)(x))
+MSL_UNARY(sign, (x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : (MSL_ISNAN(x) ? 0.0f : x))))
+#undef MSL_UNARY
+
+// Binary float functions.
+#define MSL_BINARY(name, expr)                                                                         \
+  MSL_FN float name(float x, float y) { return expr; }                                                \
+  MSL_FN half name(half a, half b) { float x = a, y = b; return half(expr); }                         \
+  MSL_FN bfloat name(bfloat a, bfloat b) { float x = a, y = b; return bfloat(expr); }                 \
+  template <class T, int N> MSL_FN vec<T, N> name(const vec<T, N>& a, const vec<T, N>& b) {           \
+    vec<T, N> o; for (int i = 0; i < N; ++i) o.v[i] = name(a.v[i], b.v[i]); return o; }               \
+  template <class T, int N> MSL_FN vec<T, N> name(const vec<T, N>& a, T b) { return name(a, vec<T, N>(b)); }
+MSL_BINARY(pow, MSL_LIBM(pow)(x, y)) MSL_BINARY(powr, MSL_LIBM(pow)(x, y)) MSL_BINARY(fmod, MSL_LIBM(fmod)(x, y))
+MSL_BINARY(fmax, MSL_LIBM(fmax)(x, y)) MSL_BINARY(fmin, MSL_LIBM(fmin)(x, y)) MSL_BINARY(copysign, MSL_LIBM(copysign)(x, y))
+MSL_BINARY(atan2, MSL_LIBM(atan2)(x, y)) MSL_BINARY(step, (y < x ? 0.0f : 1.0f))
+#undef MSL_BINARY
+
+MSL_FN float fma(float a, float b, float c) { return MSL_LIBM(fma)(a, b, c); }
+MSL_FN half fma(half a, half b, half c) { return half(MSL_LIBM(fma)((float)a, (float)b, (float)c)); }
+MSL_FN bfloat fma(bfloat a, bfloat b, bfloat c) { return bfloat(MSL_LIBM(fma)((float)a, (float)b, (float)c)); }
+template <class T, int N> MSL_FN vec<T, N> fma(const vec<T, N>& a, const vec<T, N>& b, const vec<T, N>& c) {
+  vec<T, N> o; for (int i = 0; i < N; ++i) o.v[i] = fma(a.v[i], b.v[i], c.v[i]); return o; }
+
+// min, max and clamp work on every scalar type; for floats they return the other operand of a NaN, like fmin.
+template <class T, msl::enable_if_t<msl::is_scalar<T>::value, int> = 0> MSL_FN T max(T a, T b) {
+  if (msl::is_float<T>::value && a != a) return b;
+  return a < b ? b : a; }
+template <class T, msl::enable_if_t<msl::is_scalar<T>::value, int> = 0> MSL_FN T min(T a, T b) {
+  if (msl::is_float<T>::value && a != a) return b;
+  return b < a ? b : a; }
+template <class T, int N> MSL_FN vec<T, N> max(const vec<T, N>& a, const vec<T, N>& b) {
+  vec<T, N> o; for (int i = 0; i < N; ++i) o.v[i] = max(a.v[i], b.v[i]); return o; }
+template <class T, int N> MSL_FN vec<T, N> min(const vec<T, N>& a, const vec<T, N>& b) {
+  vec<T, N> o; for (int i = 0; i < N; ++i) o.v[i] = min(a.v[i], b.v[i]); return o; }
+template <class T, int N> MSL_FN vec<T, N> max(const vec<T, N>& a, T b) { return max(a, vec<T, N>(b)); }
+template <class T, int N> MSL_FN vec<T, N> min(const vec<T, N>& a, T b) { return min(a, vec<T, N>(b)); }
+template <class T> MSL_FN T clamp(const T& x, const T& lo, const T& hi) { return min(max(x, lo), hi); }
+template <class T, int N> MSL_FN vec<T, N> clamp(const vec<T, N>& x, T lo, T hi) { return min(max(x, lo), hi); }
+
+MSL_FN int abs(int x) { return x < 0 ? -x : x; }
+MSL_FN long abs(long x) { return x < 0 ? -x : x; }
+MSL_FN short abs(short x) { return x < 0 ? (short)-x : x; }
+MSL_FN float abs(float x) { return fabs(x); }
+MSL_FN half abs(half x) { return fabs(x); }
+MSL_FN bfloat abs(bfloat x) { return fabs(x); }
+template <class T, int N> MSL_FN vec<T, N> abs(const vec<T, N>& a) {
+  vec<T, N> o; for (int i = 0; i < N; ++i) o.v[i] = abs(a.v[i]); return o; }
+
+MSL_FN bool isnan(float x) { return MSL_ISNAN(x); }
+MSL_FN bool isnan(half x) { return (x.bits & 0x7fffu) > 0x7c00u; }
+MSL_FN bool isnan(bfloat x) { return (x.bits & 0x7fffu) > 0x7f80u; }
+MSL_FN bool isinf(float x) { return MSL_ISINF(x); }
+MSL_FN bool isinf(half x) { return (x.bits & 0x7fffu) == 0x7c00u; }
+MSL_FN bool isinf(bfloat x) { return (x.bits & 0x7fffu) == 0x7f80u; }
+template <class T> MSL_FN bool isfinite(T x) { return !isnan(x) && !isinf(x); }
+template <class T> MSL_FN bool signbit(T x) { return (msl::f2u((float)x) >> 31) != 0; }
+template <class T, int N> MSL_FN vec<bool, N> isnan(const vec<T, N>& a) {
+  vec<bool, N> o; for (int i = 0; i < N; ++i) o.v[i] = isnan(a.v[i]); return o; }
+template <class T, int N> MSL_FN vec<bool, N> isinf(const vec<T, N>& a) {
+  vec<bool, N> o; for (int i = 0; i < N; ++i) o.v[i] = isinf(a.v[i]); return o; }
+
+// select(a, b, c) is c ? b : a.
+template <class T, msl::enable_if_t<msl::is_scalar<T>::value, int> = 0> MSL_FN T select(T a, T b, bool c) { return c ? b : a; }
+template <class T, int N> MSL_FN vec<T, N> select(const vec<T, N>& a, const vec<T, N>& b, const vec<bool, N>& c) {
+  vec<T, N> o; for (int i = 0; i < N; ++i) o.v[i] = c.v[i] ? b.v[i] : a.v[i]; return o; }
+template <class T, int N> MSL_FN vec<T, N> select(const vec<T, N>& a, const vec<T, N>& b, bool c) { return c ? b : a; }
+template <class T> MSL_FN T mix(const T& x, const T& y, const T& a) { return x + (y - x) * a; }
+template <class T, int N> MSL_FN vec<T, N> mix(const vec<T, N>& x, const vec<T, N>& y, T a) { return x + (y - x) * a; }
+
+template <int N> MSL_FN bool all(const vec<bool, N>& a) { for (int i = 0; i < N; ++i) if (!a.v[i]) return false; return true; }
+template <int N> MSL_FN bool any(const vec<bool, N>& a) { for (int i = 0; i < N; ++i) if (a.v[i]) return true; return false; }
+MSL_FN bool all(bool a) { return a; }
+MSL_FN bool any(bool a) { return a; }
+
+template <class T, int N> MSL_FN T dot(const vec<T, N>& a, const vec<T, N>& b) {
+  float s = 0.0f; for (int i = 0; i < N; ++i) s += (float)a.v[i] * (float)b.v[i]; return T(s); }
+template <class T, int N> MSL_FN T length(const vec<T, N>& a) { return sqrt(dot(a, a)); }
+
+namespace fast { using metal::exp; using metal::exp2; using metal::log; using metal::log2; using metal::sqrt;
+  using metal::rsqrt; using metal::tanh; using metal::sin; using metal::cos; using metal::pow; using metal::powr;
+  using metal::fabs; using metal::abs; using metal::max; using metal::min; using metal::fmax; using metal::fmin;
+  using metal::clamp; using metal::floor; using metal::ceil; using metal::round; using metal::trunc;
+  using metal::exp10; using metal::log10; }
+namespace precise = fast;
+
+}  // namespace metal
