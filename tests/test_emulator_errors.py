@@ -61,12 +61,15 @@ def lib():
     return compile_shader(DIVERGENCE)
 
 
-@pytest.mark.parametrize("kernel", ["split_barrier", "split_simd", "barrier_vs_simd"])
-def test_divergent_synchronisation_raises_naming_the_kernel(lib, kernel):
+@pytest.mark.parametrize(
+    "kernel, lines",
+    [("split_barrier", "line 7 and line 9"), ("split_simd", "line 17 and line 19"), ("barrier_vs_simd", "line 25")],
+)
+def test_divergent_synchronisation_raises_naming_the_kernel(lib, kernel, lines):
     out = torch.zeros(64)
     getattr(lib, kernel)(out, 0, threads=[64], group_size=[64])  # uniform control flow: fine
     assert (out != 0).any()
-    with pytest.raises(KernelExecutionError, match=f"kernel {kernel}"):
+    with pytest.raises(KernelExecutionError, match=f"kernel {kernel}: .*{lines}"):
         getattr(lib, kernel)(out, 1, threads=[64], group_size=[64])
 
 
