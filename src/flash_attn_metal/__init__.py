@@ -1,0 +1,31 @@
+"""FlashAttention for Apple Silicon: flash-attn 2.x's API over Metal kernels generated at run time.
+
+    from flash_attn_metal import flash_attn_func    # or, on a Mac, `from flash_attn import flash_attn_func`
+"""
+
+from . import bert_padding
+from ._version import __version__
+from .interface import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
+)
+from .stats import reset_stats, stats
+
+__all__ = [
+    "__version__",
+    "bert_padding",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
+    "reset_stats",
+    "stats",
+]

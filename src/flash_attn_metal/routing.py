@@ -1,0 +1,75 @@
+"""Which backend runs an attention call, and the announced fallback to the reference.
+
+`FLASH_ATTN_METAL_BACKEND` (read per call):
+- `auto` (default): the Metal kernels for MPS tensors, the reference for tensors elsewhere;
+- `mps`: the Metal kernels on MPS tensors;
+- `emulator`: the Metal kernels through the emulator (CPU tensors on the CPU, CUDA tensors on CUDA);
+- `reference`: always the pure-PyTorch reference (asked for, so no warning).
+Every other fallback warns once per reason per process and is counted in `stats()`; with
+`FLASH_ATTN_METAL_STRICT=1` it raises `NotImplementedError` naming the reason instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+
+from . import stats
+from .problem import AttentionProblem
+
+BACKENDS = ("auto", "mps", "emulator", "reference")
+_warned: set[str] = set()
+
+
+def backend_setting() -> str:
+    value = os.environ.get("FLASH_ATTN_METAL_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"FLASH_ATTN_METAL_BACKEND must be one of {', '.join(BACKENDS)}, got {value!r}")
+    return value
+
+
+def strict() -> bool:
+    return os.environ.get("FLASH_ATTN_METAL_STRICT", "0").strip() not in ("", "0", "false", "False")
+
+
+def fallback(reason: str) -> None:
+    """Announce that the reference runs this call instead of the kernels (or raise, in strict mode)."""
+    stats.record_fallback(reason)
+    if strict():
+        raise NotImplementedError(f"flash-attn-metal: {reason} (FLASH_ATTN_METAL_STRICT=1 forbids the PyTorch fallback)")
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"flash-attn-metal: running the PyTorch reference because {reason}", RuntimeWarning, stacklevel=5)
+
+
+def choose(problem: AttentionProblem, needs_grad: bool) -> str | None:
+    """"mps" or "emulator" when the kernels run this call, None (after announcing why) for the reference."""
+    setting = backend_setting()
+    if setting == "reference":
+        return None
+    device = problem.q.device.type
+    if setting == "emulator":
+        if device not in ("cpu", "cuda"):
+            fallback(f"the emulator runs CPU or CUDA tensors, not {device} tensors")
+            return None
+        backend = "emulator"
+    elif device == "mps":
+        backend = "mps"
+    else:
+        fallback(f"the tensors are on {device}; the Metal kernels run on MPS tensors "
+                 "(FLASH_ATTN_METAL_BACKEND=emulator runs them in the emulator)")
+        return None
+    reason = kernel_unsupported_reason(problem, needs_grad)
+    if reason is not None:
+        fallback(reason)
+        return None
+    return backend
+
+
+def kernel_unsupported_reason(problem: AttentionProblem, needs_grad: bool) -> str | None:
+    if importlib.util.find_spec("flash_attn_metal.kernels.dispatch") is None:
+        return "the Metal kernels are not built yet"
+    from .kernels import dispatch
+
+    return dispatch.unsupported_reason(problem, needs_grad)

@@ -1,0 +1,115 @@
+"""Input checks for the public functions: bad input raises TypeError or ValueError naming the argument and
+what was expected, before any kernel runs."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def tensor(name: str, x: object, rank: int | Sequence[int]) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    ranks = (rank,) if isinstance(rank, int) else tuple(rank)
+    if x.dim() not in ranks:
+        expected = " or ".join(str(r) for r in ranks)
+        raise ValueError(f"{name} must have {expected} dimensions, got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.numel() and x.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension (stride(-1) == 1), got strides {x.stride()}")
+    return x
+
+
+def same_kind(named: dict[str, torch.Tensor]) -> None:
+    (first_name, first), *rest = named.items()
+    for name, x in rest:
+        if x.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but {first_name} has {first.dtype}; they must match")
+        if x.device != first.device:
+            raise ValueError(f"{name} is on {x.device} but {first_name} is on {first.device}; they must match")
+
+
+def heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    d = q.shape[-1]
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"q's head dim must be at most {MAX_HEAD_DIM}, got {d}")
+    if k.shape[-1] != d or v.shape[-1] != d:
+        raise ValueError(f"q, k and v must share the head dim; got {d}, {k.shape[-1]} and {v.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k and v must have the same number of heads; got {k.shape[-2]} and {v.shape[-2]}")
+    h, hk = q.shape[-2], k.shape[-2]
+    if hk == 0 or h % hk != 0:
+        raise ValueError(f"the number of query heads ({h}) must be a multiple of the number of key/value heads ({hk})")
+
+
+def window(window_size: object) -> tuple[int, int]:
+    if isinstance(window_size, torch.Tensor):
+        window_size = window_size.tolist()
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be a pair (left, right), got {window_size!r}")
+    left, right = (int(w) for w in window_size)
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got {(left, right)}")
+    return left, right
+
+
+def dropout(dropout_p: float, softcap: float) -> float:
+    p = float(dropout_p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if p > 0 and softcap > 0:
+        raise ValueError("softcap does not support dropout: pass softcap=0.0 or dropout_p=0.0")
+    return p
+
+
+def alibi(alibi_slopes: object, batch: int, nheads: int, device: torch.device) -> torch.Tensor | None:
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor, got {type(alibi_slopes).__name__}")
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+    if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
+        raise ValueError(f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), got {tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {device}")
+    return alibi_slopes
+
+
+def cu_seqlens(name: str, cu: object, total: int, device: torch.device) -> list[int]:
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{name} must be 1-D with batch_size + 1 entries, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    values = cu.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {values[0]}")
+    if any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must be non-decreasing, got {values}")
+    if values[-1] > total:
+        raise ValueError(f"{name} ends at {values[-1]} but the tensor holds only {total} tokens")
+    return values
+
+
+def max_seqlen(name: str, value: object, offsets: list[int]) -> int:
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    longest = max((b - a for a, b in zip(offsets, offsets[1:])), default=0)
+    if value < longest:
+        raise ValueError(f"{name} is {value} but the longest sequence has {longest} tokens")
+    return value
+
+
+def softmax_scale(scale: float | None, head_dim: int) -> float:
+    return head_dim**-0.5 if scale is None else float(scale)

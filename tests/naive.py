@@ -1,0 +1,43 @@
+"""An independent, deliberately simple attention in float64 with flash-attn's semantics, element by element
+from the documented rules: the oracle the reference and the kernels are checked against."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def naive_attention(q, k, v, *, scale=None, causal=False, window=(-1, -1), softcap=0.0, alibi=None):
+    """One sequence: q (sq, h, d), k/v (sk, hk, d). Returns out (sq, h, d) float64 and lse (h, sq) float64."""
+    sq, h, d = q.shape
+    sk, hk = k.shape[0], k.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    left, right = window
+    if causal:
+        right = 0
+    out = torch.zeros(sq, h, d, dtype=torch.float64)
+    lse = torch.full((h, sq), math.inf, dtype=torch.float64)
+    q, k, v = q.double(), k.double(), v.double()
+    for head in range(h):
+        kv = head // (h // hk)
+        scores = q[:, head] @ k[:, kv].T * scale  # (sq, sk)
+        if softcap > 0:
+            scores = softcap * torch.tanh(scores / softcap)
+        for i in range(sq):
+            shifted = i + sk - sq
+            allowed = []
+            for j in range(sk):
+                if left >= 0 and j < shifted - left:
+                    continue
+                if right >= 0 and j > shifted + right:
+                    continue
+                allowed.append(j)
+            if not allowed:
+                continue  # a fully masked row: out 0, lse +inf
+            row = scores[i, allowed]
+            if alibi is not None:
+                row = row - float(alibi[head]) * torch.tensor([abs(shifted - j) for j in allowed], dtype=torch.float64)
+            lse[head, i] = torch.logsumexp(row, 0)
+            out[i, head] = torch.softmax(row, 0) @ v[allowed, kv]
+    return out, lse
