@@ -1,0 +1,23 @@
+"""Only what pyproject.toml cannot say: install flash_attn_metal_alias.pth at the top of site-packages (regular
+and editable installs), which serves `import flash_attn` where no real flash-attn is installed."""
+
+import os
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+PTH = "flash_attn_metal_alias.pth"
+
+
+class BuildPyWithPth(build_py):
+    def run(self) -> None:
+        super().run()
+        # An editable wheel is assembled from the install directory, a regular one from build_lib.
+        target = self.get_finalized_command("install").install_lib if self.editable_mode else self.build_lib
+        self.copy_file(os.path.join("src", PTH), os.path.join(target, PTH), preserve_mode=0)
+
+    def get_outputs(self, include_bytecode: bool = True) -> list:
+        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, PTH)]
+
+
+setup(cmdclass={"build_py": BuildPyWithPth})

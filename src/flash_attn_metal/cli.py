@@ -1,0 +1,117 @@
+"""`python -m flash_attn_metal info | demo | cache`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+
+from . import __version__, routing
+from .stats import reset_stats, stats
+
+
+def _kernel_backend() -> str:
+    """The backend the demo runs the kernels on here: MPS on a Mac, the emulator elsewhere."""
+    return "mps" if torch.backends.mps.is_available() else "emulator"
+
+
+def _features() -> str:
+    from importlib.util import find_spec
+
+    if find_spec("flash_attn_metal.kernels.dispatch") is None:
+        return "none yet: every call runs the PyTorch reference"
+    from .kernels import dispatch
+
+    return dispatch.native_features()
+
+
+def info(_: argparse.Namespace) -> int:
+    from .runtime.cache import cache_dir
+
+    mac = platform.mac_ver()[0]
+    mps = torch.backends.mps.is_available()
+    rows = [
+        ("flash-attn-metal", __version__),
+        ("torch", torch.__version__),
+        ("python", platform.python_version()),
+        ("os", f"macOS {mac}" if mac else platform.platform()),
+        ("device", torch.backends.mps.get_name() if mps and hasattr(torch.backends.mps, "get_name") else
+         ("MPS" if mps else "no Metal GPU (kernels run in the emulator)")),
+        ("gpu family", "unknown (not a Mac)" if not mps else "see runtime.device"),
+        ("backend setting", routing.backend_setting()),
+        ("kernel backend here", _kernel_backend()),
+        ("cache dir", str(cache_dir())),
+        ("native features", _features()),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def demo(_: argparse.Namespace) -> int:
+    from . import flash_attn_func
+    from .problem import AttentionProblem
+    from .reference import attention
+
+    backend = _kernel_backend()
+    device = "mps" if backend == "mps" else "cpu"
+    os.environ.setdefault("FLASH_ATTN_METAL_BACKEND", backend if backend == "emulator" else "auto")
+    torch.manual_seed(0)
+    b, s, h, hk, d = 2, 256, 8, 2, 64
+    q = torch.randn(b, s, h, d, device=device, dtype=torch.float16, requires_grad=True)
+    k = torch.randn(b, s, hk, d, device=device, dtype=torch.float16, requires_grad=True)
+    v = torch.randn(b, s, hk, d, device=device, dtype=torch.float16, requires_grad=True)
+    reset_stats()
+    start = time.perf_counter()
+    out = flash_attn_func(q, k, v, causal=True)
+    forward_s = time.perf_counter() - start
+    grad = torch.randn_like(out)
+    start = time.perf_counter()
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    backward_s = time.perf_counter() - start
+
+    exact = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    problem = AttentionProblem(q=exact[0], k=exact[1], v=exact[2], softmax_scale=d**-0.5, causal=True,
+                               window_left=-1, window_right=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0)
+    ref_out = attention(problem)[0]
+    ref_grads = torch.autograd.grad(ref_out, exact, grad.float())
+    launched = stats()["launches"]
+    ran = f"Metal kernels via {backend} ({', '.join(sorted(launched))})" if launched else "the PyTorch reference"
+    print(f"flash_attn_func: batch {b}, seqlen {s}, heads {h} (kv heads {hk}), head dim {d}, fp16, causal, on {device}")
+    print(f"ran on: {ran}")
+    print(f"forward  {forward_s * 1e3:8.1f} ms   max |out - fp32 reference| = {(out.float() - ref_out).abs().max():.2e}")
+    errors = ", ".join(f"{n} {(g.float() - r).abs().max():.2e}" for n, g, r in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads))
+    print(f"backward {backward_s * 1e3:8.1f} ms   max errors: {errors}")
+    if stats()["fallbacks"]:
+        print("fallbacks:", "; ".join(stats()["fallbacks"]))
+    return 0
+
+
+def cache(args: argparse.Namespace) -> int:
+    from .runtime.cache import cache_dir
+
+    root = cache_dir()
+    files = [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+    if args.action == "clear":
+        for p in files:
+            p.unlink(missing_ok=True)
+        print(f"removed {len(files)} entries from {root}")
+    else:
+        print(f"{root}: {len(files)} entries, {sum(p.stat().st_size for p in files) / 2**20:.1f} MiB")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flash_attn_metal", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions, device, backend, cache and native features").set_defaults(run=info)
+    commands.add_parser("demo", help="forward and backward attention against the reference").set_defaults(run=demo)
+    cache_parser = commands.add_parser("cache", help="the compiled-kernel cache")
+    cache_parser.add_argument("action", choices=["info", "clear"])
+    cache_parser.set_defaults(run=cache)
+    args = parser.parse_args(argv)
+    return args.run(args)

@@ -1,0 +1,60 @@
+"""The public functions keep flash-attn 2.8's signatures exactly: names, order, defaults (transformers
+inspects them, and upstream tests pass dropout_p positionally)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+import flash_attn_metal
+from flash_attn_metal import bert_padding
+
+# Written down from flash-attn 2.8's flash_attn/flash_attn_interface.py.
+FLASH_ATTN_2_8 = {
+    "flash_attn_qkvpacked_func": "(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), "
+    "softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False)",
+    "flash_attn_kvpacked_func": "(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), "
+    "softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False)",
+    "flash_attn_func": "(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), "
+    "softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False)",
+    "flash_attn_varlen_qkvpacked_func": "(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, "
+    "causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False, "
+    "return_attn_probs=False)",
+    "flash_attn_varlen_kvpacked_func": "(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, "
+    "dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, "
+    "deterministic=False, return_attn_probs=False)",
+    "flash_attn_varlen_func": "(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, "
+    "softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, "
+    "deterministic=False, return_attn_probs=False, block_table=None)",
+    "flash_attn_with_kvcache": "(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, "
+    "cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None, "
+    "causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0, "
+    "return_softmax_lse=False)",
+}
+
+
+def plain(fn) -> str:
+    """The signature without annotations, as flash-attn spells it."""
+    sig = inspect.signature(fn)
+    params = [p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()]
+    return str(sig.replace(parameters=params, return_annotation=inspect.Signature.empty))
+
+
+@pytest.mark.parametrize("name", sorted(FLASH_ATTN_2_8))
+def test_signature_matches_flash_attn(name):
+    assert plain(getattr(flash_attn_metal, name)) == FLASH_ATTN_2_8[name]
+
+
+def test_a_changed_default_would_be_caught():
+    def drifted(q, k, v, dropout_p=0.1, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                alibi_slopes=None, deterministic=False, return_attn_probs=False):
+        pass
+
+    assert plain(drifted) != FLASH_ATTN_2_8["flash_attn_func"]
+
+
+def test_bert_padding_signatures():
+    assert plain(bert_padding.unpad_input) == "(hidden_states, attention_mask, unused_mask=None)"
+    assert plain(bert_padding.pad_input) == "(hidden_states, indices, batch, seqlen)"
+    assert plain(bert_padding.index_first_axis) == "(x, indices)"

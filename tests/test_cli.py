@@ -1,0 +1,32 @@
+"""`python -m flash_attn_metal info | demo | cache`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from flash_attn_metal.cli import main
+
+
+def test_info_reports_versions_backend_and_cache(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FLASH_ATTN_METAL_CACHE_DIR", str(tmp_path))
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for key in ("flash-attn-metal", "torch", "os", "device", "gpu family", "backend setting", "native features"):
+        assert key in out
+    assert str(tmp_path) in out
+
+
+def test_demo_says_which_backend_ran_and_its_errors():
+    result = subprocess.run([sys.executable, "-m", "flash_attn_metal", "demo"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "ran on:" in result.stdout and "max |out - fp32 reference|" in result.stdout
+    error = float(result.stdout.split("max |out - fp32 reference| = ")[1].split()[0])
+    assert error < 1e-2
+
+
+def test_unknown_command_is_an_error():
+    with pytest.raises(SystemExit):
+        main(["frobnicate"])
