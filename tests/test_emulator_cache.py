@@ -11,14 +11,14 @@ from pathlib import Path
 
 SCRIPT = r"""
 import json, sys, torch
-import flash_attn_metal.stats as stats
+from flash_attn_metal.stats import stats
 from flash_attn_metal.emulator import compile_shader
 source = "#include <metal_stdlib>\nusing namespace metal;\n" + sys.argv[1]
 lib = compile_shader(source)
 out = torch.zeros(4)
 lib.fill(out, 1.5)
 assert out.tolist() == [1.5] * 4
-print(json.dumps(stats.stats()))
+print(json.dumps(stats()))
 """
 
 

@@ -15,7 +15,7 @@ import importlib.util
 import os
 import warnings
 
-from . import stats
+from .stats import record_fallback
 from .problem import AttentionProblem
 
 BACKENDS = ("auto", "mps", "emulator", "reference")
@@ -35,7 +35,7 @@ def strict() -> bool:
 
 def fallback(reason: str) -> None:
     """Announce that the reference runs this call instead of the kernels (or raise, in strict mode)."""
-    stats.record_fallback(reason)
+    record_fallback(reason)
     if strict():
         raise NotImplementedError(f"flash-attn-metal: {reason} (FLASH_ATTN_METAL_STRICT=1 forbids the PyTorch fallback)")
     if reason not in _warned:

@@ -14,7 +14,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .. import stats
+from ..stats import record_compile
 from ..runtime.cache import DiskCache, MemoryCache, cache_key
 from .errors import Diagnostic, KernelExecutionError, MSLCompileError, UnsupportedMSL
 from .library import Bound, KernelFunction, Library, fill_launch
@@ -83,7 +83,7 @@ def _compile(cpp: str, debug: bool) -> bytes:
             if not diagnostics:
                 diagnostics = [Diagnostic(0, 0, "error", result.stderr.strip()[-2000:])]
             raise MSLCompileError(diagnostics, "the emulator could not compile this MSL")
-        stats.record_compile()
+        record_compile()
         return out.read_bytes()
 
 

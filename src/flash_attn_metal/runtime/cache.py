@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from .. import stats
+from ..stats import record_cache_hit
 
 T = TypeVar("T")
 
@@ -62,13 +62,13 @@ class MemoryCache:
     def get_or_create(self, key: str, factory: Callable[[], T]) -> T:
         with self._lock:
             if key in self._items:
-                stats.record_cache_hit("memory")
+                record_cache_hit("memory")
                 return self._items[key]  # type: ignore[return-value]
             building = self._building.setdefault(key, threading.Lock())
         with building:
             with self._lock:
                 if key in self._items:
-                    stats.record_cache_hit("memory")
+                    record_cache_hit("memory")
                     return self._items[key]  # type: ignore[return-value]
             item = factory()
             with self._lock:
@@ -105,7 +105,7 @@ class DiskCache:
             os.utime(path)  # recently used: evicted last
         except OSError:
             pass
-        stats.record_cache_hit("disk")
+        record_cache_hit("disk")
         return payload
 
     def store(self, key: str, payload: bytes) -> None:
