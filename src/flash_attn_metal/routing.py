@@ -11,7 +11,6 @@ Every other fallback warns once per reason per process and is counted in `stats(
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import warnings
 
@@ -68,8 +67,6 @@ def choose(problem: AttentionProblem, needs_grad: bool) -> str | None:
 
 
 def kernel_unsupported_reason(problem: AttentionProblem, needs_grad: bool) -> str | None:
-    if importlib.util.find_spec("flash_attn_metal.kernels.dispatch") is None:
-        return "the Metal kernels are not built yet"
-    from .kernels import dispatch
+    from .kernels import dispatch  # imported on first use: `import flash_attn_metal` stays light
 
     return dispatch.unsupported_reason(problem, needs_grad)

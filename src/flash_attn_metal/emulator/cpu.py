@@ -76,10 +76,9 @@ def _compile(cpp: str, debug: bool) -> bytes:
                                 capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
         if result.returncode != 0:
             diagnostics = [d for d in _diagnostics(result.stderr) if d.severity == "error"]
-            for d in diagnostics:
-                m = _undeclared_re.search(d.message)
-                if m:
-                    raise UnsupportedMSL(m.group(1), d.line, d.message)
+            undeclared = _undeclared_re.search(diagnostics[0].message) if diagnostics else None
+            if undeclared:  # a name neither the source nor the emulator's Metal library declares
+                raise UnsupportedMSL(undeclared.group(1), diagnostics[0].line, diagnostics[0].message)
             if not diagnostics:
                 diagnostics = [Diagnostic(0, 0, "error", result.stderr.strip()[-2000:])]
             raise MSLCompileError(diagnostics, "the emulator could not compile this MSL")

@@ -361,10 +361,23 @@ def _read_params(tokens: list[Token], begin: int, end: int, attribute_ranges: li
 _STATEMENT_START = {";", "{", "}"}
 
 
+def is_threadgroup_variable(tokens: list[Token], j: int) -> bool:
+    """Whether the statement starting at the `threadgroup` token tokens[j] declares a threadgroup variable,
+    rather than a pointer or reference into threadgroup memory."""
+    for t in tokens[j + 1 :]:
+        if t.text in ("*", "&"):
+            return False
+        if t.text in ("=", ";", "["):
+            return True
+    return True
+
+
 def _read_threadgroup_decls(tokens: list[Token], body_start: int, body_end: int) -> list[ThreadgroupDecl]:
     decls = []
     for j in range(body_start + 1, body_end):
         if tokens[j].text != "threadgroup" or tokens[j - 1].text not in _STATEMENT_START:
+            continue
+        if not is_threadgroup_variable(tokens, j):
             continue
         semi = j
         while tokens[semi].text != ";":

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import UnsupportedMSL
-from .msl import IDENT, NUMBER, PREPROC, Kernel, Program, Token, parse, tokenize
+from .msl import IDENT, NUMBER, PREPROC, Kernel, Token, is_threadgroup_variable, parse, tokenize
 
 _SWIZZLE_SETS = ("xyzw", "rgba")
 MSL_FILE = "kernel.metal"
@@ -158,7 +158,8 @@ def translate(source: str, *, debug: bool = False, target: str = "cpu") -> Trans
                 out.append("static ")
             i += 1
             continue
-        if t.text == "threadgroup" and tokens[i - 1].text in ";{}" and _inside_function(tokens, i):
+        if (t.text == "threadgroup" and tokens[i - 1].text in ";{}" and is_threadgroup_variable(tokens, i)
+                and _inside_function(tokens, i)):
             raise UnsupportedMSL("threadgroup variable outside a kernel", t.line,
                                  "threadgroup variables can only be declared in a kernel function")
         if debug and t.text == "reinterpret_cast" and tokens[i + 2].text in ("device", "constant", "const"):

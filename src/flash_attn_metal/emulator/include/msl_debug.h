@@ -4,6 +4,8 @@
 
 namespace msl {
 
+template <class I> struct is_index { static constexpr bool value = is_integer<I>::value || __is_enum(I); };
+
 template <class T>
 struct dptr {
   T* p;
@@ -30,13 +32,13 @@ struct dptr {
     }
     return p + i;
   }
-  template <class I, enable_if_t<is_integer<I>::value, int> = 0> MSL_FN T& operator[](I i) const { return *checked((long)i); }
+  template <class I, enable_if_t<is_index<I>::value, int> = 0> MSL_FN T& operator[](I i) const { return *checked((long)i); }
   MSL_FN T& operator*() const { return *checked(0); }
   MSL_FN T* operator->() const { return checked(0); }
-  template <class I, enable_if_t<is_integer<I>::value, int> = 0> MSL_FN dptr operator+(I i) const { dptr r = *this; r.p += (long)i; return r; }
-  template <class I, enable_if_t<is_integer<I>::value, int> = 0> MSL_FN dptr operator-(I i) const { dptr r = *this; r.p -= (long)i; return r; }
-  template <class I, enable_if_t<is_integer<I>::value, int> = 0> MSL_FN dptr& operator+=(I i) { p += (long)i; return *this; }
-  template <class I, enable_if_t<is_integer<I>::value, int> = 0> MSL_FN dptr& operator-=(I i) { p -= (long)i; return *this; }
+  template <class I, enable_if_t<is_index<I>::value, int> = 0> MSL_FN dptr operator+(I i) const { dptr r = *this; r.p += (long)i; return r; }
+  template <class I, enable_if_t<is_index<I>::value, int> = 0> MSL_FN dptr operator-(I i) const { dptr r = *this; r.p -= (long)i; return r; }
+  template <class I, enable_if_t<is_index<I>::value, int> = 0> MSL_FN dptr& operator+=(I i) { p += (long)i; return *this; }
+  template <class I, enable_if_t<is_index<I>::value, int> = 0> MSL_FN dptr& operator-=(I i) { p -= (long)i; return *this; }
   MSL_FN dptr& operator++() { ++p; return *this; }
   MSL_FN dptr& operator--() { --p; return *this; }
   MSL_FN dptr operator++(int) { dptr r = *this; ++p; return r; }

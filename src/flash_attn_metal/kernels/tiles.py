@@ -1,0 +1,51 @@
+"""Tile sizes per GPU family and head dim, with the reason for each entry.
+
+A forward threadgroup owns BLOCK_Q query rows (8 per SIMD group) and streams K and V through one shared
+threadgroup tile of BLOCK_K rows. Every configuration must stay within Apple's limits: 32 KiB of threadgroup
+memory and 1024 threads per threadgroup (tests/test_kernels_tiles.py checks the whole table).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+THREADGROUP_MEMORY_LIMIT = 32 * 1024  # bytes, Apple7/8/9 (Metal feature set tables)
+THREADS_LIMIT = 1024
+SIMD_WIDTH = 32
+ROWS_PER_SIMDGROUP = 8  # one 8x8 simdgroup_matrix row block per SIMD group
+DTYPE_BYTES = {"half": 2, "bfloat": 2, "float": 4}
+FAMILIES = ("apple7", "apple8", "apple9", "apple10")
+
+
+@dataclass(frozen=True)
+class Tiles:
+    block_q: int  # query rows per threadgroup
+    block_k: int  # keys per K/V block
+    reason: str
+
+    @property
+    def simdgroups(self) -> int:
+        return self.block_q // ROWS_PER_SIMDGROUP
+
+    @property
+    def threads(self) -> int:
+        return self.simdgroups * SIMD_WIDTH
+
+
+def forward_tiles(family: str, head_dim: int) -> Tiles:
+    """The forward kernel's tiles for a padded head dim (a multiple of 8, at most 256)."""
+    if family in ("apple7", "apple8"):
+        # M1/M2: 32 query rows and 128 threads per threadgroup, as metal-flash-attention's M1 tables and
+        # MLX's steel attention use. Keys: 32 per block up to d=128, 16 beyond (MLX: bk = d < 128 ? 32 : 16),
+        # which keeps the shared K/V tile at 8 KiB (fp16) to 16 KiB (fp32) and the S fragments per thread low.
+        block_k = 32 if head_dim <= 128 else 16
+        return Tiles(32, block_k, "M1/M2: 32 rows x 128 threads (MFA Apple7/8, MLX); BLOCK_K 32, 16 past d=128")
+    # M3/M4 and newer: 16 query rows and 64 threads per threadgroup, as metal-flash-attention chose for
+    # Apple9 (Dynamic Caching favours smaller threadgroups and more of them); wider key blocks at small d.
+    block_k = 64 if head_dim <= 64 else (32 if head_dim <= 128 else 16)
+    return Tiles(16, block_k, "M3/M4+: 16 rows x 64 threads (MFA Apple9); BLOCK_K 64 to d=64, 32 to 128, then 16")
+
+
+def forward_threadgroup_bytes(tiles: Tiles, head_dim: int, dtype: str) -> int:
+    """One shared K/V tile in the input dtype."""
+    return tiles.block_k * head_dim * DTYPE_BYTES[dtype]

@@ -1,0 +1,201 @@
+"""The generated forward kernels, run through the public functions in the emulator (strict: a fallback would
+fail the test), against the fp32 reference with the upstream tolerance rule:
+
+    max |ours - fp32 reference| <= 2 * max |plain low-precision PyTorch - fp32 reference| + 1e-5
+
+(fp32 inputs: within 1e-5 of the reference, relative to the output's scale). LSE is checked too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import flash_attn_metal
+from flash_attn_metal import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_qkvpacked_func,
+)
+from flash_attn_metal.problem import AttentionProblem
+from flash_attn_metal.reference import attention
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@pytest.fixture(autouse=True)
+def emulator_strict(monkeypatch):
+    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
+    monkeypatch.setenv("FLASH_ATTN_METAL_STRICT", "1")
+    flash_attn_metal.reset_stats()
+
+
+def problem_of(q, k, v, causal=False, window=(-1, -1), softcap=0.0, alibi=None, cu_q=None, cu_k=None, max_q=0, max_k=0):
+    return AttentionProblem(q=q, k=k, v=v, softmax_scale=q.shape[-1] ** -0.5, causal=causal, window_left=window[0],
+                            window_right=0 if causal else window[1], softcap=softcap, alibi_slopes=alibi,
+                            dropout_p=0.0, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
+
+
+def assert_within_rule(out, lse, problem: AttentionProblem):
+    ref_out, ref_lse = attention(problem, upcast=True)
+    pt_out, _ = attention(problem, upcast=False)
+    err = (out.float() - ref_out.float()).abs().max().item() if out.numel() else 0.0
+    if out.dtype == torch.float32:
+        bound = 1e-5 * max(1.0, ref_out.abs().max().item() if out.numel() else 1.0)
+    else:
+        bound = 2 * (pt_out.float() - ref_out.float()).abs().max().item() + 1e-5
+    assert err <= bound, f"max error {err:.3e} exceeds {bound:.3e}"
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "fully masked rows must have lse = +inf"
+    finite = torch.isfinite(ref_lse)
+    if finite.any():
+        assert (lse[finite] - ref_lse[finite]).abs().max().item() <= 1e-4
+    assert torch.isfinite(out).all()
+
+
+def kernels_ran():
+    launches = flash_attn_metal.stats()["launches"]
+    assert launches and all(name.startswith("attention_forward") for name in launches)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    dtype: str
+    d: int
+    sq: int
+    sk: int
+    h: int = 2
+    hk: int = 2
+    causal: bool = False
+    window: tuple = (-1, -1)
+    softcap: float = 0.0
+    alibi: str = ""  # "", "h" or "bh"
+    b: int = 2
+
+
+CASES = [
+    # seqlens below, equal to and above each other, ragged against the tiles
+    Case("fp16", 64, 1, 7), Case("fp16", 64, 7, 1), Case("bf16", 64, 113, 128), Case("fp32", 64, 128, 113),
+    Case("fp16", 64, 255, 255, causal=True), Case("bf16", 32, 1000, 113, b=1, h=1, hk=1, causal=True),
+    Case("fp16", 32, 113, 1000, b=1, h=1, hk=1),
+    # head dims (multiples of 8 natively; others padded in the kernel)
+    Case("fp16", 32, 65, 70), Case("fp16", 40, 65, 70), Case("bf16", 80, 65, 70), Case("fp32", 96, 65, 70),
+    Case("fp16", 128, 65, 70), Case("bf16", 160, 40, 50), Case("fp16", 192, 40, 50), Case("fp32", 256, 40, 50),
+    Case("fp16", 256, 40, 50, causal=True), Case("bf16", 59, 33, 45), Case("fp32", 111, 33, 45),
+    # masks
+    Case("fp16", 64, 97, 97, window=(16, 8)), Case("bf16", 64, 60, 130, window=(10, 0)),
+    Case("fp32", 64, 130, 60, window=(-1, 5)), Case("fp16", 64, 130, 60, causal=True),
+    Case("fp16", 64, 50, 90, causal=True, window=(7, -1)),
+    # GQA 2 and 8, MQA
+    Case("fp16", 64, 70, 70, h=4, hk=2, causal=True), Case("bf16", 64, 70, 70, h=8, hk=1),
+    Case("fp32", 64, 40, 40, h=8, hk=1, causal=True),
+    # softcap and ALiBi
+    Case("fp16", 64, 70, 90, softcap=10.0), Case("bf16", 64, 70, 90, softcap=5.0, causal=True),
+    Case("fp16", 64, 70, 90, alibi="h"), Case("fp32", 64, 90, 70, alibi="bh", causal=True),
+    Case("bf16", 128, 40, 40, h=4, hk=2, softcap=3.0, alibi="h", window=(9, 4)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.dtype}-d{c.d}-{c.sq}x{c.sk}-h{c.h}/{c.hk}" + ("-causal" if c.causal else "")
+                                             + (f"-w{c.window}" if c.window != (-1, -1) else "")
+                                             + ("-softcap" if c.softcap else "") + (f"-alibi{c.alibi}" if c.alibi else "")
+                                             for c in CASES])
+def test_forward_matches_the_reference(case: Case):
+    torch.manual_seed(hash(case) % 1000)
+    dtype = DTYPES[case.dtype]
+    q = torch.randn(case.b, case.sq, case.h, case.d, dtype=dtype)
+    k = torch.randn(case.b, case.sk, case.hk, case.d, dtype=dtype)
+    v = torch.randn(case.b, case.sk, case.hk, case.d, dtype=dtype)
+    if case.softcap:
+        q = q * 4
+    alibi = {"": None, "h": torch.rand(case.h) * 0.3, "bh": torch.rand(case.b, case.h) * 0.3}[case.alibi]
+    out, lse, _ = flash_attn_func(q, k, v, causal=case.causal, window_size=case.window, softcap=case.softcap,
+                                  alibi_slopes=alibi, return_attn_probs=True)
+    kernels_ran()
+    assert_within_rule(out, lse, problem_of(q, k, v, case.causal, case.window, case.softcap, alibi))
+
+
+def test_a_wrong_mask_alignment_would_be_caught():
+    """Negative control: the kernel's causal output differs from a top-left aligned reference."""
+    torch.manual_seed(7)
+    q, k, v = torch.randn(1, 20, 2, 32), torch.randn(1, 45, 2, 32), torch.randn(1, 45, 2, 32)
+    out = flash_attn_func(q, k, v, causal=True)
+    right = attention(problem_of(q, k, v, causal=True))[0]
+    top_left = attention(problem_of(q, k[:, :20], v[:, :20], causal=True))[0]  # query i sees keys 0..i
+    assert (out - right).abs().max() < 1e-5
+    assert (out - top_left).abs().max() > 1e-2
+
+
+def test_fully_masked_rows_and_empty_keys():
+    torch.manual_seed(8)
+    q, k = torch.randn(2, 9, 2, 32, dtype=torch.float16), torch.randn(2, 4, 2, 32, dtype=torch.float16)
+    out, lse, _ = flash_attn_func(q, k, k, causal=True, return_attn_probs=True)  # rows 0..4 see no key
+    assert (out[:, :5] == 0).all() and torch.isposinf(lse[:, :, :5]).all()
+    assert_within_rule(out, lse, problem_of(q, k, k, causal=True))
+    empty = torch.randn(2, 0, 2, 32, dtype=torch.float16)
+    out, lse, _ = flash_attn_func(q, empty, empty, return_attn_probs=True)
+    assert (out == 0).all() and torch.isposinf(lse).all()
+    kernels_ran()
+
+
+def test_packed_and_strided_inputs_are_read_in_place():
+    torch.manual_seed(9)
+    qkv = torch.randn(2, 77, 3, 4, 64, dtype=torch.float16)
+    out = flash_attn_qkvpacked_func(qkv, causal=True)
+    q, k, v = qkv.unbind(2)
+    ref = flash_attn_metal.reference.attention(problem_of(q, k, v, causal=True))
+    assert_within_rule(out, ref[1], problem_of(q, k, v, causal=True))
+    kv = torch.randn(2, 50, 2, 2, 64, dtype=torch.bfloat16)
+    q2 = torch.randn(2, 40, 4, 64, dtype=torch.bfloat16).transpose(1, 2).contiguous().transpose(1, 2)  # head-major
+    out, lse, _ = flash_attn_kvpacked_func(q2, kv, return_attn_probs=True)
+    assert_within_rule(out, lse, problem_of(q2, kv[:, :, 0], kv[:, :, 1]))
+    kernels_ran()
+
+
+def varlen_inputs(lens_q, lens_k, h, hk, d, dtype):
+    q = torch.randn(sum(lens_q), h, d, dtype=dtype)
+    k, v = torch.randn(sum(lens_k), hk, d, dtype=dtype), torch.randn(sum(lens_k), hk, d, dtype=dtype)
+    cu = lambda lens: torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)  # noqa: E731
+    return q, k, v, cu(lens_q), cu(lens_k)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_varlen_with_unequal_and_zero_lengths(dtype):
+    torch.manual_seed(10)
+    lens_q, lens_k = [17, 0, 70, 33, 5], [40, 9, 0, 33, 64]
+    q, k, v, cu_q, cu_k = varlen_inputs(lens_q, lens_k, 4, 2, 64, DTYPES[dtype])
+    for causal in (False, True):
+        out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+                                             return_attn_probs=True)
+        assert lse.shape == (4, sum(lens_q))
+        assert_within_rule(out, lse, problem_of(q, k, v, causal=causal, cu_q=cu_q, cu_k=cu_k,
+                                                max_q=max(lens_q), max_k=max(lens_k)))
+    kernels_ran()
+
+
+def test_varlen_packed_qkv():
+    torch.manual_seed(11)
+    lens = [30, 1, 64]
+    qkv = torch.randn(sum(lens), 3, 2, 32, dtype=torch.float16)
+    cu = torch.tensor([0, 30, 31, 95], dtype=torch.int32)
+    out = flash_attn_varlen_qkvpacked_func(qkv, cu, 64, causal=True)
+    q, k, v = qkv.unbind(1)
+    p = problem_of(q, k, v, causal=True, cu_q=cu, cu_k=cu, max_q=64, max_k=64)
+    assert_within_rule(out, attention(p)[1], p)
+    kernels_ran()
+
+
+def test_debug_build_bounds_checks_every_access(monkeypatch):
+    monkeypatch.setenv("FLASH_ATTN_METAL_EMULATOR_DEBUG", "1")
+    from flash_attn_metal.runtime import backend
+
+    backend.get_backend.cache_clear()  # a fresh tier-1 cache: the debug build is a different library
+    torch.manual_seed(12)
+    q = torch.randn(1, 50, 2, 40, dtype=torch.float16)[:, 3:]  # a view with a storage offset
+    k = torch.randn(1, 33, 1, 40, dtype=torch.float16)
+    out, lse, _ = flash_attn_func(q, k, k, causal=True, window_size=(5, -1), return_attn_probs=True)
+    assert_within_rule(out, lse, problem_of(q, k, k, causal=True, window=(5, -1)))
+    backend.get_backend.cache_clear()
