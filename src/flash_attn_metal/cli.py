@@ -1,4 +1,4 @@
-"""`python -m flash_attn_metal info | demo | cache`."""
+"""`python -m flash_attn_metal info | demo | kernels | cache`."""
 
 from __future__ import annotations
 
@@ -61,29 +61,36 @@ def demo(_: argparse.Namespace) -> int:
     q = torch.randn(b, s, h, d, device=device, dtype=torch.float16, requires_grad=True)
     k = torch.randn(b, s, hk, d, device=device, dtype=torch.float16, requires_grad=True)
     v = torch.randn(b, s, hk, d, device=device, dtype=torch.float16, requires_grad=True)
-    reset_stats()
-    start = time.perf_counter()
-    out = flash_attn_func(q, k, v, causal=True)
-    forward_s = time.perf_counter() - start
-    grad = torch.randn_like(out)
-    start = time.perf_counter()
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
-    backward_s = time.perf_counter() - start
-
     exact = [t.detach().float().requires_grad_() for t in (q, k, v)]
     problem = AttentionProblem(q=exact[0], k=exact[1], v=exact[2], softmax_scale=d**-0.5, causal=True,
                                window_left=-1, window_right=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0)
     ref_out = attention(problem)[0]
-    ref_grads = torch.autograd.grad(ref_out, exact, grad.float())
-    launched = stats()["launches"]
-    ran = f"Metal kernels via {backend} ({', '.join(sorted(launched))})" if launched else "the PyTorch reference"
+    grad = torch.randn_like(ref_out)
+    ref_grads = torch.autograd.grad(ref_out, exact, grad)
     print(f"flash_attn_func: batch {b}, seqlen {s}, heads {h} (kv heads {hk}), head dim {d}, fp16, causal, on {device}")
-    print(f"ran on: {ran}")
-    print(f"forward  {forward_s * 1e3:8.1f} ms   max |out - fp32 reference| = {(out.float() - ref_out).abs().max():.2e}")
+
+    def ran() -> str:
+        launched = stats()["launches"]
+        return f"Metal kernels via {backend} ({', '.join(sorted(launched))})" if launched else "the PyTorch reference"
+
+    reset_stats()
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = flash_attn_func(q, k, v, causal=True)
+        forward_s = time.perf_counter() - start
+    print(f"forward (inference): ran on {ran()}")
+    print(f"  {forward_s * 1e3:8.1f} ms   max |out - fp32 reference| = {(out.float() - ref_out).abs().max():.2e}")
+
+    reset_stats()
+    start = time.perf_counter()
+    out = flash_attn_func(q, k, v, causal=True)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
+    step_s = time.perf_counter() - start
+    print(f"forward + backward (training): ran on {ran()}")
     errors = ", ".join(f"{n} {(g.float() - r).abs().max():.2e}" for n, g, r in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads))
-    print(f"backward {backward_s * 1e3:8.1f} ms   max errors: {errors}")
-    if stats()["fallbacks"]:
-        print("fallbacks:", "; ".join(stats()["fallbacks"]))
+    print(f"  {step_s * 1e3:8.1f} ms   max errors: {errors}")
+    for reason in stats()["fallbacks"]:
+        print(f"  fallback: {reason}")
     return 0
 
 
@@ -101,11 +108,28 @@ def cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def kernels(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .kernels import report
+
+    if args.dump:
+        written = report.dump(Path(args.dump))
+        print(f"wrote {len(written)} kernels to {args.dump}")
+    if args.report or not args.dump:
+        print(report.format_report())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flash_attn_metal", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, device, backend, cache and native features").set_defaults(run=info)
     commands.add_parser("demo", help="forward and backward attention against the reference").set_defaults(run=demo)
+    kernels_parser = commands.add_parser("kernels", help="dump the generated MSL, or report static figures")
+    kernels_parser.add_argument("--dump", metavar="DIR", help="write a representative set of kernels as .metal files")
+    kernels_parser.add_argument("--report", action="store_true", help="threads, memory and traffic per configuration")
+    kernels_parser.set_defaults(run=kernels)
     cache_parser = commands.add_parser("cache", help="the compiled-kernel cache")
     cache_parser.add_argument("action", choices=["info", "clear"])
     cache_parser.set_defaults(run=cache)

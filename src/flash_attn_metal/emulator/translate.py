@@ -51,7 +51,7 @@ def _swizzle_indices(name: str) -> list[int] | None:
     return None
 
 
-def _number(text: str) -> str:
+def half_literal(text: str) -> str:
     if text[-1] in "hH" and not text.lower().startswith("0x"):
         body = text[:-1]
         return f"half({body}{'' if '.' in body or 'e' in body.lower() else '.0'}f)"
@@ -62,7 +62,7 @@ def _rewrite_expression_tokens(tokens: list[Token], i: int, struct_fields: set[s
     """Rewrite token i if it is a half literal or the start of a swizzle; return (text, tokens consumed)."""
     t = tokens[i]
     if t.kind == NUMBER:
-        return _number(t.text), 1
+        return half_literal(t.text), 1
     if t.text == "." and i + 1 < len(tokens) and tokens[i + 1].kind == IDENT:
         name = tokens[i + 1].text
         indices = _swizzle_indices(name)
@@ -89,7 +89,7 @@ def _rewrite_define(text: str, struct_fields: set[str]) -> str:
     return joined[:head_end] + " " + " ".join(pieces) + "\n" * text.count("\n")
 
 
-def _pointer_type_end(tokens: list[Token], i: int) -> int | None:
+def pointer_type_end(tokens: list[Token], i: int) -> int | None:
     """If tokens[i] (`device`/`constant`) starts a pointer type, return the index of its `*`."""
     depth = 0
     for j in range(i + 1, min(len(tokens), i + 24)):
@@ -167,7 +167,7 @@ def translate(source: str, *, debug: bool = False, target: str = "cpu") -> Trans
             i += 1
             continue
         if debug and t.text in ("device", "constant"):
-            star = _pointer_type_end(tokens, i)
+            star = pointer_type_end(tokens, i)
             if star is not None:
                 prefix = "const " if tokens[i - 1].text == "const" and out and out[-1] == "const " else ""
                 if prefix:
@@ -176,7 +176,7 @@ def translate(source: str, *, debug: bool = False, target: str = "cpu") -> Trans
                 out.append(f"::msl::dptr<{prefix}{inner}> ")
                 i = star + 1
                 continue
-        if t.text == "constant" and nesting == 0 and _pointer_type_end(tokens, i) is None:
+        if t.text == "constant" and nesting == 0 and pointer_type_end(tokens, i) is None:
             out.append("static const ")  # a program-scope constant: usable in constant expressions
             i += 1
             continue
