@@ -199,3 +199,15 @@ def test_debug_build_bounds_checks_every_access(monkeypatch):
     out, lse, _ = flash_attn_func(q, k, k, causal=True, window_size=(5, -1), return_attn_probs=True)
     assert_within_rule(out, lse, problem_of(q, k, k, causal=True, window=(5, -1)))
     backend.get_backend.cache_clear()
+
+
+def test_empty_batch_and_nan_propagation():
+    q = torch.randn(0, 5, 2, 32, dtype=torch.float16)
+    assert flash_attn_func(q, q, q).shape == (0, 5, 2, 32)
+    torch.manual_seed(13)
+    q, k, v = (torch.randn(1, 16, 2, 32, dtype=torch.float16) for _ in range(3))
+    v[0, 3, 0, 0] = float("nan")
+    out = flash_attn_func(q, k, v)
+    ref = attention(problem_of(q, k, v))[0]
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))  # NaN reaches the same outputs as in the reference
+    assert torch.isnan(out[0, :, 0, 0]).all() and not torch.isnan(out[0, :, 1]).any()

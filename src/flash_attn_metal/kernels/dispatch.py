@@ -25,6 +25,8 @@ def native_features() -> str:
 
 
 def unsupported_reason(problem: AttentionProblem, needs_grad: bool) -> str | None:
+    if problem.q.device.type == "mps" and gpu_family() is None:
+        return "the Metal device is not Apple silicon (the kernels need simdgroup_matrix: Apple7/M1 or newer)"
     if needs_grad:
         return "the backward kernels are not built yet (calls that need gradients run the reference)"
     if problem.dropout_p > 0:
