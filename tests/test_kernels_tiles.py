@@ -7,11 +7,14 @@ import pytest
 
 from flash_attn_metal.emulator import compile_shader, typecheck
 from flash_attn_metal.kernels import report
+from flash_attn_metal.kernels.backward import backward_source
+from flash_attn_metal.kernels.backward import kernel_names as backward_kernel_names
 from flash_attn_metal.kernels.forward import forward_source
 from flash_attn_metal.kernels.tiles import (
     FAMILIES,
     THREADGROUP_MEMORY_LIMIT,
     THREADS_LIMIT,
+    backward_threadgroup_bytes,
     forward_threadgroup_bytes,
     forward_tiles,
 )
@@ -25,6 +28,7 @@ def test_every_configuration_fits(family):
             assert tiles.threads <= THREADS_LIMIT and tiles.threads % 32 == 0
             assert tiles.block_q % 8 == 0 and tiles.block_k % 8 == 0
             assert forward_threadgroup_bytes(tiles, d, dtype) <= THREADGROUP_MEMORY_LIMIT
+            assert backward_threadgroup_bytes(tiles, d, dtype) <= THREADGROUP_MEMORY_LIMIT
             assert tiles.reason
 
 
@@ -36,22 +40,25 @@ def test_the_limit_check_can_fail():
 def test_report_covers_every_configuration():
     rows = report.report_rows()
     assert len(rows) == len(report.FAMILIES) * len(report.DTYPES) * len(report.HEAD_DIMS)
-    assert all(r["threadgroup_bytes"] <= THREADGROUP_MEMORY_LIMIT for r in rows)
+    assert all(max(r["threadgroup_bytes"], r["backward_threadgroup_bytes"]) <= THREADGROUP_MEMORY_LIMIT for r in rows)
     assert "limits" in report.format_report()
 
 
 def test_dumped_kernels_typecheck_and_build(tmp_path):
     written = report.dump(tmp_path)
-    specs = list(dict.fromkeys(report.representative_specs()))
-    assert len(written) == len(specs)
-    for spec, path in zip(specs, written):
-        source = path.read_text()
-        assert source == forward_source(spec) and source.isascii()
-        assert "__asm" not in source and "#pragma METAL" not in source
-        typecheck(source)
-        lib = compile_shader(source)
-        kernel = getattr(lib, spec.name)
-        assert kernel.static_thread_group_memory_length == forward_threadgroup_bytes(spec.tiles, spec.head_dim, spec.dtype)
+    sources = report.sources()
+    assert sorted(p.name for p in written) == sorted(sources)
+    for spec in dict.fromkeys(report.representative_specs()):
+        for source, names, limit in (
+            (forward_source(spec), [spec.name], forward_threadgroup_bytes(spec.tiles, spec.head_dim, spec.dtype)),
+            (backward_source(spec), backward_kernel_names(spec)[1:],
+             backward_threadgroup_bytes(spec.tiles, spec.head_dim, spec.dtype)),
+        ):
+            assert source.isascii() and "__asm" not in source and "#pragma METAL" not in source
+            typecheck(source)
+            lib = compile_shader(source)
+            for name in names:
+                assert getattr(lib, name).static_thread_group_memory_length == limit
 
 
 def test_same_spec_gives_byte_identical_source():

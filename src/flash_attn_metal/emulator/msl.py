@@ -158,8 +158,7 @@ _FORBIDDEN = {
     "asm": "inline assembly is private Metal; recent macOS rejects it at run time",
     "texture1d": "textures", "texture2d": "textures", "texture3d": "textures", "sampler": "samplers",
     "function_constant": "function constants", "imageblock": "imageblocks", "vertex": "vertex functions",
-    "fragment": "fragment functions", "stage_in": "stage_in", "visible": "visible functions",
-    "intersection": "ray tracing", "mesh": "mesh functions", "object": "object functions",
+    "fragment": "fragment functions", "stage_in": "stage_in",
 }
 
 

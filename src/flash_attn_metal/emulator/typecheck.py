@@ -37,7 +37,7 @@ def _check(source: str) -> tuple[Diagnostic, ...]:
         return (Diagnostic(exc.line or 0, 1, "error", str(exc)),)
     import clang.cindex as ci
 
-    tu = _index().parse(FILE_NAME, args=list(CLANG_ARGS), unsaved_files=[(FILE_NAME, prepared)])
+    tu = ci.Index.create().parse(FILE_NAME, args=list(CLANG_ARGS), unsaved_files=[(FILE_NAME, prepared)])
     found = []
     for d in tu.diagnostics:
         if d.severity < ci.Diagnostic.Error:
@@ -45,14 +45,8 @@ def _check(source: str) -> tuple[Diagnostic, ...]:
         in_source = d.location.file is not None and d.location.file.name == FILE_NAME
         found.append(Diagnostic(d.location.line if in_source else 0, d.location.column if in_source else 0,
                                 "error", d.spelling))
+    del tu  # freed now, not at interpreter exit when libclang's bindings are gone
     return tuple(found)
-
-
-@functools.cache
-def _index():
-    import clang.cindex as ci
-
-    return ci.Index.create()
 
 
 def _prepare(source: str) -> str:

@@ -13,22 +13,23 @@ import torch
 from ..problem import AttentionProblem
 from ..runtime.backend import get_backend
 from ..runtime.device import gpu_family
+from .backward import backward_source
+from .backward import kernel_names as backward_kernel_names
 from .forward import FLOAT_ARGS, INT_ARGS, forward_source
 from .spec import MSL_TYPES, ForwardSpec
 
 LOG2E = math.log2(math.e)
+PREPROCESS_THREADS = 128  # one thread per query row
 
 
 def native_features() -> str:
-    return ("forward in fp16/bf16/fp32, head dims up to 256, causal and local masks, softcap, ALiBi, "
-            "GQA/MQA, varlen, strided inputs; backward and dropout run the PyTorch reference")
+    return ("forward and backward in fp16/bf16/fp32, head dims up to 256, causal and local masks, softcap, "
+            "ALiBi, GQA/MQA, varlen, strided inputs; dropout runs the PyTorch reference")
 
 
 def unsupported_reason(problem: AttentionProblem, needs_grad: bool) -> str | None:
     if problem.q.device.type == "mps" and gpu_family() is None:
         return "the Metal device is not Apple silicon (the kernels need simdgroup_matrix: Apple7/M1 or newer)"
-    if needs_grad:
-        return "the backward kernels are not built yet (calls that need gradients run the reference)"
     if problem.dropout_p > 0:
         return "dropout runs on the PyTorch reference"
     return None
@@ -46,33 +47,69 @@ def _strides(x: torch.Tensor, varlen: bool) -> list[int]:
     return [0, x.stride(0), x.stride(1)] if varlen else [x.stride(0), x.stride(1), x.stride(2)]
 
 
+def _launch_arguments(p: AttentionProblem, out: torch.Tensor, lse: torch.Tensor) -> tuple[list[int], list[float]]:
+    """The forward's int and float arguments (kernels/forward.py INT_ARGS and FLOAT_ARGS order)."""
+    lse_strides = [0, lse.stride(0)] if p.is_varlen else [lse.stride(0), lse.stride(1)]
+    alibi = p.alibi_slopes
+    ints = [
+        0 if p.is_varlen else p.q.shape[1], 0 if p.is_varlen else p.k.shape[1], p.head_dim, p.nheads // p.nheads_k,
+        *_strides(p.q, p.is_varlen), *_strides(p.k, p.is_varlen), *_strides(p.v, p.is_varlen),
+        *_strides(out, p.is_varlen), *lse_strides, p.window_left, p.window_right,
+        alibi.shape[-1] if alibi is not None and alibi.dim() == 2 else 0,
+    ]
+    score_scale = p.softmax_scale / p.softcap if p.softcap > 0 else p.softmax_scale * LOG2E
+    floats = [score_scale, p.softcap * LOG2E]
+    assert len(ints) == len(INT_ARGS) and len(floats) == len(FLOAT_ARGS)
+    return ints, floats
+
+
+def _extra_buffers(p: AttentionProblem) -> list[torch.Tensor]:
+    extra = [p.cu_seqlens_q, p.cu_seqlens_k] if p.is_varlen else []
+    if p.alibi_slopes is not None:
+        extra.append(p.alibi_slopes.contiguous())
+    return extra
+
+
+def _library(p: AttentionProblem, backend_name: str, source: str):
+    backend = "mps" if backend_name == "mps" else ("cuda-emulator" if p.q.is_cuda else "emulator")
+    return get_backend(backend).compile(source)
+
+
 def forward(p: AttentionProblem, backend_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     spec = _spec(p)
-    q, k, v = p.q, p.k, p.v
+    q = p.q
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if p.is_varlen:
-        lse = torch.empty((p.nheads, q.shape[0]), dtype=torch.float32, device=q.device)
-        lse_strides = [0, lse.stride(0)]
-    else:
-        lse = torch.empty((p.batch, p.nheads, q.shape[1]), dtype=torch.float32, device=q.device)
-        lse_strides = [lse.stride(0), lse.stride(1)]
-    alibi = p.alibi_slopes.contiguous() if p.alibi_slopes is not None else None
-    ints = dict(zip(INT_ARGS, [
-        0 if p.is_varlen else q.shape[1], 0 if p.is_varlen else k.shape[1], p.head_dim, p.nheads // p.nheads_k,
-        *_strides(q, p.is_varlen), *_strides(k, p.is_varlen), *_strides(v, p.is_varlen), *_strides(out, p.is_varlen),
-        *lse_strides, p.window_left, p.window_right,
-        (alibi.shape[-1] if alibi is not None and alibi.dim() == 2 else 0),
-    ]))
-    score_scale = p.softmax_scale / p.softcap if p.softcap > 0 else p.softmax_scale * LOG2E
-    floats = dict(zip(FLOAT_ARGS, [score_scale, p.softcap * LOG2E]))
-    args = [q, k, v, out, lse, [ints[n] for n in INT_ARGS], [floats[n] for n in FLOAT_ARGS]]
-    if p.is_varlen:
-        args += [p.cu_seqlens_q, p.cu_seqlens_k]
-    if alibi is not None:
-        args.append(alibi)
-    backend = "mps" if backend_name == "mps" else ("cuda-emulator" if q.is_cuda else "emulator")
-    kernel = getattr(get_backend(backend).compile(forward_source(spec)), spec.name)
+    lse_shape = (p.nheads, q.shape[0]) if p.is_varlen else (p.batch, p.nheads, q.shape[1])
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    ints, floats = _launch_arguments(p, out, lse)
+    kernel = getattr(_library(p, backend_name, forward_source(spec)), spec.name)
     threads = spec.tiles.threads
     query_blocks = -(-p.max_seqlen_q // spec.block_q)
-    kernel(*args, threads=[query_blocks * threads, p.nheads, p.batch], group_size=[threads, 1, 1])
+    kernel(p.q, p.k, p.v, out, lse, ints, floats, *_extra_buffers(p),
+           threads=[query_blocks * threads, p.nheads, p.batch], group_size=[threads, 1, 1])
     return out, lse
+
+
+def backward(p: AttentionProblem, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+             backend_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv for the gradient `dout` of `out` (P is recomputed from `lse`; nothing N x N is stored)."""
+    spec = _spec(p)
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (p.q, p.k, p.v))
+    row_sums = torch.empty_like(lse)  # D = rowsum(dO * O)
+    ints, floats = _launch_arguments(p, out, lse)
+    for t in (dout, dq, dk, dv):
+        ints += _strides(t, p.is_varlen)
+    floats += [p.softmax_scale, 1.0 / p.softcap if p.softcap > 0 else 0.0]
+    library = _library(p, backend_name, backward_source(spec))
+    preprocess, dq_kernel, dkdv_kernel = (getattr(library, name) for name in backward_kernel_names(spec))
+    args = (p.q, p.k, p.v, out, dout, lse, row_sums, dq, dk, dv, ints, floats, *_extra_buffers(p))
+    rows = PREPROCESS_THREADS * -(-p.max_seqlen_q // PREPROCESS_THREADS)
+    preprocess(*args, threads=[rows, p.nheads, p.batch], group_size=[PREPROCESS_THREADS, 1, 1])
+    threads = spec.tiles.threads
+    query_blocks = -(-p.max_seqlen_q // spec.block_q)
+    dq_kernel(*args, threads=[query_blocks * threads, p.nheads, p.batch], group_size=[threads, 1, 1])
+    key_blocks = -(-p.max_seqlen_k // spec.block_q)
+    dkdv_kernel(*args, threads=[key_blocks * threads, p.nheads_k, p.batch], group_size=[threads, 1, 1])
+    return dq, dk, dv

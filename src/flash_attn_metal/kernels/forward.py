@@ -16,6 +16,7 @@ simdgroup_matrix layout and converted from the input dtype, so half, bfloat and 
 
 from __future__ import annotations
 
+from .msl import HELPERS
 from .spec import ForwardSpec
 
 # Run-time integer arguments, in the order dispatch.py packs them into the `ints` buffer.
@@ -70,28 +71,7 @@ constant float MASKED = -1.0e30f;     // a masked score in log2 units: finite, a
 enum IntArg {{ {int_enum} }};
 enum FloatArg {{ {float_enum} }};
 
-// (column, row) of the first of the two elements this lane holds in an 8x8 simdgroup_matrix (Apple's layout).
-inline ushort2 fragment_coord(ushort lane) {{
-  return ushort2(4 * ((lane / 8) % 2) + 2 * (lane % 2), 4 * (lane / 16) + (lane / 2) % 4);
-}}
-
-// Elements (row, col) and (row, col + 1) of a row-major matrix in fp32; zero outside the real head dim.
-inline float2 load_pair(device const input_t* base, long row, long row_stride, int col, int cols) {{
-  float2 v = float2(0.0f);
-  if (col < cols) v.x = float(base[row * row_stride + col]);
-  if (col + 1 < cols) v.y = float(base[row * row_stride + col + 1]);
-  return v;
-}}
-
-// Rows [first, first + BLOCK_K) of a (rows x cols) matrix into the tile, zero past its edges.
-inline void load_tile(threadgroup input_t* tile, device const input_t* src, long row_stride, long first,
-                      long rows, int cols, ushort tid) {{
-  for (int i = tid; i < BLOCK_K * HEAD_DIM; i += THREADS) {{
-    const int r = i / HEAD_DIM, c = i % HEAD_DIM;
-    tile[i] = (first + r < rows && c < cols) ? src[(first + r) * row_stride + c] : input_t(0);
-  }}
-}}
-
+{HELPERS}
 {_kernel(spec, params)}"""
 
 
@@ -169,7 +149,7 @@ def _kernel(spec: ForwardSpec, params: str) -> str:
 {window}
   for (long k0 = key_begin; k0 < key_end; k0 += BLOCK_K) {{
     // S = Q K^T.
-    load_tile(kv_tile, k_seq, ints[K_ROW], k0, seqlen_k, head_dim, tid);
+    load_tile(kv_tile, BLOCK_K, k_seq, ints[K_ROW], k0, seqlen_k, head_dim, tid);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     simdgroup_float8x8 s_frag[K_FRAGS];
     for (int kf = 0; kf < K_FRAGS; ++kf) {{
@@ -182,7 +162,7 @@ def _kernel(spec: ForwardSpec, params: str) -> str:
       }}
     }}
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    load_tile(kv_tile, v_seq, ints[V_ROW], k0, seqlen_k, head_dim, tid);  // overlaps the softmax below
+    load_tile(kv_tile, BLOCK_K, v_seq, ints[V_ROW], k0, seqlen_k, head_dim, tid);  // overlaps the softmax below
 
 {block_visible}
     float block_max = MASKED;

@@ -1,7 +1,8 @@
 """Tile sizes per GPU family and head dim, with the reason for each entry.
 
 A forward threadgroup owns BLOCK_Q query rows (8 per SIMD group) and streams K and V through one shared
-threadgroup tile of BLOCK_K rows. Every configuration must stay within Apple's limits: 32 KiB of threadgroup
+threadgroup tile of BLOCK_K rows. The backward kernels use the same tiles with two such tiles (K and V, or Q and
+dO); the fp32 entries fill exactly 32 KiB there. Every configuration must stay within Apple's limits: 32 KiB of threadgroup
 memory and 1024 threads per threadgroup (tests/test_kernels_tiles.py checks the whole table).
 """
 
@@ -49,3 +50,8 @@ def forward_tiles(family: str, head_dim: int) -> Tiles:
 def forward_threadgroup_bytes(tiles: Tiles, head_dim: int, dtype: str) -> int:
     """One shared K/V tile in the input dtype."""
     return tiles.block_k * head_dim * DTYPE_BYTES[dtype]
+
+
+def backward_threadgroup_bytes(tiles: Tiles, head_dim: int, dtype: str) -> int:
+    """Two tiles: K and V (the dq kernel) or Q and dO (the dkdv kernel)."""
+    return 2 * forward_threadgroup_bytes(tiles, head_dim, dtype)
