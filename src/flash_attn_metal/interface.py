@@ -7,7 +7,6 @@ variants pass strided views of the packed tensor, so gradients reach the packed 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional, Union
 
 import torch
@@ -55,30 +54,6 @@ def _problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, al
     )
 
 
-class _KernelAttention(torch.autograd.Function):
-    """The Metal kernels under autograd: forward saves (q, k, v, out, lse); backward recomputes P from lse.
-    The backward is deterministic by construction (no atomics), so `deterministic=True` needs nothing more."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, problem: AttentionProblem, backend: str):
-        from .kernels import dispatch
-
-        out, lse = dispatch.forward(problem, backend)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.problem, ctx.backend = problem, backend
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        from .kernels import dispatch
-
-        q, k, v, out, lse = ctx.saved_tensors
-        problem = dataclasses.replace(ctx.problem, q=q, k=k, v=v)
-        dq, dk, dv = dispatch.backward(problem, out, lse, dout, ctx.backend)
-        return dq, dk, dv, None, None
-
-
 def _attend(problem: AttentionProblem, return_attn_probs: bool):
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (problem.q, problem.k, problem.v))
     backend = routing.choose(problem, needs_grad)
@@ -87,12 +62,10 @@ def _attend(problem: AttentionProblem, return_attn_probs: bool):
         with_probs = return_attn_probs and problem.dropout_p > 0
         out, lse, *rest = reference.attention(problem, return_probs=with_probs)
         probs = rest[0] if rest else None
-    elif needs_grad:
-        out, lse = _KernelAttention.apply(problem.q, problem.k, problem.v, problem, backend)
     else:
-        from .kernels import dispatch
+        from . import ops  # custom ops: autograd and torch.compile see the kernels as single ops
 
-        out, lse = dispatch.forward(problem, backend)
+        out, lse = ops.run(problem, backend)
     if not return_attn_probs:
         return out
     # flash-attn returns an empty S_dmask unless dropout is on.

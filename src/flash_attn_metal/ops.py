@@ -1,0 +1,88 @@
+"""The kernels as PyTorch custom ops, so autograd and torch.compile see one opaque op each way:
+
+    torch.ops.flash_attn_metal.forward(q, k, v, ...) -> (out, lse)
+    torch.ops.flash_attn_metal.backward(dout, q, k, v, out, lse, ...) -> (dq, dk, dv)
+
+`register_fake` gives shapes (outputs are allocated contiguous, as the kernels allocate them) and
+`register_autograd` connects the two. The backward is deterministic by construction (no atomics).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .problem import AttentionProblem
+
+
+def _problem(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> AttentionProblem:
+    return AttentionProblem(q=q, k=k, v=v, softmax_scale=softmax_scale, causal=causal, window_left=window_left,
+                            window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=0.0,
+                            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                            max_seqlen_k=max_seqlen_k)
+
+
+def _lse_shape(q: Tensor, cu_seqlens_q: Optional[Tensor]) -> tuple[int, ...]:
+    return (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
+
+
+@torch.library.custom_op("flash_attn_metal::forward", mutates_args=())
+def forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool, window_left: int,
+            window_right: int, softcap: float, alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+            cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+            backend: str) -> tuple[Tensor, Tensor]:
+    from .kernels import dispatch
+
+    problem = _problem(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return dispatch.forward(problem, backend)
+
+
+@forward.register_fake
+def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+      max_seqlen_q, max_seqlen_k, backend):
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("flash_attn_metal::backward", mutates_args=())
+def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, softmax_scale: float,
+             causal: bool, window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor],
+             cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+             backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    from .kernels import dispatch
+
+    problem = _problem(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return dispatch.backward(problem, out, lse, dout, backend)
+
+
+@backward.register_fake
+def _(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+      cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, *params = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.params = params
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = backward(dout, q, k, v, out, lse, *ctx.params)
+    return (dq, dk, dv) + (None,) * len(ctx.params)
+
+
+forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def run(problem: AttentionProblem, backend: str) -> tuple[Tensor, Tensor]:
+    p = problem
+    return forward(p.q, p.k, p.v, p.softmax_scale, p.causal, p.window_left, p.window_right, p.softcap,
+                   p.alibi_slopes, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, backend)
