@@ -15,7 +15,7 @@ import functools
 import hashlib
 from typing import Any, Callable
 
-from ..stats import record_compile, record_launch
+from ..stats import record_launch
 from .cache import MemoryCache
 
 BACKEND_NAMES = ("mps", "emulator", "cuda-emulator")
@@ -61,10 +61,9 @@ class Backend:
 
 
 def _compile_mps(source: str) -> Any:
-    import torch
+    from .mps import compile_library
 
-    record_compile()
-    return torch.mps.compile_shader(source)
+    return compile_library(source)
 
 
 def _compile_emulated(device: str) -> Callable[[str], Any]:
