@@ -90,7 +90,8 @@ CASES = [
     Case("fp32", 64, 130, 60, window=(-1, 5)), Case("fp16", 64, 130, 60, causal=True),
     Case("fp16", 64, 50, 90, causal=True, window=(7, -1)),
     # GQA 2 and 8, MQA
-    Case("fp16", 64, 70, 70, h=4, hk=2, causal=True), Case("bf16", 64, 70, 70, h=8, hk=1),
+    Case("fp16", 64, 70, 70, h=4, hk=2, causal=True), Case("bf16", 64, 70, 70, h=16, hk=2, causal=True),
+    Case("bf16", 64, 70, 70, h=8, hk=1),
     Case("fp32", 64, 40, 40, h=8, hk=1, causal=True),
     # softcap and ALiBi
     Case("fp16", 64, 70, 90, softcap=10.0), Case("bf16", 64, 70, 90, softcap=5.0, causal=True),
@@ -189,16 +190,15 @@ def test_varlen_packed_qkv():
 
 
 def test_debug_build_bounds_checks_every_access(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_METAL_EMULATOR_DEBUG", "1")
-    from flash_attn_metal.runtime import backend
-
-    backend.get_backend.cache_clear()  # a fresh tier-1 cache: the debug build is a different library
+    monkeypatch.setenv("FLASH_ATTN_METAL_EMULATOR_DEBUG", "1")  # a backend of its own: a fresh build
     torch.manual_seed(12)
     q = torch.randn(1, 50, 2, 40, dtype=torch.float16)[:, 3:]  # a view with a storage offset
     k = torch.randn(1, 33, 1, 40, dtype=torch.float16)
     out, lse, _ = flash_attn_func(q, k, k, causal=True, window_size=(5, -1), return_attn_probs=True)
     assert_within_rule(out, lse, problem_of(q, k, k, causal=True, window=(5, -1)))
-    backend.get_backend.cache_clear()
+    from flash_attn_metal.runtime.backend import _backend, get_backend
+
+    assert get_backend("emulator") is _backend("emulator", True) is not _backend("emulator", False)
 
 
 def test_empty_batch_and_nan_propagation():

@@ -62,10 +62,14 @@ def _attend(problem: AttentionProblem, return_attn_probs: bool):
         with_probs = return_attn_probs and problem.dropout_p > 0
         out, lse, *rest = reference.attention(problem, return_probs=with_probs)
         probs = rest[0] if rest else None
-    else:
+    elif needs_grad or torch.compiler.is_compiling():
         from . import ops  # custom ops: autograd and torch.compile see the kernels as single ops
 
         out, lse = ops.run(problem, backend)
+    else:
+        from .kernels import dispatch  # inference in eager mode: skip the custom-op dispatch
+
+        out, lse = dispatch.forward(problem, backend)
     if not return_attn_probs:
         return out
     # flash-attn returns an empty S_dmask unless dropout is on.

@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from ..problem import AttentionProblem
-from ..runtime.backend import get_backend
+from ..runtime.backend import Backend, get_backend
 from ..runtime.device import gpu_family
 from .backward import backward_source
 from .backward import kernel_names as backward_kernel_names
@@ -64,15 +65,27 @@ def _launch_arguments(p: AttentionProblem, out: torch.Tensor, lse: torch.Tensor)
 
 
 def _extra_buffers(p: AttentionProblem) -> list[torch.Tensor]:
-    extra = [p.cu_seqlens_q, p.cu_seqlens_k] if p.is_varlen else []
+    """cu_seqlens and ALiBi slopes, dense: a buffer binds storage without strides, and these are tiny."""
+    extra = [p.cu_seqlens_q.contiguous(), p.cu_seqlens_k.contiguous()] if p.is_varlen else []
     if p.alibi_slopes is not None:
         extra.append(p.alibi_slopes.contiguous())
     return extra
 
 
-def _library(p: AttentionProblem, backend_name: str, source: str):
-    backend = "mps" if backend_name == "mps" else ("cuda-emulator" if p.q.is_cuda else "emulator")
-    return get_backend(backend).compile(source)
+def _backend(p: AttentionProblem, backend_name: str) -> Backend:
+    return get_backend("mps" if backend_name == "mps" else ("cuda-emulator" if p.q.is_cuda else "emulator"))
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_kernel(spec: ForwardSpec, backend: Backend):
+    """The compiled forward kernel of a spec (generated and looked up once per process and backend)."""
+    return getattr(backend.compile(forward_source(spec)), spec.name)
+
+
+@functools.lru_cache(maxsize=256)
+def _backward_kernels(spec: ForwardSpec, backend: Backend):
+    library = backend.compile(backward_source(spec))
+    return tuple(getattr(library, name) for name in backward_kernel_names(spec))
 
 
 def forward(p: AttentionProblem, backend_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +95,7 @@ def forward(p: AttentionProblem, backend_name: str) -> tuple[torch.Tensor, torch
     lse_shape = (p.nheads, q.shape[0]) if p.is_varlen else (p.batch, p.nheads, q.shape[1])
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     ints, floats = _launch_arguments(p, out, lse)
-    kernel = getattr(_library(p, backend_name, forward_source(spec)), spec.name)
+    kernel = _forward_kernel(spec, _backend(p, backend_name))
     threads = spec.tiles.threads
     query_blocks = -(-p.max_seqlen_q // spec.block_q)
     kernel(p.q, p.k, p.v, out, lse, ints, floats, *_extra_buffers(p),
@@ -102,8 +115,7 @@ def backward(p: AttentionProblem, out: torch.Tensor, lse: torch.Tensor, dout: to
     for t in (dout, dq, dk, dv):
         ints += _strides(t, p.is_varlen)
     floats += [p.softmax_scale, 1.0 / p.softcap if p.softcap > 0 else 0.0]
-    library = _library(p, backend_name, backward_source(spec))
-    preprocess, dq_kernel, dkdv_kernel = (getattr(library, name) for name in backward_kernel_names(spec))
+    preprocess, dq_kernel, dkdv_kernel = _backward_kernels(spec, _backend(p, backend_name))
     args = (p.q, p.k, p.v, out, dout, lse, row_sums, dq, dk, dv, ints, floats, *_extra_buffers(p))
     rows = PREPROCESS_THREADS * -(-p.max_seqlen_q // PREPROCESS_THREADS)
     preprocess(*args, threads=[rows, p.nheads, p.batch], group_size=[PREPROCESS_THREADS, 1, 1])

@@ -6,6 +6,7 @@ changes the code: the dtype, the padded head dim, the tiles, and which features 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .tiles import Tiles, forward_tiles
@@ -40,7 +41,7 @@ class ForwardSpec:
     def tiles(self) -> Tiles:
         return Tiles(self.block_q, self.block_k, "")
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
         features = "".join(f"_{f}" for f, on in (("varlen", self.varlen), ("masked", self.masked),
                                                    ("softcap", self.softcap), ("alibi", self.alibi)) if on)

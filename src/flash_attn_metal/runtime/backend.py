@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from typing import Any, Callable
 
 from ..stats import record_launch
@@ -75,8 +76,15 @@ def _compile_emulated(device: str) -> Callable[[str], Any]:
     return compile_source
 
 
-@functools.cache
 def get_backend(name: str) -> Backend:
+    """The backend of that name; the emulator's debug builds (FLASH_ATTN_METAL_EMULATOR_DEBUG=1) are a
+    backend of their own, so switching the variable never reuses the other build's kernels."""
+    debug = name != "mps" and os.environ.get("FLASH_ATTN_METAL_EMULATOR_DEBUG", "0") not in ("", "0")
+    return _backend(name, debug)
+
+
+@functools.cache
+def _backend(name: str, debug: bool) -> Backend:
     if name == "mps":
         return Backend(name, _compile_mps)
     if name == "emulator":
