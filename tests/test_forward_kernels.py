@@ -21,6 +21,8 @@ from flash_attn_metal import (
     flash_attn_varlen_func,
     flash_attn_varlen_qkvpacked_func,
 )
+from flash_attn_metal.emulator import KernelExecutionError
+from flash_attn_metal.kernels import dispatch
 from flash_attn_metal.problem import AttentionProblem
 from flash_attn_metal.reference import attention
 
@@ -119,6 +121,50 @@ def test_forward_matches_the_reference(case: Case):
     assert_within_rule(out, lse, problem_of(q, k, v, case.causal, case.window, case.softcap, alibi))
 
 
+GRID_SEQLENS = (1, 7, 113, 128, 255, 1000)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_every_pair_of_grid_seqlens(causal):
+    """seqlen_q below, equal to and above seqlen_k, ragged against every tile size (one compiled variant)."""
+    torch.manual_seed(14)
+    for sq in GRID_SEQLENS:
+        for sk in GRID_SEQLENS:
+            q = torch.randn(1, sq, 2, 32, dtype=torch.float16)
+            k, v = (torch.randn(1, sk, 1, 32, dtype=torch.float16) for _ in range(2))
+            out, lse, _ = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+            assert_within_rule(out, lse, problem_of(q, k, v, causal))
+    kernels_ran()
+
+
+@pytest.mark.parametrize("d", [*range(8, 257, 8), 1, 13, 250])
+def test_every_head_dim(d):
+    """Multiples of 8 natively, other head dims padded inside the kernel; dtypes and masks rotate over d."""
+    torch.manual_seed(d)
+    dtype = list(DTYPES.values())[d % 3]
+    q = torch.randn(1, 19, 2, d, dtype=dtype)
+    k, v = (torch.randn(1, 37, 2, d, dtype=dtype) for _ in range(2))
+    causal = d % 16 == 0
+    out, lse, _ = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+    kernels_ran()
+    assert_within_rule(out, lse, problem_of(q, k, v, causal))
+
+
+def test_the_tolerance_check_can_fail():
+    """Negative control for assert_within_rule: a small error in out or in lse is caught."""
+    torch.manual_seed(15)
+    q, k, v = (torch.randn(1, 40, 2, 64, dtype=torch.float16) for _ in range(3))
+    out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True)
+    problem = problem_of(q, k, v)
+    assert_within_rule(out, lse, problem)
+    off_by_one_hundredth = out.clone()
+    off_by_one_hundredth[0, 5, 1, 7] += 0.01
+    with pytest.raises(AssertionError, match="exceeds"):
+        assert_within_rule(off_by_one_hundredth, lse, problem)
+    with pytest.raises(AssertionError):
+        assert_within_rule(out, lse + 1e-3, problem)
+
+
 def test_a_wrong_mask_alignment_would_be_caught():
     """Negative control: the kernel's causal output differs from a top-left aligned reference."""
     torch.manual_seed(7)
@@ -189,16 +235,46 @@ def test_varlen_packed_qkv():
     kernels_ran()
 
 
-def test_debug_build_bounds_checks_every_access(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_METAL_EMULATOR_DEBUG", "1")  # a backend of its own: a fresh build
+def test_side_inputs_may_be_views():
+    """cu_seqlens and ALiBi slopes that are strided views are read by value, not as raw storage."""
+    torch.manual_seed(16)
+    q = torch.randn(14, 2, 32, dtype=torch.float16)
+    cu = torch.tensor([0, 99, 5, 99, 5, 99, 14], dtype=torch.int32)[::2]  # [0, 5, 5, 14], not contiguous
+    out, lse, _ = flash_attn_varlen_func(q, q, q, cu, cu, 9, 9, return_attn_probs=True)
+    assert_within_rule(out, lse, problem_of(q, q, q, cu_q=cu.contiguous(), cu_k=cu.contiguous(), max_q=9, max_k=9))
+    q = torch.randn(2, 10, 3, 32)
+    slopes = torch.rand(3, 2).t()  # (b, h), transposed
+    out, lse, _ = flash_attn_func(q, q, q, alibi_slopes=slopes, return_attn_probs=True)
+    assert_within_rule(out, lse, problem_of(q, q, q, alibi=slopes.contiguous()))
+    kernels_ran()
+
+
+@pytest.fixture
+def debug_emulator(monkeypatch):
+    """Kernels run as bounds-checking debug builds (a backend of their own, so no cached build is reused)."""
+    monkeypatch.setenv("FLASH_ATTN_METAL_EMULATOR_DEBUG", "1")
+
+
+def test_debug_build_bounds_checks_every_access(debug_emulator):
     torch.manual_seed(12)
     q = torch.randn(1, 50, 2, 40, dtype=torch.float16)[:, 3:]  # a view with a storage offset
     k = torch.randn(1, 33, 1, 40, dtype=torch.float16)
     out, lse, _ = flash_attn_func(q, k, k, causal=True, window_size=(5, -1), return_attn_probs=True)
     assert_within_rule(out, lse, problem_of(q, k, k, causal=True, window=(5, -1)))
-    from flash_attn_metal.runtime.backend import _backend, get_backend
+    lens_q, lens_k = [0, 20, 3, 0], [7, 0, 41, 0]
+    q, k, v, cu_q, cu_k = varlen_inputs(lens_q, lens_k, 4, 1, 24, torch.bfloat16)
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 20, 41, causal=True, return_attn_probs=True)
+    assert_within_rule(out, lse, problem_of(q, k, v, causal=True, cu_q=cu_q, cu_k=cu_k, max_q=20, max_k=41))
 
-    assert get_backend("emulator") is _backend("emulator", True) is not _backend("emulator", False)
+
+def test_debug_build_catches_an_out_of_bounds_read(debug_emulator):
+    """Negative control: a problem whose cu_seqlens_k claims more keys than k holds (validation would refuse
+    it, so it goes to dispatch directly) is stopped by the debug build instead of reading past the buffer."""
+    q, k, v, cu_q, _ = varlen_inputs([4, 4], [4, 4], 2, 2, 24, torch.float16)
+    too_long = torch.tensor([0, 4, 12], dtype=torch.int32)
+    bad = problem_of(q, k, v, cu_q=cu_q, cu_k=too_long, max_q=4, max_k=8)
+    with pytest.raises(KernelExecutionError, match="out of bounds"):
+        dispatch.forward(bad, "emulator")
 
 
 def test_empty_batch_and_nan_propagation():

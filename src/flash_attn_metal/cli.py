@@ -19,9 +19,7 @@ def _kernel_backend() -> str:
 
 
 def _features() -> str:
-    from .kernels import dispatch
-
-    return dispatch.native_features()
+    return routing.kernels().native_features()
 
 
 def info(_: argparse.Namespace) -> int:

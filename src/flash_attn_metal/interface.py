@@ -67,9 +67,7 @@ def _attend(problem: AttentionProblem, return_attn_probs: bool):
 
         out, lse = ops.run(problem, backend)
     else:
-        from .kernels import dispatch  # inference in eager mode: skip the custom-op dispatch
-
-        out, lse = dispatch.forward(problem, backend)
+        out, lse = routing.kernels().forward(problem, backend)  # eager inference: no custom-op dispatch
     if not return_attn_probs:
         return out
     # flash-attn returns an empty S_dmask unless dropout is on.

@@ -11,6 +11,7 @@ Every other fallback warns once per reason per process and is counted in `stats(
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -66,7 +67,13 @@ def choose(problem: AttentionProblem, needs_grad: bool) -> str | None:
     return backend
 
 
-def kernel_unsupported_reason(problem: AttentionProblem, needs_grad: bool) -> str | None:
-    from .kernels import dispatch  # imported on first use: `import flash_attn_metal` stays light
+@functools.cache
+def kernels():
+    """The kernels' dispatch module, imported on first use so that `import flash_attn_metal` stays light."""
+    from .kernels import dispatch
 
-    return dispatch.unsupported_reason(problem, needs_grad)
+    return dispatch
+
+
+def kernel_unsupported_reason(problem: AttentionProblem, needs_grad: bool) -> str | None:
+    return kernels().unsupported_reason(problem, needs_grad)

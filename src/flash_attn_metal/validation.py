@@ -20,7 +20,7 @@ def tensor(name: str, x: object, rank: int | Sequence[int]) -> torch.Tensor:
         raise ValueError(f"{name} must have {expected} dimensions, got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
-    if x.numel() and x.stride(-1) != 1:
+    if x.stride(-1) != 1 and x.numel():
         raise ValueError(f"{name} must have a contiguous last dimension (stride(-1) == 1), got strides {x.stride()}")
     return x
 
@@ -48,6 +48,8 @@ def heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def window(window_size: object) -> tuple[int, int]:
+    if type(window_size) is tuple and window_size == (-1, -1):  # the default, checked first: it is per call
+        return -1, -1
     if isinstance(window_size, torch.Tensor):
         window_size = window_size.tolist()
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:

@@ -36,16 +36,22 @@ def unsupported_reason(problem: AttentionProblem, needs_grad: bool) -> str | Non
     return None
 
 
+@functools.lru_cache(maxsize=1024)
+def _cached_spec(dtype: torch.dtype, head_dim: int, varlen: bool, masked: bool, softcap: bool,
+                 alibi: bool) -> ForwardSpec:
+    return ForwardSpec.for_call(MSL_TYPES[str(dtype).removeprefix("torch.")], head_dim, gpu_family(),
+                                varlen=varlen, masked=masked, softcap=softcap, alibi=alibi)
+
+
 def _spec(p: AttentionProblem) -> ForwardSpec:
-    masked = p.window_left >= 0 or p.window_right >= 0
-    return ForwardSpec.for_call(MSL_TYPES[str(p.q.dtype).removeprefix("torch.")], p.head_dim, gpu_family(),
-                                varlen=p.is_varlen, masked=masked, softcap=p.softcap > 0,
-                                alibi=p.alibi_slopes is not None)
+    return _cached_spec(p.q.dtype, p.head_dim, p.is_varlen, p.window_left >= 0 or p.window_right >= 0,
+                        p.softcap > 0, p.alibi_slopes is not None)
 
 
 def _strides(x: torch.Tensor, varlen: bool) -> list[int]:
     """(batch, row, head) element strides; varlen tensors have no batch dimension."""
-    return [0, x.stride(0), x.stride(1)] if varlen else [x.stride(0), x.stride(1), x.stride(2)]
+    s = x.stride()
+    return [0, s[0], s[1]] if varlen else [s[0], s[1], s[2]]
 
 
 def _launch_arguments(p: AttentionProblem, out: torch.Tensor, lse: torch.Tensor) -> tuple[list[int], list[float]]:
