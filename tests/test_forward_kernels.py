@@ -19,6 +19,7 @@ from flash_attn_metal import (
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
     flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
 )
 from flash_attn_metal.emulator import KernelExecutionError
@@ -223,7 +224,7 @@ def test_varlen_with_unequal_and_zero_lengths(dtype):
     kernels_ran()
 
 
-def test_varlen_packed_qkv():
+def test_varlen_packed_forms():
     torch.manual_seed(11)
     lens = [30, 1, 64]
     qkv = torch.randn(sum(lens), 3, 2, 32, dtype=torch.float16)
@@ -232,6 +233,12 @@ def test_varlen_packed_qkv():
     q, k, v = qkv.unbind(1)
     p = problem_of(q, k, v, causal=True, cu_q=cu, cu_k=cu, max_q=64, max_k=64)
     assert_within_rule(out, attention(p)[1], p)
+    kv = torch.randn(50, 2, 1, 32, dtype=torch.bfloat16)  # MQA
+    q = torch.randn(sum(lens), 2, 32, dtype=torch.bfloat16)
+    cu_k = torch.tensor([0, 0, 20, 50], dtype=torch.int32)
+    out, lse, _ = flash_attn_varlen_kvpacked_func(q, kv, cu, cu_k, 64, 30, window_size=(6, 2), return_attn_probs=True)
+    assert_within_rule(out, lse, problem_of(q, kv[:, 0], kv[:, 1], window=(6, 2), cu_q=cu, cu_k=cu_k,
+                                            max_q=64, max_k=30))
     kernels_ran()
 
 
@@ -263,8 +270,11 @@ def test_debug_build_bounds_checks_every_access(debug_emulator):
     assert_within_rule(out, lse, problem_of(q, k, k, causal=True, window=(5, -1)))
     lens_q, lens_k = [0, 20, 3, 0], [7, 0, 41, 0]
     q, k, v, cu_q, cu_k = varlen_inputs(lens_q, lens_k, 4, 1, 24, torch.bfloat16)
-    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 20, 41, causal=True, return_attn_probs=True)
-    assert_within_rule(out, lse, problem_of(q, k, v, causal=True, cu_q=cu_q, cu_k=cu_k, max_q=20, max_k=41))
+    slopes = torch.rand(4, 4) * 0.3  # (b, h)
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 20, 41, causal=True, softcap=5.0, alibi_slopes=slopes,
+                                         return_attn_probs=True)
+    assert_within_rule(out, lse, problem_of(q, k, v, causal=True, softcap=5.0, alibi=slopes, cu_q=cu_q, cu_k=cu_k,
+                                            max_q=20, max_k=41))
 
 
 def test_debug_build_catches_an_out_of_bounds_read(debug_emulator):

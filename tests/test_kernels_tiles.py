@@ -1,15 +1,16 @@
-"""The tile table stays within Apple's limits, and every kernel that `kernels --dump` writes type-checks and
-builds in the emulator, with the threadgroup memory the table promises."""
+"""The tile table stays within Apple's limits, every kernel that `kernels --dump` writes is public ASCII MSL
+that type-checks, and the emulator's builds use the threadgroup memory the table promises."""
 
 from __future__ import annotations
 
 import pytest
 
-from flash_attn_metal.emulator import compile_shader, typecheck
+from flash_attn_metal.emulator import MSLCompileError, compile_shader, typecheck
 from flash_attn_metal.kernels import report
 from flash_attn_metal.kernels.backward import backward_source
 from flash_attn_metal.kernels.backward import kernel_names as backward_kernel_names
 from flash_attn_metal.kernels.forward import forward_source
+from flash_attn_metal.kernels.spec import ForwardSpec
 from flash_attn_metal.kernels.tiles import (
     FAMILIES,
     THREADGROUP_MEMORY_LIMIT,
@@ -39,26 +40,58 @@ def test_the_limit_check_can_fail():
 
 def test_report_covers_every_configuration():
     rows = report.report_rows()
-    assert len(rows) == len(report.FAMILIES) * len(report.DTYPES) * len(report.HEAD_DIMS)
+    assert len(rows) == len(report.FAMILIES) * len(report.DTYPES) * len(report.REPORT_HEAD_DIMS)
+    assert {r["head_dim"] for r in rows} == set(range(8, 257, 8))
     assert all(max(r["threadgroup_bytes"], r["backward_threadgroup_bytes"]) <= THREADGROUP_MEMORY_LIMIT for r in rows)
     assert "limits" in report.format_report()
 
 
-def test_dumped_kernels_typecheck_and_build(tmp_path):
+def test_traffic_figures():
+    """bytes(N) by hand for one tile, and FlashAttention's row block for 32 KiB (Dao et al. 2022, Algorithm 1)."""
+    a, b = report.kernel_traffic(block_q=32, head_dim=64, elem_bytes=2)
+    n = 1000
+    q_o_lse = 2 * n * 64 * 2 + 4 * n
+    k_v = (n // 32 + 1) * 2 * n * 64 * 2  # ceil(n / 32) query blocks each read K and V
+    assert a * n + b * n * n <= q_o_lse + k_v < a * n + b * n * n + 2 * n * 64 * 2
+    assert report.flash_attention_rows(64, 2) == 64  # ceil(16384 / 256) = 64 = d
+    assert report.flash_attention_rows(256, 4) == 8  # ceil(8192 / 1024)
+    assert report.flash_attention_rows(8, 2) == 8  # capped at d
+
+
+def test_dumped_kernels_are_public_ascii_msl_and_typecheck(tmp_path):
     written = report.dump(tmp_path)
     sources = report.sources()
     assert sorted(p.name for p in written) == sorted(sources)
-    for spec in dict.fromkeys(report.representative_specs()):
-        for source, names, limit in (
-            (forward_source(spec), [spec.name], forward_threadgroup_bytes(spec.tiles, spec.head_dim, spec.dtype)),
-            (backward_source(spec), backward_kernel_names(spec)[1:],
-             backward_threadgroup_bytes(spec.tiles, spec.head_dim, spec.dtype)),
-        ):
-            assert source.isascii() and "__asm" not in source and "#pragma METAL" not in source
-            typecheck(source)
+    for path in written:
+        source = path.read_text()
+        assert source == sources[path.name]
+        assert source.isascii() and "__asm" not in source and "#pragma METAL" not in source
+        typecheck(source)
+
+
+def test_the_typecheck_catches_an_address_space_mistake():
+    """Negative control: a dumped kernel that passes device memory where threadgroup memory belongs fails."""
+    source = forward_source(report.representative_specs()[0])
+    broken = source.replace("load_tile(kv_tile, BLOCK_K, k_seq", "load_tile(k_seq, BLOCK_K, k_seq")
+    assert broken != source
+    with pytest.raises(MSLCompileError):
+        typecheck(broken)
+
+
+@pytest.mark.parametrize("family", ["apple7", "apple9"])
+def test_built_kernels_use_the_threadgroup_memory_the_table_promises(family):
+    """The tables' byte counts against the emulator's build of the generated source, for every dtype at the
+    smallest and largest tile (one compile each: the count is linear in the head dim and the key block)."""
+    for dtype, d in (("half", 40), ("bfloat", 256), ("float", 256)):
+        spec = ForwardSpec.for_call(dtype, d, family, varlen=False, masked=False, softcap=False, alibi=False)
+        kernels = (
+            (forward_source(spec), [spec.name], forward_threadgroup_bytes(spec.tiles, d, dtype)),
+            (backward_source(spec), backward_kernel_names(spec)[1:], backward_threadgroup_bytes(spec.tiles, d, dtype)),
+        )
+        for source, names, promised in kernels:
             lib = compile_shader(source)
             for name in names:
-                assert getattr(lib, name).static_thread_group_memory_length == limit
+                assert getattr(lib, name).static_thread_group_memory_length == promised
 
 
 def test_same_spec_gives_byte_identical_source():

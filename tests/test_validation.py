@@ -43,7 +43,10 @@ def test_ranks_and_head_dims():
     check(lambda: flash_attn_func(q, k, v), lambda: flash_attn_func(q, k[..., :8], v), ValueError, "share the head dim")
     big = torch.randn(1, 4, 2, 264, dtype=torch.float16)
     ok = torch.randn(1, 4, 2, 256, dtype=torch.float16)
-    check(lambda: flash_attn_func(ok, ok, ok), lambda: flash_attn_func(big, big, big), ValueError, "at most 256")
+    check(lambda: flash_attn_func(ok, ok, ok), lambda: flash_attn_func(big, big, big), ValueError, "between 1 and 256")
+    empty_d = torch.randn(1, 4, 2, 0, dtype=torch.float16)
+    check(lambda: flash_attn_func(ok, ok, ok), lambda: flash_attn_func(empty_d, empty_d, empty_d), ValueError,
+          "between 1 and 256, got 0")
 
 
 def test_heads_must_divide():

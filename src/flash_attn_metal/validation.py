@@ -36,8 +36,8 @@ def same_kind(named: dict[str, torch.Tensor]) -> None:
 
 def heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     d = q.shape[-1]
-    if d > MAX_HEAD_DIM:
-        raise ValueError(f"q's head dim must be at most {MAX_HEAD_DIM}, got {d}")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"q's head dim must be between 1 and {MAX_HEAD_DIM}, got {d}")
     if k.shape[-1] != d or v.shape[-1] != d:
         raise ValueError(f"q, k and v must share the head dim; got {d}, {k.shape[-1]} and {v.shape[-1]}")
     if k.shape[-2] != v.shape[-2]:

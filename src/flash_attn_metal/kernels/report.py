@@ -1,10 +1,13 @@
 """Static figures of every kernel configuration (`python -m flash_attn_metal kernels --report`) and the
-representative set of generated forward and backward kernels (`--dump DIR`), for review and for compiling with `xcrun metal`.
+representative set of generated forward and backward kernels (`--dump DIR`), for review and for compiling with
+`xcrun metal`.
 
-Device-memory traffic per (batch, head), with s bytes per element: the forward reads Q once, K and V once
-per query block, and writes O once and LSE:  bytes(N) = 2 N d s + 2 (N / BLOCK_Q) N d s + 4 N.
-FlashAttention's I/O analysis (Dao et al. 2022) gives Theta(N^2 d^2 s / M) accesses for on-chip memory of M
-bytes; the table shows both at N = 4096 with M = 32 KiB of threadgroup memory.
+Device-memory traffic of the forward per (batch, head), with N = seqlen_q = seqlen_k and s bytes per element:
+Q is read once, K and V once per block of BLOCK_Q query rows, O is written once and LSE in fp32, so
+    bytes(N) = (2 d s + 4) N + (2 d s / BLOCK_Q) N^2.
+FlashAttention's I/O analysis (Dao et al. 2022, Algorithm 1 and Theorem 2) moves the same terms with its own
+row block B_r = min(ceil(M / 4d), d) for an on-chip memory of M elements; the table puts both side by side
+with M = 32 KiB (Apple's threadgroup memory) and evaluates them at N = 4096.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from .spec import ForwardSpec
 from .tiles import (
     DTYPE_BYTES,
     THREADGROUP_MEMORY_LIMIT,
+    THREADS_LIMIT,
     backward_threadgroup_bytes,
     forward_threadgroup_bytes,
     forward_tiles,
@@ -24,7 +28,8 @@ from .tiles import (
 
 FAMILIES = ("apple7", "apple9")  # apple8 shares apple7's tiles, apple10 apple9's
 DTYPES = ("half", "bfloat", "float")
-HEAD_DIMS = (32, 40, 64, 80, 96, 128, 160, 192, 224, 256)
+HEAD_DIMS = (32, 40, 64, 80, 96, 128, 160, 192, 224, 256)  # the dumped set
+REPORT_HEAD_DIMS = tuple(range(8, 257, 8))  # every padded head dim: the report covers the whole tile table
 FEATURES = (  # (varlen, masked, softcap, alibi)
     (False, False, False, False),
     (False, True, False, False),
@@ -61,16 +66,27 @@ def dump(directory: Path) -> list[Path]:
     return written
 
 
+def kernel_traffic(block_q: int, head_dim: int, elem_bytes: int) -> tuple[int, float]:
+    """(a, b) with bytes(N) = a N + b N^2: a query block of `block_q` rows reads K and V once."""
+    return 2 * head_dim * elem_bytes + 4, 2 * head_dim * elem_bytes / block_q
+
+
+def flash_attention_rows(head_dim: int, elem_bytes: int) -> int:
+    """FlashAttention's row block B_r = min(ceil(M / 4d), d) for M elements of 32 KiB on-chip memory."""
+    m = THREADGROUP_MEMORY_LIMIT // elem_bytes
+    return min(-(-m // (4 * head_dim)), head_dim)
+
+
 def report_rows() -> list[dict]:
     rows = []
     for family in FAMILIES:
         for dtype in DTYPES:
-            for d in HEAD_DIMS:
+            for d in REPORT_HEAD_DIMS:
                 tiles = forward_tiles(family, d)
                 s = DTYPE_BYTES[dtype]
-                n = REPORT_N
-                moved = 2 * n * d * s + 2 * (n // tiles.block_q) * n * d * s + 4 * n
-                bound = n * n * d * d * s / THREADGROUP_MEMORY_LIMIT
+                linear, quadratic = kernel_traffic(tiles.block_q, d, s)
+                fa_rows = flash_attention_rows(d, s)
+                _, fa_quadratic = kernel_traffic(fa_rows, d, s)
                 rows.append({
                     "family": family, "dtype": dtype, "head_dim": d, "block_q": tiles.block_q,
                     "block_k": tiles.block_k, "threads": tiles.threads,
@@ -78,19 +94,25 @@ def report_rows() -> list[dict]:
                     "backward_threadgroup_bytes": backward_threadgroup_bytes(tiles, d, dtype),
                     # Q and O fragments across the head dim plus S fragments across a key block, 2 floats each
                     "fragments_per_thread": 2 * (d // 8) + tiles.block_k // 8,
-                    "bytes_at_n": moved, "io_bound_at_n": bound,
+                    "bytes_per_n": linear, "bytes_per_n2": quadratic, "fa_block_rows": fa_rows,
+                    "fa_bytes_per_n2": fa_quadratic,
+                    "bytes_at_n": linear * REPORT_N + quadratic * REPORT_N**2,
+                    "fa_bytes_at_n": linear * REPORT_N + fa_quadratic * REPORT_N**2,
                 })
     return rows
 
 
 def format_report() -> str:
     header = (f"{'family':<7} {'dtype':<6} {'d':>4} {'BQ':>3} {'BK':>3} {'threads':>7} {'tg bytes':>8} "
-              f"{'bwd tg':>6} {'frags/thr':>9} {'MB moved @N=' + str(REPORT_N):>16} {'FA bound MB':>11}")
+              f"{'bwd tg':>6} {'frags/thr':>9} {'bytes(N) = a N + b N^2':>22} {'FA B_r':>6} {'FA b':>6} "
+              f"{'MB @N=' + str(REPORT_N):>10} {'FA MB':>7}")
     lines = [header, "-" * len(header)]
     for r in report_rows():
+        traffic = f"{r['bytes_per_n']:>7} N + {r['bytes_per_n2']:>5.1f} N^2"
         lines.append(f"{r['family']:<7} {r['dtype']:<6} {r['head_dim']:>4} {r['block_q']:>3} {r['block_k']:>3} "
                      f"{r['threads']:>7} {r['threadgroup_bytes']:>8} {r['backward_threadgroup_bytes']:>6} "
-                     f"{r['fragments_per_thread']:>9} "
-                     f"{r['bytes_at_n'] / 1e6:>16.1f} {r['io_bound_at_n'] / 1e6:>11.1f}")
-    lines.append(f"limits: {THREADGROUP_MEMORY_LIMIT} bytes of threadgroup memory and 1024 threads per threadgroup")
+                     f"{r['fragments_per_thread']:>9} {traffic:>22} {r['fa_block_rows']:>6} "
+                     f"{r['fa_bytes_per_n2']:>6.1f} {r['bytes_at_n'] / 1e6:>10.1f} {r['fa_bytes_at_n'] / 1e6:>7.1f}")
+    lines.append(f"limits: {THREADGROUP_MEMORY_LIMIT} bytes of threadgroup memory and {THREADS_LIMIT} threads per "
+                 "threadgroup; apple8 uses apple7's tiles, apple10 apple9's")
     return "\n".join(lines)
