@@ -175,3 +175,13 @@ def test_varlen_gradients_repadded_match_padded_references():
                                  **mask_args(causal=True))
     padded = pad_input(ours[0], indices, b, s)  # the re-padded layout keeps zeros where no token was
     assert (padded[~mask] == 0).all()
+
+
+def test_return_attn_probs_under_autograd_and_lse_gets_no_gradient():
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(1, 24, 2, 32, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    out, lse, probs = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert probs.numel() == 0 and not lse.requires_grad
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (q, k, v), grad)
+    assert_grads_within_rule(ours, q, k, v, grad, **mask_args(causal=True))

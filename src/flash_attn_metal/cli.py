@@ -22,6 +22,19 @@ def _features() -> str:
     return routing.kernels().native_features()
 
 
+def _family_line(mps: bool) -> str:
+    from .runtime.device import NEWEST_FAMILY, gpu_family, known_chip
+
+    if not mps:
+        return f"none (no Metal GPU); the emulator runs the {NEWEST_FAMILY} tiles"
+    family = gpu_family()
+    if family is None:
+        return "not Apple silicon: the kernels need Apple7 (M1) or newer, calls run the PyTorch reference"
+    if known_chip(torch.backends.mps.get_name()):
+        return family
+    return f"{family} (an unknown chip: the newest family's tiles are used)"
+
+
 def info(_: argparse.Namespace) -> int:
     from .runtime.cache import cache_dir
 
@@ -34,7 +47,7 @@ def info(_: argparse.Namespace) -> int:
         ("os", f"macOS {mac}" if mac else platform.platform()),
         ("device", torch.backends.mps.get_name() if mps and hasattr(torch.backends.mps, "get_name") else
          ("MPS" if mps else "no Metal GPU (kernels run in the emulator)")),
-        ("gpu family", "unknown (not a Mac)" if not mps else "see runtime.device"),
+        ("gpu family", _family_line(mps)),
         ("backend setting", routing.backend_setting()),
         ("kernel backend here", _kernel_backend()),
         ("cache dir", str(cache_dir())),

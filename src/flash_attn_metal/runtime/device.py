@@ -17,7 +17,8 @@ NEWEST_FAMILY = "apple10"
 # reference notes, metal-kernels-and-apple-gpus.md section 3.1). Longer names first: "M1 Max" before "M1".
 FP16_TFLOPS = {"M1 Ultra": 21.2, "M1 Max": 10.6, "M1 Pro": 5.3, "M1": 2.6, "M2 Max": 13.6, "M2 Pro": 6.8,
                "M2": 3.6, "M3 Max": 14.1, "M3 Pro": 6.4, "M3": 3.5, "M4 Max": 14.1, "M4 Pro": 7.1, "M4": 3.5}
-_GENERATION_FAMILY = {1: "apple7", 2: "apple8", 3: "apple9", 4: "apple9"}
+_GENERATION_FAMILY = {1: "apple7", 2: "apple8", 3: "apple9", 4: "apple9", 5: "apple10"}
+_CHIP = re.compile(r"\bM(\d+)\b")
 
 
 def family_from_name(device_name: str) -> str | None:
@@ -25,10 +26,16 @@ def family_from_name(device_name: str) -> str | None:
     Apple silicon (an Intel Mac's AMD GPU) -> None: it has no simdgroup_matrix."""
     if "Apple" not in device_name:
         return None
-    match = re.search(r"\bM(\d+)\b", device_name)
+    match = _CHIP.search(device_name)
     if match is None:
         return NEWEST_FAMILY
     return _GENERATION_FAMILY.get(int(match.group(1)), NEWEST_FAMILY)
+
+
+def known_chip(device_name: str) -> bool:
+    """Whether the family table lists this chip (an unknown one still runs, with the newest tiles)."""
+    match = _CHIP.search(device_name)
+    return match is not None and int(match.group(1)) in _GENERATION_FAMILY
 
 
 @functools.cache
