@@ -5,44 +5,62 @@ standard library and only appends a finder to `sys.meta_path`. Appended last, th
 every normal finder failed to find `flash_attn`, so a real (CUDA) flash-attn always wins.
 
 On by default on macOS; `FLASH_ATTN_METAL_SHIM=0` turns it off, `FLASH_ATTN_METAL_SHIM=1` turns it on elsewhere.
+
+What it serves: `flash_attn` (the seven functions, `bert_padding`, and `__version__` = the flash-attn API
+version implemented, so version checks in callers pass), `flash_attn.flash_attn_interface` and
+`flash_attn.bert_padding`. Each is a module of its own whose public names are flash-attn-metal's objects, so
+flash-attn-metal's modules are never imported twice or renamed. `importlib.util.find_spec("flash_attn")` sees
+the alias; `importlib.metadata` does not (no `flash-attn` distribution is claimed, so pip and transformers'
+version checks still know that the CUDA package is absent).
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.util
 import os
 import sys
+import types
+from importlib.machinery import ModuleSpec
 
-# flash-attn's module names and the modules that serve them.
-ALIASES = {
-    "flash_attn": "flash_attn_metal",
+FLASH_ATTN_API_VERSION = "2.8.3"
+PACKAGE = "flash_attn"
+# flash-attn's submodules and the flash-attn-metal modules whose `__all__` they serve.
+SUBMODULES = {
     "flash_attn.flash_attn_interface": "flash_attn_metal.interface",
     "flash_attn.bert_padding": "flash_attn_metal.bert_padding",
 }
+_MARKER = "__flash_attn_metal_alias__"
 
 
-class _AliasLoader(importlib.abc.Loader):
+# Plain classes with the import protocol's methods: importing importlib.abc (or typing) would cost every
+# interpreter start ~10 ms.
+class AliasLoader:
+    """Fills a fresh module with the public names (`__all__`) of a flash-attn-metal module."""
+
     def __init__(self, target: str) -> None:
         self.target = target
 
-    def create_module(self, spec):
-        return importlib.import_module(self.target)
+    def create_module(self, spec: ModuleSpec) -> None:
+        return None  # the default module
 
-    def exec_module(self, module) -> None:
-        pass
+    def exec_module(self, module: types.ModuleType) -> None:
+        target = importlib.import_module(self.target)
+        module.__dict__.update({name: getattr(target, name) for name in target.__all__})
+        setattr(module, _MARKER, self.target)
+        if module.__name__ == PACKAGE:
+            module.__version__ = FLASH_ATTN_API_VERSION
+            for name in SUBMODULES:  # as flash-attn's __init__ does, so flash_attn.<sub> works after `import flash_attn`
+                importlib.import_module(name)
 
 
-class AliasFinder(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname, path=None, target=None):
-        alias = ALIASES.get(fullname)
-        if alias is None:
-            return None
-        spec = importlib.util.spec_from_loader(fullname, _AliasLoader(alias))
-        if fullname == "flash_attn":
-            spec.submodule_search_locations = []  # a package, so that flash_attn.<sub> imports resolve here
-        return spec
+class AliasFinder:
+    def find_spec(self, fullname: str, path=None, target=None) -> ModuleSpec | None:
+        if fullname == PACKAGE:
+            # An empty search path: no file-system finder can load flash_attn.<anything> from it.
+            return ModuleSpec(fullname, AliasLoader("flash_attn_metal"), is_package=True)
+        if fullname in SUBMODULES and hasattr(sys.modules.get(PACKAGE), _MARKER):  # never inside a real flash_attn
+            return ModuleSpec(fullname, AliasLoader(SUBMODULES[fullname]))
+        return None
 
 
 def enabled() -> bool:

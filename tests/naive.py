@@ -8,8 +8,10 @@ import math
 import torch
 
 
-def naive_attention(q, k, v, *, scale=None, causal=False, window=(-1, -1), softcap=0.0, alibi=None):
-    """One sequence: q (sq, h, d), k/v (sk, hk, d). Returns out (sq, h, d) float64 and lse (h, sq) float64."""
+def naive_attention(q, k, v, *, scale=None, causal=False, window=(-1, -1), softcap=0.0, alibi=None, dropout_p=0.0,
+                    keep=None):
+    """One sequence: q (sq, h, d), k/v (sk, hk, d); alibi (h,) slopes; keep (h, >= sq, >= sk) bool, True where
+    dropout kept a probability. Returns out (sq, h, d) float64 and lse (h, sq) float64 (+inf: no key)."""
     sq, h, d = q.shape
     sk, hk = k.shape[0], k.shape[1]
     scale = d**-0.5 if scale is None else scale
@@ -39,5 +41,8 @@ def naive_attention(q, k, v, *, scale=None, causal=False, window=(-1, -1), softc
             if alibi is not None:
                 row = row - float(alibi[head]) * torch.tensor([abs(shifted - j) for j in allowed], dtype=torch.float64)
             lse[head, i] = torch.logsumexp(row, 0)
-            out[i, head] = torch.softmax(row, 0) @ v[allowed, kv]
+            probs = torch.softmax(row, 0)
+            if keep is not None:
+                probs = probs * keep[head, i, allowed].double() / (1 - dropout_p)
+            out[i, head] = probs @ v[allowed, kv]
     return out, lse

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -14,7 +15,8 @@ def test_info_reports_versions_backend_and_cache(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("FLASH_ATTN_METAL_CACHE_DIR", str(tmp_path))
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    for key in ("flash-attn-metal", "torch", "os", "device", "gpu family", "backend setting", "native features"):
+    for key in ("flash-attn-metal", "torch", "os", "device", "gpu family", "backend setting", "flash_attn alias",
+                "native features"):
         assert key in out
     assert str(tmp_path) in out
 
@@ -22,10 +24,28 @@ def test_info_reports_versions_backend_and_cache(capsys, monkeypatch, tmp_path):
 def test_demo_says_which_backend_ran_and_its_errors():
     result = subprocess.run([sys.executable, "-m", "flash_attn_metal", "demo"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "forward (inference): ran on Metal kernels via emulator" in result.stdout
-    assert "forward + backward (training): ran on Metal kernels via emulator" in result.stdout
+    assert "forward (inference): ran on Metal kernels via the emulator" in result.stdout
+    assert "forward + backward (training): ran on Metal kernels via the emulator" in result.stdout
     error = float(result.stdout.split("max |out - fp32 reference| = ")[1].split()[0])
     assert error < 1e-2
+
+
+def test_demo_without_a_cpp_compiler_runs_the_reference_and_says_so():
+    env = {**os.environ, "PATH": "/nonexistent"}
+    env.pop("FLASH_ATTN_METAL_BACKEND", None)
+    env.pop("FLASH_ATTN_METAL_CXX", None)
+    result = subprocess.run([sys.executable, "-m", "flash_attn_metal", "demo"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "the Metal emulator cannot run here" in result.stdout
+    assert "forward + backward (training): ran on the PyTorch reference" in result.stdout
+
+
+def test_demo_honours_the_backend_setting_and_leaves_it_as_it_was(capsys, monkeypatch):
+    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "reference")
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "forward (inference): ran on the PyTorch reference" in out and "Metal kernels" not in out
+    assert os.environ["FLASH_ATTN_METAL_BACKEND"] == "reference"
 
 
 def test_unknown_command_is_an_error():

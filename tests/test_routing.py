@@ -1,7 +1,9 @@
-"""Backend choice, the announced fallback (one warning per reason), strict mode and stats()."""
+"""Backend choice, the announced fallback (one warning per reason), strict mode, stats(), and the contract with
+the kernels' dispatch module (checked here against a stand-in, so it holds whatever the kernels support)."""
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 
 import flash_attn_metal
 from flash_attn_metal import flash_attn_func, routing
+from flash_attn_metal.problem import AttentionProblem
 
 
 @pytest.fixture(autouse=True)
@@ -23,26 +26,52 @@ def inputs():
     return torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8)
 
 
+def problem(dropout_p=0.0) -> AttentionProblem:
+    q, k, v = inputs()
+    return AttentionProblem(q=q, k=k, v=v, softmax_scale=8**-0.5, causal=False, window_left=-1, window_right=-1,
+                            softcap=0.0, alibi_slopes=None, dropout_p=dropout_p)
+
+
+@pytest.fixture
+def stand_in_kernels(monkeypatch):
+    """A dispatch module that supports everything but ALiBi and records what routing asks of it."""
+    calls = []
+
+    def unsupported_reason(p, needs_grad):
+        calls.append(("unsupported_reason", needs_grad))
+        return "ALiBi is not in the stand-in" if p.alibi_slopes is not None else None
+
+    def forward(p, backend_name):
+        calls.append(("forward", backend_name))
+        return torch.full_like(p.q, 7.0), torch.zeros(p.batch, p.nheads, p.q.shape[1])
+
+    monkeypatch.setattr(routing, "kernels", lambda: types.SimpleNamespace(unsupported_reason=unsupported_reason,
+                                                                          forward=forward))
+    return calls
+
+
 def test_cpu_tensors_fall_back_with_one_warning_per_reason():
-    with pytest.warns(RuntimeWarning, match="the tensors are on cpu"):
+    with pytest.warns(RuntimeWarning, match="the tensors are on cpu") as caught:
         flash_attn_func(*inputs())
+    assert caught[0].filename == __file__  # the warning points at the caller's line, not into the package
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second call with the same reason is silent
         flash_attn_func(*inputs())
     (reason, count), = flash_attn_metal.stats()["fallbacks"].items()
-    assert "cpu" in reason and count == 2
+    assert "cpu" in reason and "FLASH_ATTN_METAL_BACKEND=emulator" in reason and count == 2
 
 
-def test_reference_backend_is_silent():
-    import os
+def test_mps_setting_on_cpu_tensors_falls_back_too(monkeypatch):
+    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "mps")
+    with pytest.warns(RuntimeWarning, match="the tensors are on cpu"):
+        flash_attn_func(*inputs())
 
-    os.environ["FLASH_ATTN_METAL_BACKEND"] = "reference"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            flash_attn_func(*inputs())
-    finally:
-        del os.environ["FLASH_ATTN_METAL_BACKEND"]
+
+def test_reference_backend_is_silent(monkeypatch):
+    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flash_attn_func(*inputs())
     assert flash_attn_metal.stats()["fallbacks"] == {}
 
 
@@ -53,12 +82,56 @@ def test_strict_mode_turns_fallbacks_into_errors(monkeypatch):
     monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "auto")
     with pytest.raises(NotImplementedError, match="the tensors are on cpu"):
         flash_attn_func(*inputs())
+    assert list(flash_attn_metal.stats()["fallbacks"].values()) == [1]
 
 
 def test_unknown_backend_is_rejected(monkeypatch):
     monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "metal")
     with pytest.raises(ValueError, match="FLASH_ATTN_METAL_BACKEND must be one of"):
         flash_attn_func(*inputs())
+
+
+def test_emulator_setting_runs_supported_calls_on_the_kernels(monkeypatch, stand_in_kernels):
+    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = flash_attn_func(*inputs())
+    assert (out == 7).all() and stand_in_kernels == [("unsupported_reason", False), ("forward", "emulator")]
+    assert flash_attn_metal.stats()["fallbacks"] == {}
+
+
+def test_what_the_kernels_refuse_falls_back_naming_their_reason(monkeypatch, stand_in_kernels):
+    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
+    with pytest.warns(RuntimeWarning, match="ALiBi is not in the stand-in"):
+        out = flash_attn_func(*inputs(), alibi_slopes=torch.rand(2))
+    assert not (out == 7).all() and ("forward", "emulator") not in stand_in_kernels
+    monkeypatch.setenv("FLASH_ATTN_METAL_STRICT", "1")
+    with pytest.raises(NotImplementedError, match="ALiBi is not in the stand-in"):
+        flash_attn_func(*inputs(), alibi_slopes=torch.rand(2))
+
+
+def test_needs_grad_is_passed_to_the_kernels(stand_in_kernels):
+    with pytest.warns(RuntimeWarning, match="on cpu"):
+        assert routing.choose(problem(), needs_grad=True) is None  # cpu under auto: the reference
+    assert stand_in_kernels == []  # the kernels are not even asked about tensors they cannot run
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
+        assert routing.choose(problem(), needs_grad=True) == "emulator"
+    assert stand_in_kernels == [("unsupported_reason", True)]
+
+
+def test_dropout_probabilities_come_from_the_reference(monkeypatch, stand_in_kernels):
+    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
+    assert routing.choose(problem(0.1), needs_grad=False, needs_probs=False) == "emulator"
+    with pytest.warns(RuntimeWarning, match="S_dmask"):
+        assert routing.choose(problem(0.1), needs_grad=False, needs_probs=True) is None
+
+
+def test_the_real_kernels_send_dropout_to_the_reference(monkeypatch):
+    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
+    with pytest.warns(RuntimeWarning, match="dropout"):
+        out = flash_attn_func(*inputs(), dropout_p=0.1)
+    assert out.shape == (1, 4, 2, 8) and flash_attn_metal.stats()["launches"] == {}
 
 
 def test_reset_stats_clears_counters():

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flash_attn_metal import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from flash_attn_metal import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +37,8 @@ def test_dtypes():
     check(lambda: flash_attn_func(q.float(), k.float(), v.float()),
           lambda: flash_attn_func(q.double(), k, v), TypeError, "q must be float16, bfloat16 or float32")
     check(lambda: flash_attn_func(q, k, v), lambda: flash_attn_func(q, k.bfloat16(), v), TypeError, "k has dtype")
+    check(lambda: flash_attn_func(q, k, v), lambda: flash_attn_func(q, k, v.float()), TypeError, "v has dtype")
+    check(lambda: flash_attn_func(q, k, v), lambda: flash_attn_func(q.tolist(), k, v), TypeError, "q must be a torch.Tensor")
 
 
 def test_devices_differ():
@@ -47,6 +56,18 @@ def test_ranks_and_head_dims():
     empty_d = torch.randn(1, 4, 2, 0, dtype=torch.float16)
     check(lambda: flash_attn_func(ok, ok, ok), lambda: flash_attn_func(empty_d, empty_d, empty_d), ValueError,
           "between 1 and 256, got 0")
+    odd = torch.randn(1, 4, 2, 59, dtype=torch.float16)  # any head dim up to 256, not only multiples of 8
+    check(lambda: flash_attn_func(odd, odd, odd), lambda: flash_attn_func(odd, odd, ok), ValueError, "share the head dim")
+
+
+def test_shapes_that_must_agree():
+    q, k, v = qkv()
+    check(lambda: flash_attn_func(q, k, v), lambda: flash_attn_func(q, k, v[:, :5]), ValueError,
+          "k and v must have the same batch and sequence sizes")
+    check(lambda: flash_attn_func(q, k, v), lambda: flash_attn_func(q, k[:1], v[:1]), ValueError,
+          "q and k must have the same batch size")
+    check(lambda: flash_attn_func(q, k, v), lambda: flash_attn_func(q, k, v[:, :, :1]), ValueError,
+          "k and v must have the same number of heads")
 
 
 def test_heads_must_divide():
@@ -58,17 +79,45 @@ def test_heads_must_divide():
 def test_last_dim_contiguous():
     q, k, v = qkv()
     strided = torch.randn(2, 8, 4, 32, dtype=torch.float16)[..., ::2]
-    check(lambda: flash_attn_func(q, k, v), lambda: flash_attn_func(strided, k, v), ValueError, "contiguous last dimension")
+    transposed = torch.randn(2, 4, 8, 16, dtype=torch.float16).transpose(1, 2)  # other strides are fine
+    check(lambda: flash_attn_func(transposed, k, v), lambda: flash_attn_func(strided, k, v), ValueError,
+          "contiguous last dimension")
 
 
-def test_window_and_dropout_and_softcap():
+def test_packed_layouts():
+    packed = torch.randn(2, 8, 3, 4, 16)
+    check(lambda: flash_attn_qkvpacked_func(packed), lambda: flash_attn_qkvpacked_func(packed[:, :, :2]), ValueError,
+          r"qkv must be laid out as \(batch, seqlen, 3, nheads, headdim\)")
+    check(lambda: flash_attn_qkvpacked_func(packed), lambda: flash_attn_qkvpacked_func(packed[0]), ValueError,
+          "qkv must have 5 dimensions")
+    q, kv = torch.randn(2, 8, 4, 16), torch.randn(2, 8, 2, 2, 16)
+    check(lambda: flash_attn_kvpacked_func(q, kv), lambda: flash_attn_kvpacked_func(q, kv.int()), TypeError,
+          "kv must be float16")
+    cu = torch.tensor([0, 16], dtype=torch.int32)
+    check(lambda: flash_attn_varlen_qkvpacked_func(packed.flatten(0, 1), cu, 16),
+          lambda: flash_attn_varlen_qkvpacked_func(packed, cu, 16), ValueError, "qkv must have 4 dimensions")
+
+
+def test_scalar_options():
     q, k, v = qkv()
     check(lambda: flash_attn_func(q, k, v, window_size=(-1, 3)),
           lambda: flash_attn_func(q, k, v, window_size=(-2, 3)), ValueError, "window_size entries must be >= -1")
+    check(lambda: flash_attn_func(q, k, v, window_size=torch.tensor([2, 3])),
+          lambda: flash_attn_func(q, k, v, window_size=torch.tensor([2.0, 3.0])), TypeError, "window_size must hold integers")
+    check(lambda: flash_attn_func(q, k, v, window_size=[2, 3]),
+          lambda: flash_attn_func(q, k, v, window_size=(2, 3, 4)), TypeError, r"window_size must be a pair")
     check(lambda: flash_attn_func(q, k, v, dropout_p=0.5),
           lambda: flash_attn_func(q, k, v, dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)")
+    check(lambda: flash_attn_func(q, k, v, dropout_p=0),
+          lambda: flash_attn_func(q, k, v, dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\)")
+    check(lambda: flash_attn_func(q, k, v, dropout_p=torch.tensor(0.1)),
+          lambda: flash_attn_func(q, k, v, dropout_p="0.1"), TypeError, "dropout_p must be a real number")
     check(lambda: flash_attn_func(q, k, v, softcap=5.0),
           lambda: flash_attn_func(q, k, v, softcap=5.0, dropout_p=0.1), ValueError, "softcap does not support dropout")
+    check(lambda: flash_attn_func(q, k, v, softcap=5),
+          lambda: flash_attn_func(q, k, v, softcap=None), TypeError, "softcap must be a real number")
+    check(lambda: flash_attn_func(q, k, v, softmax_scale=0.5),
+          lambda: flash_attn_func(q, k, v, softmax_scale="0.5"), TypeError, "softmax_scale must be a real number")
 
 
 def test_alibi_slopes():
@@ -77,13 +126,17 @@ def test_alibi_slopes():
           lambda: flash_attn_func(q, k, v, alibi_slopes=torch.rand(3)), ValueError, r"alibi_slopes must have shape \(4,\)")
     check(lambda: flash_attn_func(q, k, v, alibi_slopes=torch.rand(4)),
           lambda: flash_attn_func(q, k, v, alibi_slopes=torch.rand(4).half()), TypeError, "alibi_slopes must be float32")
+    check(lambda: flash_attn_func(q, k, v, alibi_slopes=torch.rand(4)),
+          lambda: flash_attn_func(q, k, v, alibi_slopes=torch.rand(4, device="meta")), ValueError, "alibi_slopes is on meta")
+    check(lambda: flash_attn_func(q, k, v, alibi_slopes=torch.rand(4)),
+          lambda: flash_attn_func(q, k, v, alibi_slopes=[0.1] * 4), TypeError, "alibi_slopes must be a torch.Tensor")
 
 
-def varlen(cu_q=None, max_q=5):
+def varlen(cu_q=None, max_q=5, cu_k=None, max_k=5):
     q = torch.randn(8, 4, 16, dtype=torch.float16)
     k = torch.randn(8, 2, 16, dtype=torch.float16)
     cu = torch.tensor([0, 3, 8], dtype=torch.int32)
-    return flash_attn_varlen_func(q, k, k, cu if cu_q is None else cu_q, cu, max_q, 5)
+    return flash_attn_varlen_func(q, k, k, cu if cu_q is None else cu_q, cu if cu_k is None else cu_k, max_q, max_k)
 
 
 def test_cu_seqlens_and_max_seqlen():
@@ -91,11 +144,78 @@ def test_cu_seqlens_and_max_seqlen():
     check(varlen, lambda: varlen(torch.tensor([[0, 3, 8]], dtype=torch.int32)), ValueError, "cu_seqlens_q must be 1-D")
     check(varlen, lambda: varlen(torch.tensor([1, 3, 8], dtype=torch.int32)), ValueError, "must start at 0")
     check(varlen, lambda: varlen(torch.tensor([0, 5, 3], dtype=torch.int32)), ValueError, "non-decreasing")
+    check(varlen, lambda: varlen(cu_k=torch.tensor([0, 3, 9], dtype=torch.int32)), ValueError,
+          "cu_seqlens_k ends at 9 but the tensor holds only 8 tokens")
+    check(varlen, lambda: varlen(cu_k=torch.tensor([0, 8], dtype=torch.int32)), ValueError,
+          "cu_seqlens_q and cu_seqlens_k must have the same length")
+    check(varlen, lambda: varlen(cu_k=torch.tensor([0, 3, 8], dtype=torch.int32, device="meta")), ValueError,
+          "cu_seqlens_k is on meta")
+    check(varlen, lambda: varlen(cu_q=[0, 3, 8]), TypeError, "cu_seqlens_q must be a torch.Tensor")
     check(varlen, lambda: varlen(max_q=4), ValueError, "max_seqlen_q is 4 but the longest sequence has 5")
+    check(varlen, lambda: varlen(max_k=2), ValueError, "max_seqlen_k is 2 but the longest sequence has 5")
     check(lambda: varlen(max_q=torch.tensor(5)), lambda: varlen(max_q=2.5), TypeError, "max_seqlen_q must be an int")
 
 
-def test_block_table_too_short():
+def test_varlen_block_table():
+    q = torch.randn(5, 4, 16)
+    pages = torch.randn(6, 4, 2, 16)
+    cu_q = torch.tensor([0, 2, 5], dtype=torch.int32)
+    cu_k = torch.tensor([0, 8, 13], dtype=torch.int32)
+    table = torch.tensor([[0, 1, 2, 3], [4, 5, 0, 1]], dtype=torch.int32)
+    check(lambda: flash_attn_varlen_func(q, pages, pages, cu_q, cu_k, 3, 8, block_table=table),
+          lambda: flash_attn_varlen_func(q, pages, pages, cu_q, cu_k, 3, 8, block_table=table[:, :1]),
+          ValueError, "block_table")
+    check(lambda: flash_attn_varlen_func(q, pages, pages, cu_q, cu_k, 3, 8, block_table=table),
+          lambda: flash_attn_varlen_func(q, pages, pages, cu_q, cu_k, 3, 8, block_table=table.long()),
+          TypeError, "block_table must be a 2-D int32 tensor")
+    check(lambda: flash_attn_varlen_func(q, pages, pages, cu_q, cu_k, 3, 8, block_table=table),
+          lambda: flash_attn_varlen_func(q, pages, pages, cu_q, cu_k, 3, 8, block_table=table + 3),
+          ValueError, "block_table addresses cache entries outside 0..5")
+
+
+def cache_call(**overrides):
+    """A valid flash_attn_with_kvcache call on fresh tensors, with `overrides` replacing arguments."""
+    b, h, hk, d = 2, 4, 2, 32
+    args = dict(q=torch.randn(b, 1, h, d), k_cache=torch.zeros(b, 8, hk, d), v_cache=torch.zeros(b, 8, hk, d),
+                k=torch.randn(b, 1, hk, d), v=torch.randn(b, 1, hk, d), rotary_cos=torch.randn(8, 8),
+                rotary_sin=torch.randn(8, 8), cache_seqlens=torch.tensor([3, 7], dtype=torch.int32))
+    args.update(overrides)
+    return flash_attn_with_kvcache(**args)
+
+
+KVCACHE_CASES = [
+    (dict(v=None), ValueError, "k and v must be given together"),
+    (dict(cache_seqlens=None), ValueError, "cache_seqlens is required"),
+    (dict(cache_seqlens=torch.tensor([3, 7])), TypeError, "cache_seqlens must be an int or an int32 tensor"),
+    (dict(cache_seqlens=torch.tensor([-1, 7], dtype=torch.int32)), ValueError, "cache_seqlens must be >= 0"),
+    (dict(cache_seqlens=torch.tensor([3, 8], dtype=torch.int32)), ValueError, "sequence 1 needs 9 cache rows"),
+    (dict(cache_leftpad=torch.tensor([4, 0], dtype=torch.int32)), ValueError, "cache_leftpad"),
+    (dict(cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32)), ValueError, "cache_batch_idx addresses"),
+    (dict(cache_batch_idx=torch.tensor([0, 1])), TypeError, "cache_batch_idx must be an int or an int32 tensor"),
+    (dict(k=torch.randn(2, 1, 4, 32), v=torch.randn(2, 1, 4, 32)), ValueError, "k and v must have shape"),
+    (dict(v_cache=torch.zeros(2, 7, 2, 32)), ValueError, "k_cache and v_cache must have the same shape"),
+    (dict(k_cache=torch.zeros(1, 8, 2, 32), v_cache=torch.zeros(1, 8, 2, 32)), ValueError, "k_cache holds 1 sequences"),
+    (dict(rotary_cos=torch.randn(8, 4), rotary_sin=torch.randn(8, 4)), ValueError, "rotary_dim"),
+    (dict(rotary_cos=torch.randn(6, 8), rotary_sin=torch.randn(6, 8)), ValueError, "rotary_cos/rotary_sin have 6 positions"),
+    (dict(rotary_sin=None), ValueError, "rotary_cos and rotary_sin must be given together"),
+    (dict(k=None, v=None), ValueError, "rotary_cos/rotary_sin apply only when new k and v are appended"),
+    (dict(alibi_slopes=torch.rand(3)), ValueError, "alibi_slopes must have shape"),
+    (dict(window_size=(-3, 0)), ValueError, "window_size entries must be >= -1"),
+    (dict(q=torch.randn(2, 1, 4, 32, dtype=torch.float16)), TypeError, "k_cache has dtype"),
+]
+
+
+@pytest.mark.parametrize("overrides, error, match", KVCACHE_CASES, ids=[m for _, _, m in KVCACHE_CASES])
+def test_kvcache_bad_input_raises_before_the_cache_is_written(overrides, error, match):
+    cache_call()
+    k_cache, v_cache = torch.zeros(2, 8, 2, 32), torch.zeros(2, 8, 2, 32)
+    overrides = {"k_cache": k_cache, "v_cache": v_cache, **overrides}
+    with pytest.raises(error, match=match):
+        cache_call(**overrides)
+    assert (k_cache == 0).all() and (v_cache == 0).all()
+
+
+def test_kvcache_paged_block_table():
     q = torch.randn(2, 1, 4, 16, dtype=torch.float16)
     k_cache = torch.randn(6, 4, 2, 16, dtype=torch.float16)
     table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
@@ -103,10 +223,27 @@ def test_block_table_too_short():
     check(lambda: flash_attn_with_kvcache(q, k_cache, k_cache, cache_seqlens=seqlens, block_table=table),
           lambda: flash_attn_with_kvcache(q, k_cache, k_cache, cache_seqlens=seqlens + 1, block_table=table),
           ValueError, "block_table")
+    check(lambda: flash_attn_with_kvcache(q, k_cache, k_cache, cache_seqlens=seqlens, block_table=table),
+          lambda: flash_attn_with_kvcache(q, k_cache, k_cache, cache_seqlens=seqlens, block_table=table + 5),
+          ValueError, "block_table addresses cache entries outside 0..5")
+    check(lambda: flash_attn_with_kvcache(q, k_cache, k_cache, cache_seqlens=seqlens, block_table=table),
+          lambda: flash_attn_with_kvcache(q, k_cache, k_cache, cache_seqlens=seqlens, block_table=table,
+                                          cache_leftpad=torch.zeros(2, dtype=torch.int32)),
+          ValueError, "cannot be used with a paged kv cache")
+    check(lambda: flash_attn_with_kvcache(q, k_cache, k_cache, cache_seqlens=seqlens, block_table=table),
+          lambda: flash_attn_with_kvcache(q, k_cache, k_cache, cache_seqlens=seqlens, block_table=table[:1]),
+          ValueError, "block_table must have 2 rows")
 
 
 def test_inputs_are_not_modified():
     q, k, v = qkv()
     copies = [t.clone() for t in (q, k, v)]
-    flash_attn_func(q, k, v, causal=True)
+    flash_attn_func(q, k, v, causal=True, dropout_p=0.1)
+    flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
+                           torch.tensor([0, 8, 16], dtype=torch.int32), torch.tensor([0, 8, 16], dtype=torch.int32), 8, 8)
     assert all(torch.equal(a, b) for a, b in zip((q, k, v), copies))
+    args = dict(q=torch.randn(2, 1, 4, 32), k=torch.randn(2, 1, 2, 32), v=torch.randn(2, 1, 2, 32),
+                rotary_cos=torch.randn(8, 8), rotary_sin=torch.randn(8, 8))
+    before = {name: t.clone() for name, t in args.items()}
+    cache_call(**args)  # only the caches change
+    assert all(torch.equal(args[name], t) for name, t in before.items())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+__all__ = ["index_first_axis", "pad_input", "unpad_input"]
+
 
 def index_first_axis(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """x[indices] along the first axis (differentiable)."""

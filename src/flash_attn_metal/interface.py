@@ -14,10 +14,32 @@ import torch
 from . import reference, routing, validation
 from .problem import AttentionProblem
 
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
+]
 
-def _problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+
+def _options(q: torch.Tensor, batch: int, dropout_p, softmax_scale, causal, window_size, softcap,
+             alibi_slopes) -> dict:
+    """A call's validated scalar options, as AttentionProblem fields."""
+    left, right = validation.window(window_size)
+    softcap = validation.number("softcap", softcap)
+    return dict(
+        softmax_scale=validation.softmax_scale(softmax_scale, q.shape[-1]),
+        causal=bool(causal), window_left=left, window_right=0 if causal else right, softcap=softcap,
+        alibi_slopes=validation.alibi(alibi_slopes, batch, q.shape[-2], q.device),
+        dropout_p=validation.dropout(dropout_p, softcap),
+    )
+
+
+def _problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, *, varlen: bool = False,
              cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None) -> AttentionProblem:
-    varlen = cu_seqlens_q is not None
     rank = 3 if varlen else 4
     q = validation.tensor("q", q, rank)
     k = validation.tensor("k", k, rank)
@@ -26,11 +48,6 @@ def _problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, al
     validation.heads(q, k, v)
     if k.shape[:-2] != v.shape[:-2]:
         raise ValueError(f"k and v must have the same batch and sequence sizes, got {tuple(k.shape)} and {tuple(v.shape)}")
-    left, right = validation.window(window_size)
-    softcap = float(softcap)
-    dropout_p = validation.dropout(dropout_p, softcap)
-    if causal:
-        right = 0
     if varlen:
         offsets_q = validation.cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
         offsets_k = validation.cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
@@ -44,24 +61,22 @@ def _problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, al
             raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
         batch, max_q, max_k = q.shape[0], q.shape[1], k.shape[1]
     return AttentionProblem(
-        q=q, k=k, v=v,
-        softmax_scale=validation.softmax_scale(softmax_scale, q.shape[-1]),
-        causal=bool(causal), window_left=left, window_right=right, softcap=softcap,
-        alibi_slopes=validation.alibi(alibi_slopes, batch, q.shape[-2], q.device),
-        dropout_p=dropout_p,
+        q=q, k=k, v=v, **_options(q, batch, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes),
         cu_seqlens_q=cu_seqlens_q if varlen else None, cu_seqlens_k=cu_seqlens_k if varlen else None,
         max_seqlen_q=max_q, max_seqlen_k=max_k,
     )
 
 
 def _attend(problem: AttentionProblem, return_attn_probs: bool):
+    """Run the problem on the backend routing chooses; flash-attn's return value (out, or out, lse, S_dmask)."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (problem.q, problem.k, problem.v))
-    backend = routing.choose(problem, needs_grad)
+    needs_probs = return_attn_probs and problem.dropout_p > 0  # flash-attn's S_dmask is empty without dropout
+    backend = routing.choose(problem, needs_grad, needs_probs)
     probs = None
     if backend is None:
-        with_probs = return_attn_probs and problem.dropout_p > 0
-        out, lse, *rest = reference.attention(problem, return_probs=with_probs)
-        probs = rest[0] if rest else None
+        out, lse, *rest = reference.attention(problem, return_probs=needs_probs)
+        lse = lse.detach()  # as in flash-attn, only out carries a gradient
+        probs = rest[0].detach() if rest else None
     elif needs_grad or torch.compiler.is_compiling():
         from . import ops  # custom ops: autograd and torch.compile see the kernels as single ops
 
@@ -70,23 +85,23 @@ def _attend(problem: AttentionProblem, return_attn_probs: bool):
         out, lse = routing.kernels().forward(problem, backend)  # eager inference: no custom-op dispatch
     if not return_attn_probs:
         return out
-    # flash-attn returns an empty S_dmask unless dropout is on.
     return out, lse, probs if probs is not None else problem.q.new_empty((0,))
 
 
-def _unpack(packed: torch.Tensor, name: str, axis: int, count: int) -> list[torch.Tensor]:
-    packed = validation.tensor(name, packed, packed.dim())
-    if packed.dim() <= axis or packed.shape[axis] != count:
-        raise ValueError(f"{name} must have {count} at dimension {axis}, got shape {tuple(packed.shape)}")
+def _unpack(packed: object, name: str, layout: str, axis: int) -> list[torch.Tensor]:
+    """Views of a packed qkv/kv tensor laid out as `layout` (e.g. "(batch, seqlen, 3, nheads, headdim)", packed
+    along `axis`), so gradients reach the packed tensor itself."""
+    dims = layout.strip("()").split(", ")
+    packed = validation.tensor(name, packed, len(dims))
+    if packed.shape[axis] != int(dims[axis]):
+        raise ValueError(f"{name} must be laid out as {layout}, got shape {tuple(packed.shape)}")
     return list(packed.unbind(axis))
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                               softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """qkv: (batch, seqlen, 3, nheads, headdim). Returns out (batch, seqlen, nheads, headdim)."""
-    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5:
-        raise ValueError("qkv must be a 5-D tensor (batch, seqlen, 3, nheads, headdim)")
-    q, k, v = _unpack(qkv, "qkv", 2, 3)
+    q, k, v = _unpack(qkv, "qkv", "(batch, seqlen, 3, nheads, headdim)", axis=2)
     return _attend(_problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes),
                    return_attn_probs)
 
@@ -94,9 +109,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q: (batch, seqlen_q, nheads, headdim); kv: (batch, seqlen_k, 2, nheads_k, headdim)."""
-    if not isinstance(kv, torch.Tensor) or kv.dim() != 5:
-        raise ValueError("kv must be a 5-D tensor (batch, seqlen_k, 2, nheads_k, headdim)")
-    k, v = _unpack(kv, "kv", 2, 2)
+    k, v = _unpack(kv, "kv", "(batch, seqlen_k, 2, nheads_k, headdim)", axis=2)
     return _attend(_problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes),
                    return_attn_probs)
 
@@ -115,22 +128,20 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
                                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
                                      return_attn_probs=False):
     """qkv: (total, 3, nheads, headdim); cu_seqlens: (batch + 1,) int32."""
-    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 4:
-        raise ValueError("qkv must be a 4-D tensor (total, 3, nheads, headdim)")
-    q, k, v = _unpack(qkv, "qkv", 1, 3)
-    return _attend(_problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                            cu_seqlens, cu_seqlens, max_seqlen, max_seqlen), return_attn_probs)
+    q, k, v = _unpack(qkv, "qkv", "(total, 3, nheads, headdim)", axis=1)
+    return _attend(_problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, varlen=True,
+                            cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                            max_seqlen_k=max_seqlen), return_attn_probs)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q: (total_q, nheads, headdim); kv: (total_k, 2, nheads_k, headdim)."""
-    if not isinstance(kv, torch.Tensor) or kv.dim() != 4:
-        raise ValueError("kv must be a 4-D tensor (total_k, 2, nheads_k, headdim)")
-    k, v = _unpack(kv, "kv", 1, 2)
-    return _attend(_problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), return_attn_probs)
+    k, v = _unpack(kv, "kv", "(total_k, 2, nheads_k, headdim)", axis=1)
+    return _attend(_problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, varlen=True,
+                            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                            max_seqlen_k=max_seqlen_k), return_attn_probs)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -141,9 +152,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if block_table is not None:
         from .kvcache import gather_paged
 
-        k, v, cu_seqlens_k = gather_paged(k, v, block_table, cu_seqlens_k)
-    return _attend(_problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), return_attn_probs)
+        k, v = gather_paged(k, v, block_table, cu_seqlens_k)
+    return _attend(_problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, varlen=True,
+                            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                            max_seqlen_k=max_seqlen_k), return_attn_probs)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -156,9 +168,22 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     """Attention over a kv cache, appending k/v in place at cache_seqlens first (no backward).
 
     q: (batch, seqlen_q, nheads, headdim); k_cache/v_cache: (batch_cache, seqlen_cache, nheads_k, headdim) or
-    paged (num_blocks, page_block_size, nheads_k, headdim) with block_table. Returns out, or (out, lse)."""
-    from .kvcache import with_kvcache
+    paged (num_blocks, page_block_size, nheads_k, headdim) with block_table. Returns out, or (out, lse) with
+    lse (batch, nheads, seqlen_q) fp32. num_splits is a CUDA performance knob and has no effect here."""
+    from . import kvcache
 
-    return with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                        cache_leftpad, block_table, softmax_scale, causal, window_size, softcap,
-                        rotary_interleaved, alibi_slopes, return_softmax_lse, _attend, _problem)
+    # Every argument is checked before the cache is written.
+    q = validation.tensor("q", q, 4)
+    options = _options(q, q.shape[0], 0.0, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    local = options["window_left"] >= 0 or options["window_right"] >= 0  # causal or a window
+    batch = kvcache.prepare(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                            cache_leftpad, block_table, bool(rotary_interleaved), rotate_q_per_token=local)
+    problem = AttentionProblem(q=batch.q, k=batch.k, v=batch.v, **options, cu_seqlens_q=batch.cu_seqlens_q,
+                               cu_seqlens_k=batch.cu_seqlens_k, max_seqlen_q=q.shape[1],
+                               max_seqlen_k=batch.max_seqlen_k)
+    with torch.no_grad():  # flash_attn_with_kvcache has no backward
+        out, lse, _ = _attend(problem, return_attn_probs=True)
+    out = out.view(q.shape)
+    if not return_softmax_lse:
+        return out
+    return out, lse.view(q.shape[2], q.shape[0], q.shape[1]).transpose(0, 1).contiguous()

@@ -1,62 +1,86 @@
-"""`flash_attn_with_kvcache` and paged K/V: the in-place cache append (with rotary embedding), then attention
-over each sequence's cached keys as one varlen call."""
+"""The cache side of `flash_attn_with_kvcache`, and paged K/V for `flash_attn_varlen_func`.
+
+`prepare` validates every cache argument, then appends the new keys and values in place at `cache_seqlens`
+(rotary applied to the keys), and gathers each sequence's attended rows, leftpad .. cache_seqlens + seqlen_new,
+into one varlen batch, so one attention call runs the whole batch. Nothing is written before every check passed.
+
+Addressing: a dense cache (batch_cache, seqlen_cache, hk, d) holds sequence b at cache_batch_idx[b] (default b);
+a paged cache (num_blocks, page_block_size, hk, d) holds logical row r of sequence b at
+block_table[b, r // page_block_size], offset r % page_block_size.
+
+Rotary positions are absolute cache rows, as in flash-attn: new key i of sequence b sits at cache_seqlens[b] + i;
+queries take the same positions under causal or local attention, and all sit at cache_seqlens[b] otherwise.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import Tensor
 
 from . import reference, validation
 
 
-def _block_count(name: str, length: int, page: int, table: torch.Tensor) -> int:
-    blocks = -(-length // page)
-    if blocks > table.shape[1]:
-        raise ValueError(f"block_table has {table.shape[1]} blocks per sequence of {page} tokens, "
-                         f"too few for a sequence of {length} tokens ({name})")
-    return blocks
+@dataclass(frozen=True)
+class CachedBatch:
+    """What attention runs on after the append: a varlen batch of one query block per sequence."""
+
+    q: Tensor  # (batch * seqlen_q, nheads, d), rotated where rotary applies
+    k: Tensor  # (total_k, nheads_k, d): each sequence's attended cache rows
+    v: Tensor
+    cu_seqlens_q: Tensor  # int32 (batch + 1,)
+    cu_seqlens_k: Tensor
+    max_seqlen_k: int
 
 
-def _check_block_table(block_table: object, batch: int, device: torch.device) -> torch.Tensor:
-    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
-        raise TypeError("block_table must be a 2-D int32 tensor (batch, max_num_blocks_per_seq)")
-    if block_table.shape[0] != batch:
-        raise ValueError(f"block_table must have {batch} rows (one per sequence), got {block_table.shape[0]}")
-    if block_table.device != device:
-        raise ValueError(f"block_table is on {block_table.device} but q is on {device}")
-    return block_table
+class _Addresses:
+    """Maps (sequence, logical row) to cache coordinates, for a dense or a paged cache."""
+
+    def __init__(self, k_cache: Tensor, block_table: Tensor | None, cache_batch_idx: Tensor | None) -> None:
+        self.page = k_cache.shape[1]
+        self.slots = k_cache.shape[0]  # cache batch entries, or blocks when paged
+        self.table = block_table.long() if block_table is not None else None
+        self.index = cache_batch_idx.to(device=k_cache.device, dtype=torch.long) if cache_batch_idx is not None else None
+
+    def __call__(self, seq: Tensor, row: Tensor) -> tuple[Tensor, Tensor]:
+        if self.table is not None:
+            first, second, name = self.table[seq, row // self.page], row % self.page, "block_table"
+        elif self.index is not None:
+            first, second, name = self.index[seq], row, "cache_batch_idx"
+        else:
+            return seq, row
+        if first.numel() and not 0 <= int(first.min()) <= int(first.max()) < self.slots:
+            raise ValueError(f"{name} addresses cache entries outside 0..{self.slots - 1}")
+        return first, second
 
 
-def gather_paged(k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: torch.Tensor):
-    """Paged (num_blocks, page, hk, d) K/V -> contiguous (total_k, hk, d) K/V and the matching cu_seqlens_k."""
-    k = validation.tensor("k", k, 4)
-    v = validation.tensor("v", v, 4)
-    offsets = validation.cu_seqlens("cu_seqlens_k", cu_seqlens_k, 1 << 62, k.device)
-    table = _check_block_table(block_table, len(offsets) - 1, k.device)
-    page = k.shape[1]
-    ks, vs = [], []
-    for b, (start, end) in enumerate(zip(offsets, offsets[1:])):
-        blocks = table[b, : _block_count("cu_seqlens_k", end - start, page, table)].long()
-        ks.append(k[blocks].flatten(0, 1)[: end - start])
-        vs.append(v[blocks].flatten(0, 1)[: end - start])
-    return torch.cat(ks), torch.cat(vs), cu_seqlens_k
-
-
-def with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
-                 block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved, alibi_slopes,
-                 return_softmax_lse, attend, build_problem):
+def prepare(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None, v: Tensor | None,
+            rotary_cos: Tensor | None, rotary_sin: Tensor | None, cache_seqlens: int | Tensor | None,
+            cache_batch_idx: Tensor | None, cache_leftpad: Tensor | None, block_table: Tensor | None,
+            rotary_interleaved: bool, rotate_q_per_token: bool) -> CachedBatch:
+    """Validate, append k/v in place, and gather the attended rows. `rotate_q_per_token`: causal or local."""
     q = validation.tensor("q", q, 4)
     k_cache = validation.tensor("k_cache", k_cache, 4)
     v_cache = validation.tensor("v_cache", v_cache, 4)
     validation.same_kind({"q": q, "k_cache": k_cache, "v_cache": v_cache})
     validation.heads(q, k_cache, v_cache)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
     batch, seqlen_q = q.shape[0], q.shape[1]
     device = q.device
     paged = block_table is not None
     if paged:
-        block_table = _check_block_table(block_table, batch, device)
+        _check_block_table(block_table, batch, device)
         if cache_batch_idx is not None or cache_leftpad is not None:
             raise ValueError("cache_batch_idx and cache_leftpad cannot be used with a paged kv cache (block_table)")
-    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+        capacity = block_table.shape[1] * k_cache.shape[1]
+    else:
+        capacity = k_cache.shape[1]
+        if cache_batch_idx is None and k_cache.shape[0] < batch:
+            raise ValueError(f"k_cache holds {k_cache.shape[0]} sequences but q has {batch}; pass cache_batch_idx "
+                             "to choose cache entries")
 
     new_len = 0
     if (k is None) != (v is None):
@@ -65,92 +89,122 @@ def with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlen
         k = validation.tensor("k", k, 4)
         v = validation.tensor("v", v, 4)
         validation.same_kind({"q": q, "k": k, "v": v})
-        if k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != k_cache.shape[2:]:
-            raise ValueError(f"k and v must have shape ({batch}, seqlen_new, {k_cache.shape[2]}, {k_cache.shape[3]}), "
-                             f"got {tuple(k.shape)} and {tuple(v.shape)}")
+        expected = (batch, k.shape[1], *k_cache.shape[2:])
+        if tuple(k.shape) != expected or tuple(v.shape) != expected:
+            raise ValueError(f"k and v must have shape (batch={batch}, seqlen_new, nheads_k={k_cache.shape[2]}, "
+                             f"headdim={k_cache.shape[3]}), got {tuple(k.shape)} and {tuple(v.shape)}")
         new_len = k.shape[1]
         if cache_seqlens is None:
             raise ValueError("cache_seqlens is required when k and v are appended to the cache")
 
-    seqlens = _int32_vector("cache_seqlens", cache_seqlens, batch, device, default=capacity)
-    leftpad = _int32_vector("cache_leftpad", cache_leftpad, batch, device, default=0)
-    index = _int32_vector("cache_batch_idx", cache_batch_idx, batch, device, default=None)
+    seqlens = _int32_vector("cache_seqlens", cache_seqlens, batch, default=capacity)
+    leftpad = _int32_vector("cache_leftpad", cache_leftpad, batch, default=0)
+    if cache_batch_idx is not None:
+        _int32_vector("cache_batch_idx", cache_batch_idx, batch, default=0)
     ends = [s + new_len for s in seqlens]
-    for b, end in enumerate(ends):
-        if paged:
-            _block_count("cache_seqlens", end, k_cache.shape[1], block_table)
-        elif end > capacity:
-            raise ValueError(f"sequence {b} needs {end} cache rows but k_cache holds {capacity}")
+    for b in range(batch):
+        if seqlens[b] < 0:
+            raise ValueError(f"cache_seqlens must be >= 0, got {seqlens[b]} for sequence {b}")
+        if ends[b] > capacity:
+            where = (f"block_table has {block_table.shape[1]} blocks of {k_cache.shape[1]} rows" if paged
+                     else f"k_cache has {capacity} rows")
+            raise ValueError(f"sequence {b} needs {ends[b]} cache rows (cache_seqlens + seqlen_new) but {where}")
         if not 0 <= leftpad[b] <= seqlens[b]:
             raise ValueError(f"cache_leftpad[{b}] = {leftpad[b]} must be between 0 and cache_seqlens[{b}] = {seqlens[b]}")
-
-    rows_of = _cache_rows(paged, block_table, k_cache.shape[1], index)
-    positions = torch.tensor([[s - lp + i for i in range(max(new_len, seqlen_q))] for s, lp in zip(seqlens, leftpad)],
-                             dtype=torch.long, device=device)
-    if rotary_cos is not None:
+    q_positions = seqlen_q if rotate_q_per_token else 1
+    if rotary_cos is not None or rotary_sin is not None:
         if k is None:
             raise ValueError("rotary_cos/rotary_sin apply only when new k and v are appended")
-        _check_rotary(rotary_cos, rotary_sin, q, ends)
+        _check_rotary(rotary_cos, rotary_sin, q, max((s + max(new_len, q_positions) for s in seqlens), default=0))
+
+    address = _Addresses(k_cache, block_table, cache_batch_idx)
+    starts = torch.tensor(seqlens, dtype=torch.long, device=device)
+    # Address (and so check) every row before anything is written.
+    new_seq, new_row = _rows(starts, torch.full((batch,), new_len, dtype=torch.long, device=device))
+    write_at = address(new_seq, new_row)
+    lengths_k = [e - lp for e, lp in zip(ends, leftpad)]
+    lengths = torch.tensor(lengths_k, dtype=torch.long, device=device)
+    read_at = address(*_rows(torch.tensor(leftpad, dtype=torch.long, device=device), lengths))
+
+    steps = torch.arange(max(new_len, seqlen_q), device=device)
     if k is not None:
         if rotary_cos is not None:
-            k = reference.rotary(k, rotary_cos, rotary_sin, positions[:, :new_len], rotary_interleaved)
-        for b in range(batch):  # the in-place append the API promises
-            cache_index, rows = rows_of(b, seqlens[b], new_len)
-            k_cache[cache_index, rows] = k[b]
-            v_cache[cache_index, rows] = v[b]
-    local = causal or tuple(int(w) for w in (window_size.tolist() if isinstance(window_size, torch.Tensor) else window_size)) != (-1, -1)
+            k = reference.rotary(k, rotary_cos, rotary_sin, starts[:, None] + steps[None, :new_len], rotary_interleaved)
+        k_cache[write_at] = k.reshape(-1, *k.shape[2:])  # the in-place append the API promises
+        v_cache[write_at] = v.reshape(-1, *v.shape[2:])
     if rotary_cos is not None:
-        q_positions = positions[:, :seqlen_q] if local else positions[:, :1].expand(batch, seqlen_q)
-        q = reference.rotary(q, rotary_cos, rotary_sin, q_positions, rotary_interleaved)
+        positions = starts[:, None] + steps[None, :seqlen_q] if rotate_q_per_token else starts[:, None].expand(-1, seqlen_q)
+        q = reference.rotary(q, rotary_cos, rotary_sin, positions, rotary_interleaved)
 
-    keys, values = [], []
-    for b in range(batch):
-        cache_index, rows = rows_of(b, leftpad[b], ends[b] - leftpad[b])
-        keys.append(k_cache[cache_index, rows])
-        values.append(v_cache[cache_index, rows])
-    lengths_k = [e - lp for e, lp in zip(ends, leftpad)]
-    cu_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=device)
-    cu_k = torch.tensor([0] + torch.tensor(lengths_k).cumsum(0).tolist(), dtype=torch.int32, device=device)
-    problem = build_problem(q.reshape(batch * seqlen_q, *q.shape[2:]), torch.cat(keys), torch.cat(values), 0.0,
-                            softmax_scale, causal, window_size, softcap, alibi_slopes, cu_q, cu_k, seqlen_q,
-                            max(lengths_k, default=0))
-    with torch.no_grad():  # flash_attn_with_kvcache has no backward
-        out, lse, _ = attend(problem, return_attn_probs=True)
-    out = out.view(q.shape)
-    if not return_softmax_lse:
-        return out
-    return out, lse.view(q.shape[2], batch, seqlen_q).transpose(0, 1).contiguous()
+    cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen_q
+    cu_k = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+    cu_k[1:] = lengths.cumsum(0)
+    return CachedBatch(q=q.reshape(batch * seqlen_q, *q.shape[2:]), k=k_cache[read_at], v=v_cache[read_at],
+                       cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_k=max(lengths_k, default=0))
 
 
-def _int32_vector(name: str, value, batch: int, device, default) -> list[int] | None:
+def gather_paged(k: Tensor, v: Tensor, block_table: Tensor, cu_seqlens_k: Tensor) -> tuple[Tensor, Tensor]:
+    """Paged (num_blocks, page_block_size, hk, d) K/V of a varlen call -> contiguous (total_k, hk, d) K/V laid
+    out as cu_seqlens_k says."""
+    k = validation.tensor("k", k, 4)
+    v = validation.tensor("v", v, 4)
+    validation.same_kind({"k": k, "v": v})
+    if k.shape != v.shape:
+        raise ValueError(f"paged k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    offsets = validation.cu_seqlens("cu_seqlens_k", cu_seqlens_k, 1 << 62, k.device)
+    _check_block_table(block_table, len(offsets) - 1, k.device)
+    lengths = [end - start for start, end in zip(offsets, offsets[1:])]
+    if max(lengths, default=0) > block_table.shape[1] * k.shape[1]:
+        raise ValueError(f"block_table has {block_table.shape[1]} blocks of {k.shape[1]} rows per sequence, too few "
+                         f"for the longest sequence of cu_seqlens_k ({max(lengths)} tokens)")
+    rows = _rows(torch.zeros(len(lengths), dtype=torch.long, device=k.device),
+                 torch.tensor(lengths, dtype=torch.long, device=k.device))
+    at = _Addresses(k, block_table, None)(*rows)
+    return k[at], v[at]
+
+
+def _rows(starts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """(sequence, row) of rows starts[b] .. starts[b] + counts[b] - 1 of every sequence b, in order."""
+    seq = torch.repeat_interleave(torch.arange(len(starts), device=starts.device), counts)
+    first = torch.cumsum(counts, 0) - counts  # each sequence's first position in the flat list
+    row = torch.arange(len(seq), device=starts.device) - first[seq] + starts[seq]
+    return seq, row
+
+
+def _check_block_table(block_table: object, batch: int, device: torch.device) -> None:
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
+        raise TypeError("block_table must be a 2-D int32 tensor (batch, max_num_blocks_per_seq)")
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table must have {batch} rows (one per sequence), got {block_table.shape[0]}")
+    if block_table.device != device:
+        raise ValueError(f"block_table is on {block_table.device} but q is on {device}")
+
+
+def _int32_vector(name: str, value: object, batch: int, default: int) -> list[int]:
+    """An int or an int32 (batch,) tensor, as a list; `default` for each sequence when None."""
     if value is None:
-        return None if default is None else [default] * batch
+        return [default] * batch
     if isinstance(value, int) and not isinstance(value, bool):
         return [value] * batch
     if not isinstance(value, torch.Tensor) or value.dtype != torch.int32 or tuple(value.shape) != (batch,):
-        raise TypeError(f"{name} must be an int or an int32 tensor of shape ({batch},)")
+        got = f"{value.dtype} of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+        raise TypeError(f"{name} must be an int or an int32 tensor of shape ({batch},), got {got}")
     return value.tolist()
 
 
-def _cache_rows(paged: bool, block_table, page: int, index: list[int] | None):
-    """A function (b, start, count) -> (cache index, row index) addressing rows start..start+count of sequence b."""
-    table = block_table.long() if paged else None
-
-    def rows(b: int, start: int, count: int):
-        logical = torch.arange(start, start + count, device=table.device if paged else None)
-        if paged:
-            return table[b, logical // page], logical % page
-        return (index[b] if index is not None else b), logical
-
-    return rows
-
-
-def _check_rotary(cos, sin, q, ends) -> None:
+def _check_rotary(cos: object, sin: object, q: Tensor, positions: int) -> None:
+    """cos/sin (seqlen_ro, rotary_dim / 2) covering `positions` rows, with rotary_dim % 16 == 0 and <= d."""
     if not isinstance(cos, torch.Tensor) or not isinstance(sin, torch.Tensor) or cos.shape != sin.shape or cos.dim() != 2:
-        raise ValueError("rotary_cos and rotary_sin must be tensors of the same shape (seqlen_ro, rotary_dim / 2)")
+        raise ValueError("rotary_cos and rotary_sin must be given together, as tensors of the same shape "
+                         "(seqlen_ro, rotary_dim / 2)")
+    if cos.device != q.device or sin.device != q.device:
+        raise ValueError(f"rotary_cos/rotary_sin are on {cos.device}/{sin.device} but q is on {q.device}")
+    if not cos.dtype.is_floating_point or not sin.dtype.is_floating_point:
+        raise TypeError(f"rotary_cos/rotary_sin must be floating point, got {cos.dtype}/{sin.dtype}")
     rotary_dim = 2 * cos.shape[1]
     if rotary_dim > q.shape[-1] or rotary_dim % 16 != 0:
         raise ValueError(f"rotary_dim (2 * rotary_cos.shape[1] = {rotary_dim}) must be a multiple of 16 and at most "
                          f"the head dim {q.shape[-1]}")
-    if cos.shape[0] < max(ends, default=0):
-        raise ValueError(f"rotary_cos has {cos.shape[0]} positions, fewer than the longest sequence ({max(ends)})")
+    if cos.shape[0] < positions:
+        raise ValueError(f"rotary_cos/rotary_sin have {cos.shape[0]} positions; this call rotates up to position "
+                         f"{positions - 1}")

@@ -1,7 +1,20 @@
 """Pure-PyTorch attention with flash-attn 2.x's exact semantics: the fallback path and every test's oracle.
 
+Two entries, both autograd-capable and on any device (cpu, mps, cuda):
+
     out, lse = attention(problem)                       # an AttentionProblem (padded or varlen)
     out, lse, probs = attention(problem, return_probs=True, generator=g)
+    out, lse = attention_ref(q, k, v, causal=True, upcast=False, reorder_ops=True)   # plain tensors
+
+Options (keyword-only, on both):
+- `upcast=True` computes in fp32 (the "truth"); `upcast=False` computes in the inputs' dtype, which with
+  `reorder_ops=True` (scale K instead of the scores) is the "plain low-precision PyTorch" baseline of the
+  upstream tolerance rule: |ours - fp32| <= 2 x |baseline - fp32| (+ a small slack), 3 x for gradients;
+- `return_probs=True` also returns flash-attn's S_dmask: the attention probabilities, shaped
+  (b, h, round128(max_seqlen_q), round128(max_seqlen_k)), negative where dropout dropped them;
+- `dropout_mask` (bool, True = kept, laid out like S_dmask: (b, h, >= seqlen_q, >= seqlen_k)) replaces the
+  random dropout draw, so a kernel's dropout pattern can be checked; otherwise the pattern is drawn with
+  `generator`.
 
 Semantics (flash-attn 2.8):
 - scores = q @ k^T * softmax_scale; with softcap > 0, scores = softcap * tanh(scores / softcap);
@@ -9,22 +22,26 @@ Semantics (flash-attn 2.8):
 - causal and local masks are aligned bottom-right: query i keeps key j iff
   i + sk - sq - window_left <= j <= i + sk - sq + window_right (a window side of -1 is unbounded; causal
   sets window_right = 0), with sq and sk each sequence's own lengths;
-- a fully masked row (or seqlen_k == 0) gives out = 0 and lse = +inf;
-- dropout drops probabilities with probability p and scales the rest by 1/(1-p);
+- a fully masked row (or seqlen_k == 0) gives out = 0 and lse = +inf; in varlen, query rows past
+  cu_seqlens_q[-1] belong to no sequence and get the same;
+- dropout drops probabilities with probability p and scales the rest by 1/(1-p); lse is taken before it;
 - GQA/MQA: query head h reads kv head h // (nheads / nheads_k);
 - lse is the natural-log logsumexp of the (scaled, softcapped, biased) scores, fp32, (b, h, sq) padded or
-  (h, total_q) varlen.
+  (h, total_q) varlen; out has q's dtype and shape;
+- NaN or inf in the inputs propagates as the arithmetic above makes it.
 
 Memory stays O(chunk x sk): queries are processed in chunks, and under autograd each chunk is recomputed in
-backward (activation checkpointing) instead of keeping its score matrix. `upcast=False` computes in the
-inputs' dtype, which is the "plain low-precision PyTorch" baseline of the upstream tolerance rule.
+backward (activation checkpointing) instead of keeping its score matrix.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .problem import AttentionProblem
@@ -37,14 +54,16 @@ def attention(
     problem: AttentionProblem,
     *,
     upcast: bool = True,
+    reorder_ops: bool = False,
     return_probs: bool = False,
+    dropout_mask: Tensor | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, ...]:
-    """Return (out, lse), or (out, lse, probs) with `return_probs` (probs shaped as flash-attn's S_dmask:
-    (b, h, round128(sq), round128(sk)), negative where dropout dropped)."""
+) -> tuple[Tensor, ...]:
+    """(out, lse), or (out, lse, probs) with `return_probs`. See the module docstring."""
     p = problem
+    options = _Options(p, upcast, reorder_ops, return_probs, dropout_mask, generator)
     if not p.is_varlen:
-        out, lse, probs = _padded(p.q, p.k, p.v, p, None, upcast, return_probs, generator)
+        out, lse, probs = _padded(p.q, p.k, p.v, None, options)
         return (out, lse, probs) if return_probs else (out, lse)
     cu_q, cu_k = p.cu_seqlens_q.tolist(), p.cu_seqlens_k.tolist()
     outs, lses, all_probs = [], [], []
@@ -52,106 +71,179 @@ def attention(
         q = p.q[cu_q[b] : cu_q[b + 1]].unsqueeze(0)
         k = p.k[cu_k[b] : cu_k[b + 1]].unsqueeze(0)
         v = p.v[cu_k[b] : cu_k[b + 1]].unsqueeze(0)
-        out, lse, probs = _padded(q, k, v, p, b, upcast, return_probs, generator)
+        out, lse, probs = _padded(q, k, v, b, options)
         outs.append(out[0])
         lses.append(lse[0])
         all_probs.append(probs)
+    unused = p.q.shape[0] - cu_q[-1]  # query rows after the last sequence
+    if unused:
+        outs.append(p.q.new_zeros((unused, *p.q.shape[1:])))
+        lses.append(torch.full((p.nheads, unused), math.inf, dtype=torch.float32, device=p.q.device))
     out = torch.cat(outs) if outs else p.q.new_zeros(p.q.shape)
     lse = torch.cat(lses, dim=-1) if lses else p.q.new_zeros((p.nheads, 0), dtype=torch.float32)
     if not return_probs:
         return out, lse
-    rows, cols = _round128(p.max_seqlen_q), _round128(p.max_seqlen_k)
-    probs = p.q.new_zeros((p.batch, p.nheads, rows, cols))
+    probs = p.q.new_zeros((p.batch, p.nheads, _round128(p.max_seqlen_q), _round128(p.max_seqlen_k)))
     for b, pr in enumerate(all_probs):
-        probs[b, :, : pr.shape[2], : pr.shape[3]] = pr[0, :, : pr.shape[2], : pr.shape[3]]
+        probs[b, :, : pr.shape[2], : pr.shape[3]] = pr[0]
     return out, lse, probs
+
+
+def attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: Tensor | None = None,
+    upcast: bool = True,
+    reorder_ops: bool = False,
+    return_probs: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, ...]:
+    """`attention` on plain tensors, unvalidated: q (b, sq, h, d) and k/v (b, sk, hk, d), or with int32
+    cu_seqlens_q/cu_seqlens_k (b + 1,), q (total_q, h, d) and k/v (total_k, hk, d). Returns (out, lse) or
+    (out, lse, probs), as `attention`."""
+    varlen = cu_seqlens_q is not None
+    problem = AttentionProblem(
+        q=q, k=k, v=v,
+        softmax_scale=q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale),
+        causal=causal, window_left=int(window_size[0]), window_right=0 if causal else int(window_size[1]),
+        softcap=float(softcap), alibi_slopes=alibi_slopes, dropout_p=float(dropout_p),
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=_longest(cu_seqlens_q) if varlen else q.shape[1],
+        max_seqlen_k=_longest(cu_seqlens_k) if varlen else k.shape[1],
+    )
+    return attention(problem, upcast=upcast, reorder_ops=reorder_ops, return_probs=return_probs,
+                     dropout_mask=dropout_mask, generator=generator)
+
+
+def _longest(cu_seqlens: Tensor) -> int:
+    return int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
 
 
 def _round128(n: int) -> int:
     return (n + 127) // 128 * 128
 
 
-def _padded(q, k, v, p: AttentionProblem, batch_index: int | None, upcast: bool, return_probs: bool, generator):
-    """q (b, sq, h, d), k/v (b, sk, hk, d) -> out (b, sq, h, d), lse (b, h, sq), probs or None."""
+@dataclass(frozen=True)
+class _Options:
+    """What every chunk of one call shares."""
+
+    p: AttentionProblem
+    upcast: bool
+    reorder_ops: bool
+    return_probs: bool
+    dropout_mask: Tensor | None
+    generator: torch.Generator | None
+
+
+def _padded(q: Tensor, k: Tensor, v: Tensor, batch_index: int | None, o: _Options):
+    """q (b, sq, h, d), k/v (b, sk, hk, d) -> out (b, sq, h, d), lse (b, h, sq), probs or None.
+    `batch_index` is the sequence's index in a varlen call (ALiBi slopes and the dropout mask are per batch)."""
     b, sq, h, d = q.shape
-    sk, hk = k.shape[1], k.shape[2]
-    compute = torch.float32 if upcast else q.dtype
-    slopes = _alibi_slopes(p, b, batch_index, q.device)
-    if sk == 0 or sq == 0:
-        out = q.new_zeros(q.shape)
-        lse = torch.full((b, h, sq), math.inf, dtype=torch.float32, device=q.device)
-        probs = q.new_zeros((b, h, _round128(sq), _round128(sk))) if return_probs else None
-        return out, lse, probs
-    chunk = max(1, min(sq, CHUNK_ELEMENTS // max(1, b * h * sk)))
+    sk = k.shape[1]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if sk == 0 or sq == 0:
+        return _no_keys(q, k, v, needs_grad, o.return_probs)
+    compute = torch.float32 if o.upcast else q.dtype
+    slopes = _alibi_slopes(o.p, b, batch_index, q.device)
+    # (b, hk, 1, d, sk) and (b, hk, 1, sk, d): broadcast over each kv head's group of query heads.
+    kg = k.to(compute).permute(0, 2, 3, 1).unsqueeze(2)
+    vg = v.to(compute).permute(0, 2, 1, 3).unsqueeze(2)
+    chunk = max(1, min(sq, CHUNK_ELEMENTS // max(1, b * h * sk)))
     outs, lses, all_probs = [], [], []
     for start in range(0, sq, chunk):
         rows = torch.arange(start, min(sq, start + chunk), device=q.device)
-        q_chunk = q[:, start : start + chunk]
-        dropout_keep = _dropout_keep(p.dropout_p, (b, h, len(rows), sk), q.device, generator)
-        args = (q_chunk, k, v, rows, sq, slopes, p, compute, dropout_keep)
-        if needs_grad and not return_probs:
+        keep = _dropout_keep(o, batch_index, (b, h, len(rows), sk), start, q.device)
+        args = (q[:, start : start + chunk], kg, vg, rows, sq, slopes, keep, o)
+        if needs_grad and not o.return_probs:
             out, lse, _ = checkpoint(_chunk_forward, *args, use_reentrant=False)
         else:
-            out, lse, probs = _chunk_forward(*args, with_probs=return_probs)
+            out, lse, probs = _chunk_forward(*args)
             all_probs.append(probs)
         outs.append(out)
         lses.append(lse)
     out = torch.cat(outs, dim=1).to(q.dtype)
     lse = torch.cat(lses, dim=2)
     probs = None
-    if return_probs:
+    if o.return_probs:
         probs = q.new_zeros((b, h, _round128(sq), _round128(sk)))
         probs[:, :, :sq, :sk] = torch.cat(all_probs, dim=2).to(q.dtype)
     return out, lse, probs
 
 
-def _chunk_forward(q, k, v, rows, sq, slopes, p: AttentionProblem, compute, dropout_keep, with_probs=False):
+def _no_keys(q: Tensor, k: Tensor, v: Tensor, needs_grad: bool, return_probs: bool):
+    """seqlen_k == 0 or seqlen_q == 0: out = 0 and lse = +inf (flash-attn's `out.zero_()`)."""
+    b, sq, h, _ = q.shape
+    out = q.new_zeros(q.shape)
+    if needs_grad:  # stay in the graph with zero gradients (where() passes none to the unselected side)
+        never = torch.zeros((), dtype=torch.bool, device=q.device)
+        out = torch.where(never, q, out) + torch.where(never, k.sum() + v.sum(), 0.0).to(q.dtype)
+    lse = torch.full((b, h, sq), math.inf, dtype=torch.float32, device=q.device)
+    probs = q.new_zeros((b, h, _round128(sq), _round128(k.shape[1]))) if return_probs else None
+    return out, lse, probs
+
+
+def _chunk_forward(q: Tensor, kg: Tensor, vg: Tensor, rows: Tensor, sq: int, slopes: Tensor | None,
+                   keep: Tensor | None, o: _Options):
+    """One chunk of query rows `rows` (of sq): out (b, c, h, d) in the compute dtype, lse (b, h, c) fp32,
+    and the signed probabilities (b, h, c, sk) with `o.return_probs`."""
+    p = o.p
     b, c, h, d = q.shape
-    sk, hk = k.shape[1], k.shape[2]
+    hk, sk = kg.shape[1], kg.shape[-1]
     group = h // hk
-    # (b, hk, group, c, d) x (b, hk, 1, d, sk): GQA without repeating K/V.
-    qg = q.to(compute).reshape(b, c, hk, group, d).permute(0, 2, 3, 1, 4)
-    kg = k.to(compute).permute(0, 2, 3, 1).unsqueeze(2)
-    vg = v.to(compute).permute(0, 2, 1, 3).unsqueeze(2)
-    scores = (qg @ kg) * p.softmax_scale
+    qg = q.to(kg.dtype).reshape(b, c, hk, group, d).permute(0, 2, 3, 1, 4)  # (b, hk, group, c, d)
+    if o.reorder_ops:
+        scores = qg @ (kg * p.softmax_scale)
+    else:
+        scores = (qg @ kg) * p.softmax_scale
     if p.softcap > 0:
         scores = torch.tanh(scores / p.softcap) * p.softcap
     cols = torch.arange(sk, device=q.device)
     shifted = rows[:, None] + (sk - sq)  # bottom-right alignment
-    if slopes is not None:
-        distance = (shifted - cols[None, :]).abs().to(compute)
-        scores = scores - slopes.to(compute).view(b, hk, group, 1, 1) * distance
-    keep = torch.ones(len(rows), sk, dtype=torch.bool, device=q.device)
-    if p.window_left >= 0:
-        keep &= cols[None, :] >= shifted - p.window_left
-    if p.window_right >= 0:
-        keep &= cols[None, :] <= shifted + p.window_right
-    scores = scores.masked_fill(~keep, -math.inf)
+    if slopes is not None:  # an fp32 bias (distances overflow fp16), as upstream's reference adds it
+        distance = (shifted - cols[None, :]).abs().to(torch.float32)
+        scores = scores - slopes.view(b, hk, group, 1, 1) * distance
+    if p.window_left >= 0 or p.window_right >= 0:
+        allowed = torch.ones(len(rows), sk, dtype=torch.bool, device=q.device)
+        if p.window_left >= 0:
+            allowed &= cols[None, :] >= shifted - p.window_left
+        if p.window_right >= 0:
+            allowed &= cols[None, :] <= shifted + p.window_right
+        scores = scores.masked_fill(~allowed, -math.inf)
     lse = torch.logsumexp(scores.float(), dim=-1)  # -inf where fully masked
     empty = torch.isneginf(lse)
-    probs = torch.exp(scores.float() - lse.masked_fill(empty, 0.0).unsqueeze(-1)).to(compute)
-    if dropout_keep is not None:
-        keep_mask = dropout_keep.view(b, hk, group, c, sk)
-        probs_out = probs * keep_mask / (1.0 - p.dropout_p)
-    else:
-        probs_out = probs
-    out = probs_out @ vg  # (b, hk, group, c, d)
-    out = out.permute(0, 3, 1, 2, 4).reshape(b, c, h, d)
+    probs = torch.exp(scores.float() - lse.masked_fill(empty, 0.0).unsqueeze(-1)).to(vg.dtype)
+    kept = probs if keep is None else probs * keep.view(b, hk, group, c, sk) / (1.0 - p.dropout_p)
+    out = (kept @ vg).permute(0, 3, 1, 2, 4).reshape(b, c, h, d)
     lse = lse.masked_fill(empty, math.inf).reshape(b, h, c)
-    if not with_probs:
+    if not o.return_probs:
         return out, lse, None
-    signed = probs if dropout_keep is None else torch.where(dropout_keep.view_as(probs), probs, -probs)
+    signed = probs if keep is None else torch.where(keep.view_as(probs), probs, -probs)
     return out, lse, signed.reshape(b, h, c, sk)
 
 
-def _dropout_keep(p_drop: float, shape, device, generator) -> torch.Tensor | None:
-    if p_drop <= 0:
+def _dropout_keep(o: _Options, batch_index: int | None, shape: tuple[int, int, int, int], start: int,
+                  device: torch.device) -> Tensor | None:
+    """The kept-probability mask (b, h, c, sk) of the chunk starting at query row `start`, or None."""
+    if o.p.dropout_p <= 0:
         return None
-    return torch.rand(shape, device=device, generator=generator) >= p_drop
+    if o.dropout_mask is None:
+        return torch.rand(shape, device=device, generator=o.generator) >= o.p.dropout_p
+    b, _, c, sk = shape
+    mask = o.dropout_mask if batch_index is None else o.dropout_mask[batch_index : batch_index + 1]
+    return mask[:b, :, start : start + c, :sk].to(device=device, dtype=torch.bool)
 
 
-def _alibi_slopes(p: AttentionProblem, b: int, batch_index: int | None, device) -> torch.Tensor | None:
+def _alibi_slopes(p: AttentionProblem, b: int, batch_index: int | None, device: torch.device) -> Tensor | None:
     """Slopes as (b, h) fp32 for this call (varlen passes one sequence at a time)."""
     if p.alibi_slopes is None:
         return None
@@ -161,11 +253,10 @@ def _alibi_slopes(p: AttentionProblem, b: int, batch_index: int | None, device) 
     return slopes[batch_index : batch_index + 1] if batch_index is not None else slopes
 
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate the first rotary_dim = 2 * cos.shape[1] features of x (b, s, h, d) at `positions` (b, s).
-
-    Interleaved pairs features (0, 1), (2, 3), ...; otherwise (GPT-NeoX) pairs (i, i + rotary_dim / 2).
-    """
+def rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool) -> Tensor:
+    """Rotate the first rotary_dim = 2 * cos.shape[1] features of x (b, s, h, d) at `positions` (b, s), in
+    fp32, returning x's dtype. Interleaved pairs features (0, 1), (2, 3), ...; otherwise (GPT-NeoX) pairs
+    (i, i + rotary_dim / 2)."""
     rotary_dim = 2 * cos.shape[1]
     c = cos[positions].unsqueeze(2).to(torch.float32)  # (b, s, 1, rotary_dim / 2)
     s = sin[positions].unsqueeze(2).to(torch.float32)
@@ -177,18 +268,3 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: tor
         x1, x2 = xr.chunk(2, dim=-1)
         rotated = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
     return torch.cat((rotated.to(x.dtype), x[..., rotary_dim:]), dim=-1)
-
-
-def plain_attention(q, k, v, **kwargs) -> torch.Tensor:
-    """Padded-layout convenience for tests and tools: `attention` on a fresh AttentionProblem."""
-    problem = AttentionProblem(
-        q=q, k=k, v=v,
-        softmax_scale=kwargs.get("softmax_scale") or q.shape[-1] ** -0.5,
-        causal=kwargs.get("causal", False),
-        window_left=kwargs.get("window_left", -1),
-        window_right=0 if kwargs.get("causal", False) else kwargs.get("window_right", -1),
-        softcap=kwargs.get("softcap", 0.0),
-        alibi_slopes=kwargs.get("alibi_slopes"),
-        dropout_p=0.0,
-    )
-    return attention(problem, upcast=kwargs.get("upcast", True))[0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 
 from .stats import record_fallback
@@ -40,11 +41,22 @@ def fallback(reason: str) -> None:
         raise NotImplementedError(f"flash-attn-metal: {reason} (FLASH_ATTN_METAL_STRICT=1 forbids the PyTorch fallback)")
     if reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"flash-attn-metal: running the PyTorch reference because {reason}", RuntimeWarning, stacklevel=5)
+        warnings.warn(f"flash-attn-metal: running the PyTorch reference because {reason}", RuntimeWarning,
+                      stacklevel=_caller_stacklevel())
 
 
-def choose(problem: AttentionProblem, needs_grad: bool) -> str | None:
-    """"mps" or "emulator" when the kernels run this call, None (after announcing why) for the reference."""
+def _caller_stacklevel() -> int:
+    """The stacklevel, as seen from `fallback`, of the first frame outside this package: the user's call."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def choose(problem: AttentionProblem, needs_grad: bool, needs_probs: bool = False) -> str | None:
+    """"mps" or "emulator" when the kernels run this call, None (after announcing why) for the reference.
+    `needs_probs`: the caller wants flash-attn's S_dmask (dropout probabilities), which only the reference gives."""
     setting = backend_setting()
     if setting == "reference":
         return None
@@ -61,6 +73,8 @@ def choose(problem: AttentionProblem, needs_grad: bool) -> str | None:
                  "(FLASH_ATTN_METAL_BACKEND=emulator runs them in the emulator)")
         return None
     reason = kernel_unsupported_reason(problem, needs_grad)
+    if reason is None and needs_probs:
+        reason = "return_attn_probs with dropout asks for S_dmask, which the kernels do not return"
     if reason is not None:
         fallback(reason)
         return None

@@ -3,6 +3,7 @@ what was expected, before any kernel runs."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -47,21 +48,35 @@ def heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"the number of query heads ({h}) must be a multiple of the number of key/value heads ({hk})")
 
 
+def number(name: str, value: object) -> float:
+    """A real number given as a Python number or a 0-d tensor."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{name} must be a real number, got {value!r}")
+
+
 def window(window_size: object) -> tuple[int, int]:
+    """(left, right) from a pair of ints or a 2-element integer tensor; -1 means unbounded."""
     if type(window_size) is tuple and window_size == (-1, -1):  # the default, checked first: it is per call
         return -1, -1
     if isinstance(window_size, torch.Tensor):
+        if window_size.dtype.is_floating_point or window_size.dtype.is_complex:
+            raise TypeError(f"window_size must hold integers, got a {window_size.dtype} tensor")
         window_size = window_size.tolist()
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise TypeError(f"window_size must be a pair (left, right), got {window_size!r}")
+    if not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size):
+        raise TypeError(f"window_size must hold integers, got {window_size!r}")
     left, right = (int(w) for w in window_size)
     if left < -1 or right < -1:
         raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got {(left, right)}")
     return left, right
 
 
-def dropout(dropout_p: float, softcap: float) -> float:
-    p = float(dropout_p)
+def dropout(dropout_p: object, softcap: float) -> float:
+    p = number("dropout_p", dropout_p)
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if p > 0 and softcap > 0:
@@ -103,15 +118,17 @@ def cu_seqlens(name: str, cu: object, total: int, device: torch.device) -> list[
 
 
 def max_seqlen(name: str, value: object, offsets: list[int]) -> int:
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor) and value.dim() == 0:  # transformers may pass a 0-d tensor
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int or a 0-d integer tensor, got {value!r}")
+    value = int(value)
     longest = max((b - a for a, b in zip(offsets, offsets[1:])), default=0)
     if value < longest:
         raise ValueError(f"{name} is {value} but the longest sequence has {longest} tokens")
     return value
 
 
-def softmax_scale(scale: float | None, head_dim: int) -> float:
-    return head_dim**-0.5 if scale is None else float(scale)
+def softmax_scale(scale: object, head_dim: int) -> float:
+    """The caller's scale, or 1/sqrt(d) of the head dim as given (before any padding)."""
+    return head_dim**-0.5 if scale is None else number("softmax_scale", scale)

@@ -1,12 +1,19 @@
 """The backend protocol: every kernel launch in the package goes through it.
 
-    library = get_backend("emulator").compile(source)   # "mps", "emulator" (CPU tensors), "cuda-emulator"
+    library = get_backend("mps").compile(source)    # or "emulator" (CPU tensors), "cuda-emulator" (CUDA tensors)
     library.kernel_name(*args, threads=[...], group_size=[...])
 
-Calling conventions are torch.mps's (positional argument i binds [[buffer(i)]]; a Python int is a `long`,
-a float a `float`, a list of either a `constant long*` / `constant float*`). `compile` keeps one library per
-source in-process (tier 1), so each kernel is compiled once per process; kernel objects are cached (each
-torch.mps attribute lookup allocates a new wrapper) and every launch is counted in `stats()`.
+Calling conventions are torch.mps's: positional argument i binds [[buffer(i)]]; a tensor binds its storage
+at its storage offset (no strides: pass them as ints); a Python int binds a `constant long&`, a float a
+`constant float&`, a list of ints or of floats a `constant long*` / `constant float*` (pack many scalars into
+one list). `threads` is the grid in threads, `group_size` the threadgroup shape (1 to 3 dimensions each).
+Arguments pass through unchanged: the emulator checks every launch against the kernel's parameter types, and
+torch.mps raises on types it cannot bind, so this layer adds no per-call checks.
+
+`compile` keeps one library per source and backend in-process (tier 1 of the kernel cache); each
+implementation keeps its compiled artifacts on disk (tier 2) and calls `stats.record_compile()` for every
+real compilation. Kernel objects are looked up once per library (each torch.mps attribute lookup allocates
+a new wrapper) and every launch is counted in `stats()["launches"]`.
 """
 
 from __future__ import annotations
@@ -23,20 +30,28 @@ BACKEND_NAMES = ("mps", "emulator", "cuda-emulator")
 
 
 class Kernel:
-    """A compiled kernel that counts its launches."""
+    """A compiled kernel that counts its launches. Other attributes (`max_threads_per_threadgroup`,
+    `thread_execution_width`, `static_thread_group_memory_length`) are the compiled kernel's."""
 
-    __slots__ = ("_fn", "_name")
+    __slots__ = ("_fn", "name")
 
     def __init__(self, fn: Callable[..., Any], name: str) -> None:
         self._fn = fn
-        self._name = name
+        self.name = name
 
     def __call__(self, *args: Any, threads: Any = None, group_size: Any = None) -> None:
         self._fn(*args, threads=threads, group_size=group_size)
-        record_launch(self._name)
+        record_launch(self.name)
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return getattr(self._fn, attr)
 
 
 class Library:
+    """The kernels of one compiled source, one attribute per `kernel` function."""
+
     def __init__(self, compiled: Any) -> None:
         self._compiled = compiled
         self._kernels: dict[str, Kernel] = {}
@@ -49,36 +64,34 @@ class Library:
             kernel = self._kernels[name] = Kernel(getattr(self._compiled, name), name)
         return kernel
 
+    def __dir__(self) -> list[str]:
+        return list(dir(self._compiled))
+
 
 class Backend:
+    """`compile_source(source)` compiles MSL into an object with one torch.mps-style kernel per attribute and
+    calls `stats.record_compile()` for each real compilation (a disk-tier hit is not one)."""
+
     def __init__(self, name: str, compile_source: Callable[[str], Any]) -> None:
         self.name = name
         self._compile_source = compile_source
-        self._libraries = MemoryCache()
+        self._libraries = MemoryCache()  # this backend's tier 1, keyed by the source's SHA-256
 
     def compile(self, source: str) -> Library:
-        key = self.name + ":" + hashlib.sha256(source.encode()).hexdigest()
+        if not isinstance(source, str):
+            raise TypeError(f"source must be MSL text (str), got {type(source).__name__}")
+        key = hashlib.sha256(source.encode()).hexdigest()
         return self._libraries.get_or_create(key, lambda: Library(self._compile_source(source)))
 
-
-def _compile_mps(source: str) -> Any:
-    from .mps import compile_library
-
-    return compile_library(source)
-
-
-def _compile_emulated(device: str) -> Callable[[str], Any]:
-    def compile_source(source: str) -> Any:
-        from ..emulator import compile_shader
-
-        return compile_shader(source, device)
-
-    return compile_source
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r})"
 
 
 def get_backend(name: str) -> Backend:
-    """The backend of that name; the emulator's debug builds (FLASH_ATTN_METAL_EMULATOR_DEBUG=1) are a
+    """The process's backend of that name. The emulator's debug builds (FLASH_ATTN_METAL_EMULATOR_DEBUG=1) are a
     backend of their own, so switching the variable never reuses the other build's kernels."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKEND_NAMES))}, got {name!r}")
     debug = name != "mps" and os.environ.get("FLASH_ATTN_METAL_EMULATOR_DEBUG", "0") not in ("", "0")
     return _backend(name, debug)
 
@@ -86,9 +99,9 @@ def get_backend(name: str) -> Backend:
 @functools.cache
 def _backend(name: str, debug: bool) -> Backend:
     if name == "mps":
-        return Backend(name, _compile_mps)
-    if name == "emulator":
-        return Backend(name, _compile_emulated("cpu"))
-    if name == "cuda-emulator":
-        return Backend(name, _compile_emulated("cuda"))
-    raise ValueError(f"backend must be one of {', '.join(BACKEND_NAMES)}, got {name!r}")
+        from .mps import compile_library
+
+        return Backend(name, compile_library)
+    from .emulator_backend import emulator_compiler
+
+    return Backend(name, emulator_compiler("cpu" if name == "emulator" else "cuda"))

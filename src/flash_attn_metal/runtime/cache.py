@@ -2,13 +2,14 @@
 
 Tier 1 (`MemoryCache`) holds compiled libraries in-process; many threads asking for one key build it once.
 Tier 2 (`DiskCache`) holds compiled artifacts (metallibs on a Mac, the emulator's shared objects elsewhere)
-in files that survive the process:
+in files under `cache_dir()/<namespace>/<key>` that outlive the process:
 
-- entries are written to a temporary file and renamed into place, so readers never see half an entry;
+- an entry is written to a temporary file and renamed into place, so no reader, in any process, sees half of it;
 - every entry starts with a header carrying the payload's length and SHA-256, so a truncated or corrupt
-  entry is detected, deleted and rebuilt by the caller;
-- an unwritable or full cache directory costs one warning per process, and the run goes on without tier 2;
-- the directory is bounded: after a store, the least recently used entries are evicted past `max_bytes`.
+  entry is detected, deleted, and reported as a miss: the caller rebuilds it;
+- an unwritable or full cache directory costs one warning per process, and the run goes on without storing;
+- each namespace is bounded: after a store, the least recently used entries (oldest mtime; a load touches
+  its entry) are evicted until the namespace fits in `max_bytes`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -26,13 +29,21 @@ from ..stats import record_cache_hit
 
 T = TypeVar("T")
 
-_MAGIC = b"FAMC1\n"  # flash-attn-metal cache, format 1
-_HEADER = len(_MAGIC) + 8 + 32  # magic, payload length (8 bytes), SHA-256 of the payload
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+_MAGIC = b"FAMC1\n"  # flash-attn-metal cache, entry format 1
+_HEADER = len(_MAGIC) + 8 + 32  # magic, payload length (8 bytes, little-endian), SHA-256 of the payload
+_TMP_PREFIX = ".tmp-"
+_STALE_TMP_SECONDS = 3600  # a temporary file this old was left by a process that died mid-write
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+_warned_unwritable = False  # one warning per process, whichever cache hit the problem first
+_warn_lock = threading.Lock()
+_MISSING = object()
 
 
 def cache_dir() -> Path:
-    """`FLASH_ATTN_METAL_CACHE_DIR`, else the platform's user cache directory."""
+    """`FLASH_ATTN_METAL_CACHE_DIR`, else ~/Library/Caches/flash-attn-metal on macOS, else
+    $XDG_CACHE_HOME/flash-attn-metal or ~/.cache/flash-attn-metal."""
     explicit = os.environ.get("FLASH_ATTN_METAL_CACHE_DIR")
     if explicit:
         return Path(explicit)
@@ -42,7 +53,8 @@ def cache_dir() -> Path:
 
 
 def cache_key(**parts: object) -> str:
-    """A stable hex digest of named parts (bytes are hashed as they are, anything else by its repr)."""
+    """A stable hex digest of named parts, in name order (bytes are hashed as they are, anything else by its
+    repr, so use values whose repr is stable across processes: str, int, float, bytes, tuples of these)."""
     h = hashlib.sha256()
     for name in sorted(parts):
         value = parts[name]
@@ -52,7 +64,8 @@ def cache_key(**parts: object) -> str:
 
 
 class MemoryCache:
-    """Tier 1: one object per key, built once even when many threads ask at the same time."""
+    """Tier 1: one object per key, built once even when many threads ask at the same time. A factory that
+    raises stores nothing; the next caller builds again. A factory must not ask this cache for its own key."""
 
     def __init__(self) -> None:
         self._items: dict[str, object] = {}
@@ -60,79 +73,94 @@ class MemoryCache:
         self._lock = threading.Lock()
 
     def get_or_create(self, key: str, factory: Callable[[], T]) -> T:
-        with self._lock:
-            if key in self._items:
-                record_cache_hit("memory")
-                return self._items[key]  # type: ignore[return-value]
-            building = self._building.setdefault(key, threading.Lock())
-        with building:
+        item = self._items.get(key, _MISSING)  # the hit path takes no lock: a dict read is atomic
+        if item is _MISSING:
             with self._lock:
-                if key in self._items:
-                    record_cache_hit("memory")
-                    return self._items[key]  # type: ignore[return-value]
-            item = factory()
-            with self._lock:
-                self._items[key] = item
-                self._building.pop(key, None)
-            return item
+                building = self._building.setdefault(key, threading.Lock())
+            with building:  # one builder per key; the others wait here, then find the item
+                item = self._items.get(key, _MISSING)
+                if item is _MISSING:
+                    item = self._items[key] = factory()
+                    with self._lock:
+                        del self._building[key]
+                    return item  # type: ignore[return-value]
+        record_cache_hit("memory")
+        return item  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class DiskCache:
-    """Tier 2: checksummed files under `cache_dir()/namespace`, written atomically, bounded in size."""
+    """Tier 2: checksummed entries under `(root or cache_dir())/namespace`, written atomically, bounded in size.
 
-    _warned: set[str] = set()
+    `load(key)` is the payload or None (missing, unreadable, corrupt); `store(key, payload)` never raises for
+    file-system trouble. Safe to share between threads and processes."""
 
     def __init__(self, namespace: str, root: Path | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        self._root = root
+        _check_name("namespace", namespace)
+        if not isinstance(max_bytes, int) or max_bytes <= 0:
+            raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
         self.namespace = namespace
         self.max_bytes = max_bytes
+        self._root = root
 
     @property
     def directory(self) -> Path:
+        """Resolved at each use, so FLASH_ATTN_METAL_CACHE_DIR set after import still applies."""
         return (self._root or cache_dir()) / self.namespace
 
     def load(self, key: str) -> bytes | None:
+        _check_name("key", key)
         path = self.directory / key
         try:
             data = path.read_bytes()
         except OSError:
             return None
         payload = _unwrap(data)
-        if payload is None:  # truncated or corrupt: drop it so the caller rebuilds
-            path.unlink(missing_ok=True)
+        if payload is None:
+            # Truncated or corrupt (a crash mid-write by a tool that skipped the rename, a bad disk): drop it so
+            # the caller's rebuild replaces it. A rename by another process in between only costs that entry.
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only cache: the caller rebuilds in memory each time
             return None
         try:
             os.utime(path)  # recently used: evicted last
         except OSError:
-            pass
+            pass  # read-only cache or evicted meanwhile: the payload is still good
         record_cache_hit("disk")
         return payload
 
     def store(self, key: str, payload: bytes) -> None:
+        _check_name("key", key)
         directory = self.directory
+        tmp: str | None = None
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(_wrap(payload))
-                os.replace(tmp, directory / key)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        except OSError as exc:
-            if str(directory) not in self._warned:  # one warning per directory and process
-                self._warned.add(str(directory))
-                warnings.warn(f"flash-attn-metal: kernel cache {directory} is not writable ({exc}); "
-                              "continuing without the disk cache", RuntimeWarning, stacklevel=2)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=_TMP_PREFIX)
+            with os.fdopen(fd, "wb") as f:
+                f.write(_wrap(payload))
+            os.replace(tmp, directory / key)
+            tmp = None
+        except OSError as exc:  # each later store tries again: it costs little next to the compile before it
+            _warn_once(f"flash-attn-metal: cannot write the kernel cache {directory} ({exc}); continuing "
+                       "without storing compiled kernels (set FLASH_ATTN_METAL_CACHE_DIR to a writable directory)")
             return
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
         self._evict()
 
     def entries(self) -> list[Path]:
+        """This namespace's entry files: a key's name and our header (never a temporary file, never a file
+        someone else put there)."""
         try:
-            return [p for p in self.directory.iterdir() if p.is_file() and not p.name.startswith(".tmp-")]
+            listing = list(self.directory.iterdir())
         except OSError:
             return []
+        return [p for p in listing if _NAME_RE.fullmatch(p.name) and _has_magic(p)]
 
     def _evict(self) -> None:
         files = []
@@ -141,13 +169,86 @@ class DiskCache:
                 st = p.stat()
             except OSError:
                 continue  # another process evicted it
-            files.append((st.st_mtime, st.st_size, p))
+            files.append((st.st_mtime_ns, st.st_size, p))
         total = sum(size for _, size, _ in files)
         for _, size, p in sorted(files):
             if total <= self.max_bytes:
                 break
-            p.unlink(missing_ok=True)
+            try:
+                p.unlink(missing_ok=True)
+            except OSError:
+                continue
             total -= size
+        self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self) -> None:
+        now = time.time()
+        for p in self.directory.glob(_TMP_PREFIX + "*"):
+            try:
+                if now - p.stat().st_mtime > _STALE_TMP_SECONDS:
+                    p.unlink()
+            except OSError:
+                continue
+
+
+def cache_info(root: Path | None = None) -> dict:
+    """{"dir": str, "entries": n, "bytes": n, "namespaces": {name: {"entries": n, "bytes": n}}} of the disk tier."""
+    root = root or cache_dir()
+    namespaces = {}
+    for directory in _namespace_dirs(root):
+        sizes = []
+        for p in DiskCache(directory.name, root=root).entries():
+            try:
+                sizes.append(p.stat().st_size)
+            except OSError:
+                continue
+        namespaces[directory.name] = {"entries": len(sizes), "bytes": sum(sizes)}
+    return {"dir": str(root), "entries": sum(n["entries"] for n in namespaces.values()),
+            "bytes": sum(n["bytes"] for n in namespaces.values()), "namespaces": namespaces}
+
+
+def clear_cache(root: Path | None = None) -> int:
+    """Delete every entry of the disk tier (files with our header, directly inside namespace directories); the
+    number deleted. Safe while other processes use the cache: they see misses and rebuild."""
+    removed = 0
+    for directory in _namespace_dirs(root or cache_dir()):
+        for p in DiskCache(directory.name, root=directory.parent).entries():
+            try:
+                p.unlink()
+                removed += 1
+            except OSError:
+                continue
+    return removed
+
+
+def _namespace_dirs(root: Path) -> list[Path]:
+    try:
+        return sorted(p for p in root.iterdir() if p.is_dir() and _NAME_RE.fullmatch(p.name))
+    except OSError:
+        return []
+
+
+def _has_magic(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(len(_MAGIC)) == _MAGIC
+    except OSError:
+        return False
+
+
+def _check_name(what: str, name: str) -> None:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(f"{what} must be a file name of letters, digits, '_', '.' and '-' "
+                         f"(not starting with '.', '_' or '-'), got {name!r}")
+
+
+def _warn_once(message: str) -> None:
+    global _warned_unwritable
+    with _warn_lock:
+        if _warned_unwritable:
+            return
+        _warned_unwritable = True
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _wrap(payload: bytes) -> bytes:

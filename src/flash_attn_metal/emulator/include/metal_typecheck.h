@@ -1,238 +1,507 @@
-// A freestanding declaration of the Metal standard library for clang: only types and signatures, no code.
-// device, constant and threadgroup are distinct address spaces, and vectors are ext_vector types, so clang
-// rejects what Apple's compiler rejects for types and address spaces (a threadgroup pointer passed where a
-// device pointer is expected, an implicit conversion between vectors of different element types, an
-// undeclared function).
-#pragma once
+// The Metal Shading Language declared for clang, for `emulator.typecheck`: types and signatures only, no code.
+//
+// Part 1 (always force-included) is the language itself: the address spaces, the kernel marker, the scalar and
+// vector types and vector constructors. Part 2 is the Metal standard library, served only as <metal_stdlib> (and
+// its sub-headers), so a source that forgets the include fails as it does under Apple's compiler.
+//
+// device, constant and threadgroup are distinct clang address spaces, and thread is the default one (a local
+// variable is a thread variable), so a pointer of one space never converts to another. Vectors are clang
+// ext_vector types, so vectors of different element types never convert implicitly. typecheck.py rewrites the
+// few spellings C++ lacks (threadgroup locals, half literals, attributes) before clang reads the source.
+
+#ifndef METAL_TYPECHECK_LANGUAGE
+#define METAL_TYPECHECK_LANGUAGE
 
 #define device __attribute__((address_space(1)))
-#define constant __attribute__((address_space(2)))
+#define constant __attribute__((address_space(2))) const  // read-only, as in Metal
 #define threadgroup __attribute__((address_space(3)))
 #define thread
-#define kernel
-#define METAL_FUNC inline
+#define kernel __attribute__((annotate("metal.kernel")))
 
-typedef unsigned int uint;
-typedef unsigned short ushort;
 typedef unsigned char uchar;
-typedef unsigned long ulong;
-typedef __SIZE_TYPE__ size_t;
-typedef __PTRDIFF_TYPE__ ptrdiff_t;
+typedef unsigned short ushort;
+typedef unsigned int uint;
+typedef unsigned long ulong;  // 64-bit, as Metal's long
 typedef _Float16 half;
 typedef __bf16 bfloat;
+typedef __SIZE_TYPE__ size_t;
+typedef __PTRDIFF_TYPE__ ptrdiff_t;
+typedef signed char int8_t;
+typedef short int16_t;
+typedef int int32_t;
+typedef long int64_t;
+typedef uchar uint8_t;
+typedef ushort uint16_t;
+typedef uint uint32_t;
+typedef ulong uint64_t;
 
-#define INFINITY (__builtin_inff())
-#define NAN (__builtin_nanf(""))
-#define MAXFLOAT 3.402823466e+38f
-#define HUGE_VALF (__builtin_inff())
-#define M_E_F 2.71828182845904523536f
-#define M_LOG2E_F 1.44269504088896340736f
-#define M_LOG10E_F 0.434294481903251827651f
-#define M_LN2_F 0.693147180559945309417f
-#define M_LN10_F 2.30258509299404568402f
-#define M_PI_F 3.14159265358979323846f
-#define M_SQRT2_F 1.41421356237309504880f
-
+namespace metal {
 template <class T, int N> using vec = T __attribute__((ext_vector_type(N)));
+}
+using metal::vec;
 
-#define MSL_TC_VECTORS(T, name)                                                                       \
-  typedef T name##2 __attribute__((ext_vector_type(2)));                                              \
-  typedef T name##3 __attribute__((ext_vector_type(3)));                                              \
-  typedef T name##4 __attribute__((ext_vector_type(4)));
-MSL_TC_VECTORS(float, float) MSL_TC_VECTORS(half, half) MSL_TC_VECTORS(bfloat, bfloat)
-MSL_TC_VECTORS(int, int) MSL_TC_VECTORS(uint, uint) MSL_TC_VECTORS(short, short)
-MSL_TC_VECTORS(ushort, ushort) MSL_TC_VECTORS(char, char) MSL_TC_VECTORS(uchar, uchar)
-MSL_TC_VECTORS(long, long) MSL_TC_VECTORS(ulong, ulong) MSL_TC_VECTORS(bool, bool)
-#undef MSL_TC_VECTORS
+#define METAL_TC_VECTORS(T)                                                                                   \
+  typedef vec<T, 2> T##2;                                                                                    \
+  typedef vec<T, 3> T##3;                                                                                    \
+  typedef vec<T, 4> T##4;
+METAL_TC_VECTORS(bool) METAL_TC_VECTORS(char) METAL_TC_VECTORS(uchar) METAL_TC_VECTORS(short)
+METAL_TC_VECTORS(ushort) METAL_TC_VECTORS(int) METAL_TC_VECTORS(uint) METAL_TC_VECTORS(long)
+METAL_TC_VECTORS(ulong) METAL_TC_VECTORS(half) METAL_TC_VECTORS(bfloat) METAL_TC_VECTORS(float)
+#undef METAL_TC_VECTORS
 
+// Helpers of the shim itself; no MSL name lives here.
 namespace metal_tc {
 template <bool B, class T = void> struct enable_if {};
 template <class T> struct enable_if<true, T> { typedef T type; };
-template <class T> struct vector_info { static constexpr int size = 1; typedef T element; };
-template <class T, int N> struct vector_info<T __attribute__((ext_vector_type(N)))> {
-  static constexpr int size = N;
+template <class T> struct identity { typedef T type; };
+template <class A, class B> struct is_same { static constexpr bool value = false; };
+template <class A> struct is_same<A, A> { static constexpr bool value = true; };
+
+template <class T> struct scalar_kind { static constexpr int value = 0; };  // 0: not a Metal scalar
+#define METAL_TC_SCALAR(T, k) \
+  template <> struct scalar_kind<T> { static constexpr int value = k; };
+METAL_TC_SCALAR(bool, 1) METAL_TC_SCALAR(char, 2) METAL_TC_SCALAR(signed char, 2) METAL_TC_SCALAR(uchar, 2)
+METAL_TC_SCALAR(short, 2) METAL_TC_SCALAR(ushort, 2) METAL_TC_SCALAR(int, 2) METAL_TC_SCALAR(uint, 2)
+METAL_TC_SCALAR(long, 2) METAL_TC_SCALAR(ulong, 2) METAL_TC_SCALAR(half, 3) METAL_TC_SCALAR(bfloat, 3)
+METAL_TC_SCALAR(float, 3)
+#undef METAL_TC_SCALAR
+
+// Element type and size of a scalar (size 1) or vector.
+template <class T> struct shape {
   typedef T element;
+  static constexpr int size = 1;
 };
+template <class T, int N> struct shape<T __attribute__((ext_vector_type(N)))> {
+  typedef T element;
+  static constexpr int size = N;
+};
+template <class T> struct shape<const T> : shape<T> {};
+template <class T> constexpr bool is_float = scalar_kind<typename shape<T>::element>::value == 3;
+template <class T> constexpr bool is_integer = scalar_kind<typename shape<T>::element>::value == 2;
+template <class T> constexpr bool is_arithmetic = scalar_kind<typename shape<T>::element>::value >= 2;
+template <class T> constexpr bool is_value = scalar_kind<typename shape<T>::element>::value >= 1;
+template <class T> constexpr bool is_vector = shape<T>::size > 1;
+template <bool B> using require = typename enable_if<B, int>::type;  // a default template argument: `= 0`
+// The result of a relational function: bool for a scalar, a bool vector for a vector.
+template <class T> struct bool_of { typedef bool type; };
+template <class T, int N> struct bool_of<T __attribute__((ext_vector_type(N)))> {
+  typedef bool type __attribute__((ext_vector_type(N)));
+};
+
 template <class V, class A> inline void put(V& v, int& k, A a) {
-  if constexpr (vector_info<A>::size == 1) {
-    v[k++] = (typename vector_info<V>::element)a;
+  if constexpr (shape<A>::size == 1) {
+    v[k++] = (typename shape<V>::element)a;
   } else {
-    for (int i = 0; i < vector_info<A>::size; ++i) v[k++] = (typename vector_info<V>::element)a[i];
+    for (int i = 0; i < shape<A>::size; ++i) v[k++] = (typename shape<V>::element)a[i];
   }
 }
-// A vector constructor: one scalar (broadcast), one vector of as many elements (converted), or scalars and
-// vectors whose sizes add up to the vector's.
+// A vector constructor: no argument (zero), one scalar (splat), or scalars and vectors whose element counts add
+// up to the vector's; each element converts explicitly.
 template <class V, class... A> inline V make(A... a) {
-  constexpr int given = (0 + ... + vector_info<A>::size);
-  static_assert(given == vector_info<V>::size || (sizeof...(A) == 1 && given == 1),
-                "vector constructor arguments must supply exactly as many elements as the vector has");
-  V v;
-  int k = 0;
+  static_assert(((is_value<A>) && ...), "a vector constructor takes scalars and vectors");
+  constexpr int given = (0 + ... + shape<A>::size);
+  static_assert(given == shape<V>::size || (sizeof...(A) == 1 && given == 1) || sizeof...(A) == 0,
+                "a vector constructor's arguments must supply exactly as many elements as the vector has");
+  V v = 0;
   if constexpr (sizeof...(A) == 1 && given == 1) {
-    ((v = (typename vector_info<V>::element)a), ...);
+    ((v = (typename shape<V>::element)a), ...);
   } else {
+    int k = 0;
     (put(v, k, a), ...);
   }
   return v;
 }
 }  // namespace metal_tc
 
-// float4(...) and friends construct vectors (a function-like macro only expands before a parenthesis).
-#define float2(...) ::metal_tc::make<float2>(__VA_ARGS__)
-#define float3(...) ::metal_tc::make<float3>(__VA_ARGS__)
-#define float4(...) ::metal_tc::make<float4>(__VA_ARGS__)
-#define half2(...) ::metal_tc::make<half2>(__VA_ARGS__)
-#define half3(...) ::metal_tc::make<half3>(__VA_ARGS__)
-#define half4(...) ::metal_tc::make<half4>(__VA_ARGS__)
-#define bfloat2(...) ::metal_tc::make<bfloat2>(__VA_ARGS__)
-#define bfloat3(...) ::metal_tc::make<bfloat3>(__VA_ARGS__)
-#define bfloat4(...) ::metal_tc::make<bfloat4>(__VA_ARGS__)
-#define int2(...) ::metal_tc::make<int2>(__VA_ARGS__)
-#define int3(...) ::metal_tc::make<int3>(__VA_ARGS__)
-#define int4(...) ::metal_tc::make<int4>(__VA_ARGS__)
-#define uint2(...) ::metal_tc::make<uint2>(__VA_ARGS__)
-#define uint3(...) ::metal_tc::make<uint3>(__VA_ARGS__)
-#define uint4(...) ::metal_tc::make<uint4>(__VA_ARGS__)
-#define short2(...) ::metal_tc::make<short2>(__VA_ARGS__)
-#define short3(...) ::metal_tc::make<short3>(__VA_ARGS__)
-#define short4(...) ::metal_tc::make<short4>(__VA_ARGS__)
-#define ushort2(...) ::metal_tc::make<ushort2>(__VA_ARGS__)
-#define ushort3(...) ::metal_tc::make<ushort3>(__VA_ARGS__)
-#define ushort4(...) ::metal_tc::make<ushort4>(__VA_ARGS__)
+// float4(...) and friends construct vectors (a function-like macro expands only before a parenthesis;
+// typecheck.py rewrites vec<T, N>(...) to the same call).
+#define bool2(...) ::metal_tc::make<bool2>(__VA_ARGS__)
+#define bool3(...) ::metal_tc::make<bool3>(__VA_ARGS__)
+#define bool4(...) ::metal_tc::make<bool4>(__VA_ARGS__)
 #define char2(...) ::metal_tc::make<char2>(__VA_ARGS__)
 #define char3(...) ::metal_tc::make<char3>(__VA_ARGS__)
 #define char4(...) ::metal_tc::make<char4>(__VA_ARGS__)
 #define uchar2(...) ::metal_tc::make<uchar2>(__VA_ARGS__)
 #define uchar3(...) ::metal_tc::make<uchar3>(__VA_ARGS__)
 #define uchar4(...) ::metal_tc::make<uchar4>(__VA_ARGS__)
+#define short2(...) ::metal_tc::make<short2>(__VA_ARGS__)
+#define short3(...) ::metal_tc::make<short3>(__VA_ARGS__)
+#define short4(...) ::metal_tc::make<short4>(__VA_ARGS__)
+#define ushort2(...) ::metal_tc::make<ushort2>(__VA_ARGS__)
+#define ushort3(...) ::metal_tc::make<ushort3>(__VA_ARGS__)
+#define ushort4(...) ::metal_tc::make<ushort4>(__VA_ARGS__)
+#define int2(...) ::metal_tc::make<int2>(__VA_ARGS__)
+#define int3(...) ::metal_tc::make<int3>(__VA_ARGS__)
+#define int4(...) ::metal_tc::make<int4>(__VA_ARGS__)
+#define uint2(...) ::metal_tc::make<uint2>(__VA_ARGS__)
+#define uint3(...) ::metal_tc::make<uint3>(__VA_ARGS__)
+#define uint4(...) ::metal_tc::make<uint4>(__VA_ARGS__)
 #define long2(...) ::metal_tc::make<long2>(__VA_ARGS__)
 #define long3(...) ::metal_tc::make<long3>(__VA_ARGS__)
 #define long4(...) ::metal_tc::make<long4>(__VA_ARGS__)
 #define ulong2(...) ::metal_tc::make<ulong2>(__VA_ARGS__)
 #define ulong3(...) ::metal_tc::make<ulong3>(__VA_ARGS__)
 #define ulong4(...) ::metal_tc::make<ulong4>(__VA_ARGS__)
-#define bool2(...) ::metal_tc::make<bool2>(__VA_ARGS__)
-#define bool3(...) ::metal_tc::make<bool3>(__VA_ARGS__)
-#define bool4(...) ::metal_tc::make<bool4>(__VA_ARGS__)
+#define half2(...) ::metal_tc::make<half2>(__VA_ARGS__)
+#define half3(...) ::metal_tc::make<half3>(__VA_ARGS__)
+#define half4(...) ::metal_tc::make<half4>(__VA_ARGS__)
+#define bfloat2(...) ::metal_tc::make<bfloat2>(__VA_ARGS__)
+#define bfloat3(...) ::metal_tc::make<bfloat3>(__VA_ARGS__)
+#define bfloat4(...) ::metal_tc::make<bfloat4>(__VA_ARGS__)
+#define float2(...) ::metal_tc::make<float2>(__VA_ARGS__)
+#define float3(...) ::metal_tc::make<float3>(__VA_ARGS__)
+#define float4(...) ::metal_tc::make<float4>(__VA_ARGS__)
 
-struct atomic_int { int value; };
-struct atomic_uint { uint value; };
-struct atomic_float { float value; };
-struct atomic_bool { bool value; };
-enum memory_order { memory_order_relaxed, memory_order_seq_cst };
-enum class mem_flags : uint { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4,
-                             mem_threadgroup_imageblock = 16, mem_object_data = 32 };
-inline mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags((uint)a | (uint)b); }
+// Metal has no double (typecheck.py makes unsuffixed floating literals float, as Metal does).
+#define double metal_has_no_double
 
+#endif  // METAL_TYPECHECK_LANGUAGE
+
+#if defined(METAL_TYPECHECK_STDLIB) && !defined(METAL_TYPECHECK_STDLIB_DONE)
+#define METAL_TYPECHECK_STDLIB_DONE
+
+#define METAL_FUNC inline __attribute__((always_inline))
+#define INFINITY __builtin_inff()
+#define NAN __builtin_nanf("")
+#define MAXFLOAT 0x1.fffffep+127f
+#define HUGE_VALF __builtin_inff()
+#define MAXHALF __FLT16_MAX__
+#define M_E_F 2.71828182845904523536f
+#define M_LOG2E_F 1.44269504088896340736f
+#define M_LOG10E_F 0.434294481903251827651f
+#define M_LN2_F 0.693147180559945309417f
+#define M_LN10_F 2.30258509299404568402f
+#define M_PI_F 3.14159265358979323846f
+#define M_PI_2_F 1.57079632679489661923f
+#define M_PI_4_F 0.785398163397448309616f
+#define M_1_PI_F 0.318309886183790671538f
+#define M_2_PI_F 0.636619772367581343076f
+#define M_2_SQRTPI_F 1.12837916709551257390f
+#define M_SQRT2_F 1.41421356237309504880f
+#define M_SQRT1_2_F 0.707106781186547524401f
+
+namespace metal {
+// ---- type traits (the subset kernels use) ----
+template <bool B, class T = void> using enable_if = metal_tc::enable_if<B, T>;
+template <bool B, class T = void> using enable_if_t = typename metal_tc::enable_if<B, T>::type;
+template <class A, class B> using is_same = metal_tc::is_same<A, B>;
+template <class A, class B> constexpr bool is_same_v = metal_tc::is_same<A, B>::value;
+template <bool B, class T, class F> struct conditional { typedef T type; };
+template <class T, class F> struct conditional<false, T, F> { typedef F type; };
+template <bool B, class T, class F> using conditional_t = typename conditional<B, T, F>::type;
+template <class T> struct is_floating_point { static constexpr bool value = metal_tc::scalar_kind<T>::value == 3; };
+template <class T> constexpr bool is_floating_point_v = is_floating_point<T>::value;
+template <class T> struct is_integral { static constexpr bool value = metal_tc::scalar_kind<T>::value == 2; };
+template <class T> constexpr bool is_integral_v = is_integral<T>::value;
+template <class T> struct remove_cv { typedef T type; };
+template <class T> struct remove_cv<const T> { typedef T type; };
+template <class T> struct remove_cv<volatile T> { typedef T type; };
+template <class T> struct remove_cv<const volatile T> { typedef T type; };
+template <class T> using remove_cv_t = typename remove_cv<T>::type;
+
+// ---- numeric_limits: defined for Metal's scalar types only ----
+template <class T> struct numeric_limits;
+#define METAL_TC_LIMITS(T, is_float_, lo, hi, lowest_, eps, inf, nan, denorm)                               \
+  template <> struct numeric_limits<T> {                                                                   \
+    static constexpr bool is_specialized = true;                                                           \
+    static constexpr bool is_integer = !is_float_;                                                         \
+    static constexpr bool has_infinity = is_float_;                                                        \
+    static constexpr bool has_quiet_NaN = is_float_;                                                       \
+    static constexpr T min() { return lo; }                                                                \
+    static constexpr T max() { return hi; }                                                                \
+    static constexpr T lowest() { return lowest_; }                                                        \
+    static constexpr T epsilon() { return eps; }                                                           \
+    static constexpr T infinity() { return inf; }                                                          \
+    static constexpr T quiet_NaN() { return nan; }                                                         \
+    static constexpr T signaling_NaN() { return nan; }                                                     \
+    static constexpr T denorm_min() { return denorm; }                                                     \
+  };
+METAL_TC_LIMITS(float, true, __FLT_MIN__, __FLT_MAX__, -__FLT_MAX__, __FLT_EPSILON__, __builtin_inff(),
+                __builtin_nanf(""), __FLT_DENORM_MIN__)
+METAL_TC_LIMITS(half, true, __FLT16_MIN__, __FLT16_MAX__, -__FLT16_MAX__, __FLT16_EPSILON__,
+                (half)__builtin_inff(), (half)__builtin_nanf(""), __FLT16_DENORM_MIN__)
+METAL_TC_LIMITS(bfloat, true, (bfloat)0x1p-126f, (bfloat)0x1.fep127f, (bfloat)-0x1.fep127f, (bfloat)0x1p-7f,
+                (bfloat)__builtin_inff(), (bfloat)__builtin_nanf(""), (bfloat)0x1p-133f)
+METAL_TC_LIMITS(bool, false, false, true, false, false, false, false, false)
+METAL_TC_LIMITS(char, false, (char)-128, (char)127, (char)-128, 0, 0, 0, 0)
+METAL_TC_LIMITS(uchar, false, 0, 255, 0, 0, 0, 0, 0)
+METAL_TC_LIMITS(short, false, -32768, 32767, -32768, 0, 0, 0, 0)
+METAL_TC_LIMITS(ushort, false, 0, 65535, 0, 0, 0, 0, 0)
+METAL_TC_LIMITS(int, false, -__INT_MAX__ - 1, __INT_MAX__, -__INT_MAX__ - 1, 0, 0, 0, 0)
+METAL_TC_LIMITS(uint, false, 0u, 2u * __INT_MAX__ + 1u, 0u, 0u, 0u, 0u, 0u)
+METAL_TC_LIMITS(long, false, -__LONG_MAX__ - 1, __LONG_MAX__, -__LONG_MAX__ - 1, 0, 0, 0, 0)
+METAL_TC_LIMITS(ulong, false, 0ul, 2ul * __LONG_MAX__ + 1ul, 0ul, 0ul, 0ul, 0ul, 0ul)
+#undef METAL_TC_LIMITS
+
+// Reinterpret the bits of a scalar or vector as another type of the same size.
+template <class To, class From> To as_type(From x) {
+  static_assert(sizeof(To) == sizeof(From), "as_type<T>() needs a type of the same size");
+  return __builtin_bit_cast(To, x);
+}
+
+
+// ---- math on float, half and bfloat scalars and vectors ----
+#define METAL_TC_FLOAT template <class T, metal_tc::require<metal_tc::is_float<T>> = 0>
+#define METAL_TC_ARITH template <class T, metal_tc::require<metal_tc::is_arithmetic<T>> = 0>
+#define METAL_TC_INT template <class T, metal_tc::require<metal_tc::is_integer<T>> = 0>
+#define METAL_TC_VEC_SCALAR template <class T, int N, metal_tc::require<metal_tc::is_arithmetic<T>> = 0>
+#define METAL_TC_UNARY(name) METAL_TC_FLOAT T name(T x);
+METAL_TC_UNARY(exp) METAL_TC_UNARY(exp2) METAL_TC_UNARY(exp10) METAL_TC_UNARY(log) METAL_TC_UNARY(log2)
+METAL_TC_UNARY(log10) METAL_TC_UNARY(sqrt) METAL_TC_UNARY(rsqrt) METAL_TC_UNARY(cbrt) METAL_TC_UNARY(sin)
+METAL_TC_UNARY(cos) METAL_TC_UNARY(tan) METAL_TC_UNARY(asin) METAL_TC_UNARY(acos) METAL_TC_UNARY(atan)
+METAL_TC_UNARY(sinh) METAL_TC_UNARY(cosh) METAL_TC_UNARY(tanh) METAL_TC_UNARY(asinh) METAL_TC_UNARY(acosh)
+METAL_TC_UNARY(atanh) METAL_TC_UNARY(sinpi) METAL_TC_UNARY(cospi) METAL_TC_UNARY(tanpi) METAL_TC_UNARY(fabs)
+METAL_TC_UNARY(floor) METAL_TC_UNARY(ceil) METAL_TC_UNARY(round) METAL_TC_UNARY(trunc) METAL_TC_UNARY(rint)
+METAL_TC_UNARY(fract) METAL_TC_UNARY(sign) METAL_TC_UNARY(saturate) METAL_TC_UNARY(normalize)
+#undef METAL_TC_UNARY
+#define METAL_TC_BINARY(name) METAL_TC_FLOAT T name(T x, T y);
+METAL_TC_BINARY(pow) METAL_TC_BINARY(powr) METAL_TC_BINARY(fmod) METAL_TC_BINARY(fmax) METAL_TC_BINARY(fmin)
+METAL_TC_BINARY(fdim) METAL_TC_BINARY(copysign) METAL_TC_BINARY(atan2) METAL_TC_BINARY(step)
+METAL_TC_BINARY(divide)
+#undef METAL_TC_BINARY
+METAL_TC_FLOAT T fma(T a, T b, T c);
+METAL_TC_FLOAT T smoothstep(T edge0, T edge1, T x);
+METAL_TC_FLOAT T mix(T x, T y, T a);
+METAL_TC_VEC_SCALAR vec<T, N> mix(vec<T, N> x, vec<T, N> y, T a);
+METAL_TC_FLOAT typename metal_tc::bool_of<T>::type isnan(T x);
+METAL_TC_FLOAT typename metal_tc::bool_of<T>::type isinf(T x);
+METAL_TC_FLOAT typename metal_tc::bool_of<T>::type isfinite(T x);
+METAL_TC_FLOAT typename metal_tc::bool_of<T>::type isnormal(T x);
+METAL_TC_FLOAT typename metal_tc::bool_of<T>::type signbit(T x);
+template <class T, metal_tc::require<metal_tc::is_float<T> && metal_tc::is_vector<T>> = 0>
+typename metal_tc::shape<T>::element dot(T x, T y);
+template <class T, metal_tc::require<metal_tc::is_float<T> && metal_tc::is_vector<T>> = 0>
+typename metal_tc::shape<T>::element length(T x);
+template <class T, metal_tc::require<metal_tc::is_float<T> && metal_tc::is_vector<T>> = 0>
+typename metal_tc::shape<T>::element length_squared(T x);
+template <class T, metal_tc::require<metal_tc::is_float<T> && metal_tc::is_vector<T>> = 0>
+typename metal_tc::shape<T>::element distance(T x, T y);
+template <class T, metal_tc::require<metal_tc::is_float<T> && metal_tc::shape<T>::size == 3> = 0> T cross(T x, T y);
+
+// ---- integer and float (common) functions ----
+METAL_TC_ARITH T abs(T x);
+METAL_TC_ARITH T min(T x, T y);
+METAL_TC_ARITH T max(T x, T y);
+METAL_TC_ARITH T min3(T x, T y, T z);
+METAL_TC_ARITH T max3(T x, T y, T z);
+METAL_TC_ARITH T median3(T x, T y, T z);
+METAL_TC_ARITH T clamp(T x, T lo, T hi);
+METAL_TC_VEC_SCALAR vec<T, N> min(vec<T, N> x, T y);
+METAL_TC_VEC_SCALAR vec<T, N> max(vec<T, N> x, T y);
+METAL_TC_VEC_SCALAR vec<T, N> clamp(vec<T, N> x, T lo, T hi);
+METAL_TC_INT T absdiff(T x, T y);
+METAL_TC_INT T mulhi(T x, T y);
+METAL_TC_INT T rotate(T v, T i);
+METAL_TC_INT T popcount(T x);
+METAL_TC_INT T clz(T x);
+METAL_TC_INT T ctz(T x);
+METAL_TC_INT T reverse_bits(T x);
+#undef METAL_TC_FLOAT
+#undef METAL_TC_ARITH
+#undef METAL_TC_INT
+#undef METAL_TC_VEC_SCALAR
+
+// ---- relational ----
+template <class T, metal_tc::require<metal_tc::is_value<T> && !metal_tc::is_vector<T>> = 0> T select(T a, T b, bool c);
+// c: a bool vector, or a vector comparison (clang types those as integer vectors, Metal as bool vectors).
+template <class T, class C,
+          metal_tc::require<metal_tc::is_vector<T> && metal_tc::shape<C>::size == metal_tc::shape<T>::size> = 0>
+T select(T a, T b, C c);
+template <class T, metal_tc::require<metal_tc::is_vector<T> || metal_tc::is_same<T, bool>::value> = 0> bool all(T x);
+template <class T, metal_tc::require<metal_tc::is_vector<T> || metal_tc::is_same<T, bool>::value> = 0> bool any(T x);
+
+// fast:: and precise:: spell the same functions with different accuracy.
+namespace fast {
+using metal::acos; using metal::acosh; using metal::asin; using metal::asinh; using metal::atan; using metal::atan2;
+using metal::atanh; using metal::ceil; using metal::clamp; using metal::copysign; using metal::cos; using metal::cosh;
+using metal::cospi; using metal::divide; using metal::exp; using metal::exp10; using metal::exp2; using metal::fabs;
+using metal::fdim; using metal::floor; using metal::fma; using metal::fmax; using metal::fmin; using metal::fmod;
+using metal::fract; using metal::log; using metal::log10; using metal::log2; using metal::max; using metal::min;
+using metal::pow; using metal::powr; using metal::rint; using metal::round; using metal::rsqrt; using metal::saturate;
+using metal::sign; using metal::sin; using metal::sinh; using metal::sinpi; using metal::sqrt; using metal::tan;
+using metal::tanh; using metal::tanpi; using metal::trunc; using metal::normalize; using metal::length;
+using metal::distance;
+}  // namespace fast
+namespace precise {
+using namespace fast;
+}  // namespace precise
+
+// ---- barriers ----
+enum class mem_flags : uint {
+  mem_none = 0,
+  mem_device = 1,
+  mem_threadgroup = 2,
+  mem_texture = 4,
+  mem_threadgroup_imageblock = 16,
+  mem_object_data = 32
+};
+constexpr mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags(uint(a) | uint(b)); }
+void threadgroup_barrier(mem_flags flags);
+void simdgroup_barrier(mem_flags flags);
+
+// ---- SIMD-group and quad-group functions (lane arguments are ushort) ----
+#define METAL_TC_ARITH template <class T, metal_tc::require<metal_tc::is_arithmetic<T>> = 0>
+#define METAL_TC_ANY template <class T, metal_tc::require<metal_tc::is_value<T>> = 0>
+#define METAL_TC_INT template <class T, metal_tc::require<metal_tc::is_integer<T>> = 0>
+#define METAL_TC_GROUP(g)                                                                                    \
+  METAL_TC_ARITH T g##_sum(T x);                                                                            \
+  METAL_TC_ARITH T g##_product(T x);                                                                        \
+  METAL_TC_ARITH T g##_max(T x);                                                                            \
+  METAL_TC_ARITH T g##_min(T x);                                                                            \
+  METAL_TC_INT T g##_and(T x);                                                                              \
+  METAL_TC_INT T g##_or(T x);                                                                               \
+  METAL_TC_INT T g##_xor(T x);                                                                              \
+  METAL_TC_ARITH T g##_prefix_inclusive_sum(T x);                                                           \
+  METAL_TC_ARITH T g##_prefix_exclusive_sum(T x);                                                           \
+  METAL_TC_ARITH T g##_prefix_inclusive_product(T x);                                                       \
+  METAL_TC_ARITH T g##_prefix_exclusive_product(T x);                                                       \
+  METAL_TC_ANY T g##_broadcast(T x, ushort lane);                                                           \
+  METAL_TC_ANY T g##_broadcast_first(T x);                                                                  \
+  METAL_TC_ANY T g##_shuffle(T x, ushort lane);                                                             \
+  METAL_TC_ANY T g##_shuffle_xor(T x, ushort mask);                                                         \
+  METAL_TC_ANY T g##_shuffle_up(T x, ushort delta);                                                         \
+  METAL_TC_ANY T g##_shuffle_down(T x, ushort delta);                                                       \
+  METAL_TC_ANY T g##_shuffle_rotate_up(T x, ushort delta);                                                  \
+  METAL_TC_ANY T g##_shuffle_rotate_down(T x, ushort delta);                                                \
+  METAL_TC_ANY T g##_shuffle_and_fill_up(T x, T filling, ushort delta);                                     \
+  METAL_TC_ANY T g##_shuffle_and_fill_down(T x, T filling, ushort delta);                                   \
+  METAL_TC_ANY T g##_shuffle_and_fill_up(T x, T filling, ushort delta, ushort modulo);                      \
+  METAL_TC_ANY T g##_shuffle_and_fill_down(T x, T filling, ushort delta, ushort modulo);                    \
+  bool g##_all(bool x);                                                                                     \
+  bool g##_any(bool x);                                                                                     \
+  bool g##_is_first();
+METAL_TC_GROUP(simd)
+METAL_TC_GROUP(quad)
+#undef METAL_TC_GROUP
+#undef METAL_TC_ARITH
+#undef METAL_TC_ANY
+#undef METAL_TC_INT
+
+struct simd_vote {
+  typedef ulong vote_t;
+  explicit constexpr simd_vote(vote_t v = 0) : v_(v) {}
+  explicit constexpr operator vote_t() const { return v_; }
+  bool all() const;
+  bool any() const;
+
+ private:
+  vote_t v_;
+};
+simd_vote simd_ballot(bool x);
+simd_vote simd_active_threads_mask();
+
+// ---- SIMD-group matrices ----
 template <class T, int Cols, int Rows> struct simdgroup_matrix {
-  static_assert(Cols == 8 && Rows == 8, "only 8x8 simdgroup matrices exist");
-  simdgroup_matrix();
+  static_assert(metal_tc::is_same<T, float>::value || metal_tc::is_same<T, half>::value ||
+                    metal_tc::is_same<T, bfloat>::value,
+                "simdgroup_matrix holds float, half or bfloat");
+  static_assert(Cols == 8 && Rows == 8, "simdgroup_matrix is 8x8");
+  simdgroup_matrix() = default;
   explicit simdgroup_matrix(T diagonal);
   thread vec<T, 2>& thread_elements();
+  const thread vec<T, 2>& thread_elements() const;
+
+ private:
+  vec<T, 2> elements_;
 };
 typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
 typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
 typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
 
-namespace metal {
-template <class T> struct is_float_like { static constexpr bool value = false; };
-template <> struct is_float_like<float> { static constexpr bool value = true; };
-template <> struct is_float_like<half> { static constexpr bool value = true; };
-template <> struct is_float_like<bfloat> { static constexpr bool value = true; };
-template <class T, int N> struct is_float_like<T __attribute__((ext_vector_type(N)))> {
-  static constexpr bool value = is_float_like<T>::value;
-};
-#define MSL_TC_FLOAT_FN(name) \
-  template <class T, class = typename metal_tc::enable_if<is_float_like<T>::value>::type> T name(T x);
-MSL_TC_FLOAT_FN(exp) MSL_TC_FLOAT_FN(exp2) MSL_TC_FLOAT_FN(exp10) MSL_TC_FLOAT_FN(log) MSL_TC_FLOAT_FN(log2)
-MSL_TC_FLOAT_FN(log10) MSL_TC_FLOAT_FN(sqrt) MSL_TC_FLOAT_FN(rsqrt) MSL_TC_FLOAT_FN(tanh) MSL_TC_FLOAT_FN(sin)
-MSL_TC_FLOAT_FN(cos) MSL_TC_FLOAT_FN(tan) MSL_TC_FLOAT_FN(fabs) MSL_TC_FLOAT_FN(floor) MSL_TC_FLOAT_FN(ceil)
-MSL_TC_FLOAT_FN(round) MSL_TC_FLOAT_FN(trunc) MSL_TC_FLOAT_FN(rint) MSL_TC_FLOAT_FN(fract) MSL_TC_FLOAT_FN(sign)
-#undef MSL_TC_FLOAT_FN
-#define MSL_TC_FLOAT_FN2(name) \
-  template <class T, class = typename metal_tc::enable_if<is_float_like<T>::value>::type> T name(T x, T y);
-MSL_TC_FLOAT_FN2(pow) MSL_TC_FLOAT_FN2(powr) MSL_TC_FLOAT_FN2(fmod) MSL_TC_FLOAT_FN2(fmax) MSL_TC_FLOAT_FN2(fmin)
-MSL_TC_FLOAT_FN2(copysign) MSL_TC_FLOAT_FN2(atan2) MSL_TC_FLOAT_FN2(step)
-#undef MSL_TC_FLOAT_FN2
-template <class T> T fma(T a, T b, T c);
-template <class T> T abs(T x);
-template <class T> T min(T a, T b);
-template <class T> T max(T a, T b);
-template <class T> T clamp(T x, T lo, T hi);
-template <class T, class C> T select(T a, T b, C c);
-template <class T> T mix(T x, T y, T a);
-template <class T> bool isnan(T x);
-template <class T> bool isinf(T x);
-template <class T> bool isfinite(T x);
-template <class T> bool signbit(T x);
-template <class V> bool all(V v);
-template <class V> bool any(V v);
-template <class V> typename metal_tc::vector_info<V>::element dot(V a, V b);
-template <class V> typename metal_tc::vector_info<V>::element length(V a);
-template <class To, class From> To as_type(From x);
-template <class T> struct numeric_limits {
-  static T min(); static T max(); static T lowest(); static T epsilon(); static T infinity();
-  static T quiet_NaN(); static T denorm_min();
-};
-namespace fast { using metal::exp; using metal::exp2; using metal::log; using metal::log2; using metal::sqrt;
-  using metal::rsqrt; using metal::tanh; using metal::sin; using metal::cos; using metal::pow; using metal::powr;
-  using metal::fabs; using metal::abs; using metal::max; using metal::min; using metal::fmax; using metal::fmin;
-  using metal::clamp; using metal::floor; using metal::ceil; using metal::round; using metal::trunc;
-  using metal::exp10; using metal::log10; }
-namespace precise = fast;
+template <class T, int Cols, int Rows> simdgroup_matrix<T, Cols, Rows> make_filled_simdgroup_matrix(T value);
+template <class T, int Cols, int Rows>
+void simdgroup_load(thread simdgroup_matrix<T, Cols, Rows>& d, const device T* src, ulong elements_per_row = Cols,
+                    ulong2 matrix_origin = 0, bool transpose_matrix = false);
+template <class T, int Cols, int Rows>
+void simdgroup_load(thread simdgroup_matrix<T, Cols, Rows>& d, const threadgroup T* src,
+                    ulong elements_per_row = Cols, ulong2 matrix_origin = 0, bool transpose_matrix = false);
+template <class T, int Cols, int Rows>
+void simdgroup_store(simdgroup_matrix<T, Cols, Rows> a, device T* dst, ulong elements_per_row = Cols,
+                     ulong2 matrix_origin = 0, bool transpose_matrix = false);
+template <class T, int Cols, int Rows>
+void simdgroup_store(simdgroup_matrix<T, Cols, Rows> a, threadgroup T* dst, ulong elements_per_row = Cols,
+                     ulong2 matrix_origin = 0, bool transpose_matrix = false);
+// d = a * b + c. The inputs and the accumulator may differ in type (half inputs, float accumulator).
+template <class TD, class TA, class TB, class TC, int Cols, int Rows, int K>
+void simdgroup_multiply_accumulate(thread simdgroup_matrix<TD, Cols, Rows>& d,
+                                   const thread simdgroup_matrix<TA, K, Rows>& a,
+                                   const thread simdgroup_matrix<TB, Cols, K>& b,
+                                   const thread simdgroup_matrix<TC, Cols, Rows>& c);
+template <class TD, class TA, class TB, int Cols, int Rows, int K>
+void simdgroup_multiply(thread simdgroup_matrix<TD, Cols, Rows>& d, const thread simdgroup_matrix<TA, K, Rows>& a,
+                        const thread simdgroup_matrix<TB, Cols, K>& b);
+template <class T, int Cols, int Rows, int K>
+simdgroup_matrix<T, Cols, Rows> operator*(const thread simdgroup_matrix<T, K, Rows>& a,
+                                          const thread simdgroup_matrix<T, Cols, K>& b);
 
-void threadgroup_barrier(mem_flags flags);
-void simdgroup_barrier(mem_flags flags);
-template <class T> T simd_sum(T x);
-template <class T> T simd_product(T x);
-template <class T> T simd_max(T x);
-template <class T> T simd_min(T x);
-template <class T> T simd_and(T x);
-template <class T> T simd_or(T x);
-template <class T> T simd_xor(T x);
-template <class T> T simd_prefix_inclusive_sum(T x);
-template <class T> T simd_prefix_exclusive_sum(T x);
-template <class T> T simd_shuffle(T x, ushort lane);
-template <class T> T simd_shuffle_xor(T x, ushort mask);
-template <class T> T simd_shuffle_up(T x, ushort delta);
-template <class T> T simd_shuffle_down(T x, ushort delta);
-template <class T> T simd_broadcast(T x, ushort lane);
-struct simd_vote {
-  typedef ulong vote_t;
-  explicit operator vote_t() const;
-  bool all() const;
-  bool any() const;
+// ---- atomics: in device or threadgroup memory only ----
+enum memory_order { memory_order_relaxed, memory_order_acquire, memory_order_release, memory_order_acq_rel,
+                    memory_order_seq_cst };
+template <class T> struct atomic {
+  static_assert(metal_tc::is_same<T, int>::value || metal_tc::is_same<T, uint>::value ||
+                    metal_tc::is_same<T, bool>::value || metal_tc::is_same<T, float>::value ||
+                    metal_tc::is_same<T, ulong>::value,
+                "atomic<T> holds int, uint, bool, float or ulong");
+  atomic() = default;
+  atomic(const atomic&) = delete;
+  atomic& operator=(const atomic&) = delete;
+
+ private:
+  T value_;
 };
-simd_vote simd_ballot(bool x);
-bool simd_all(bool x);
-bool simd_any(bool x);
-bool simd_is_first();
+typedef atomic<int> atomic_int;
+typedef atomic<uint> atomic_uint;
+typedef atomic<bool> atomic_bool;
+typedef atomic<float> atomic_float;
+typedef atomic<ulong> atomic_ulong;
 
-template <class T> void simdgroup_load(thread simdgroup_matrix<T, 8, 8>& d, const device T* src,
-                                       ulong elements_per_row = 8, ulong2 matrix_origin = 0, bool transpose = false);
-template <class T> void simdgroup_load(thread simdgroup_matrix<T, 8, 8>& d, const threadgroup T* src,
-                                       ulong elements_per_row = 8, ulong2 matrix_origin = 0, bool transpose = false);
-template <class T> void simdgroup_store(simdgroup_matrix<T, 8, 8> a, device T* dst,
-                                        ulong elements_per_row = 8, ulong2 matrix_origin = 0, bool transpose = false);
-template <class T> void simdgroup_store(simdgroup_matrix<T, 8, 8> a, threadgroup T* dst,
-                                        ulong elements_per_row = 8, ulong2 matrix_origin = 0, bool transpose = false);
-template <class TD, class TA, class TB, class TC>
-void simdgroup_multiply_accumulate(thread simdgroup_matrix<TD, 8, 8>& d, thread const simdgroup_matrix<TA, 8, 8>& a,
-                                   thread const simdgroup_matrix<TB, 8, 8>& b, thread const simdgroup_matrix<TC, 8, 8>& c);
-template <class TD, class TA, class TB>
-void simdgroup_multiply(thread simdgroup_matrix<TD, 8, 8>& d, thread const simdgroup_matrix<TA, 8, 8>& a,
-                        thread const simdgroup_matrix<TB, 8, 8>& b);
-template <class T> simdgroup_matrix<T, 8, 8> operator*(simdgroup_matrix<T, 8, 8> a, simdgroup_matrix<T, 8, 8> b);
-template <class T, int C, int R> simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T value);
-
-template <class A, class T> void atomic_store_explicit(A* obj, T v, memory_order order);
-template <class A> auto atomic_load_explicit(A* obj, memory_order order) -> decltype(obj->value);
-template <class A, class T> auto atomic_exchange_explicit(A* obj, T v, memory_order order) -> decltype(obj->value);
-template <class A, class T> bool atomic_compare_exchange_weak_explicit(A* obj, thread T* expected, T desired,
-                                                                       memory_order success, memory_order failure);
-#define MSL_TC_ATOMIC(name) \
-  template <class A, class T> auto atomic_fetch_##name##_explicit(A* obj, T v, memory_order order) -> decltype(obj->value);
-MSL_TC_ATOMIC(add) MSL_TC_ATOMIC(sub) MSL_TC_ATOMIC(max) MSL_TC_ATOMIC(min) MSL_TC_ATOMIC(and) MSL_TC_ATOMIC(or)
-MSL_TC_ATOMIC(xor)
-#undef MSL_TC_ATOMIC
+#define METAL_TC_ADDABLE metal_tc::require<metal_tc::is_integer<T> || metal_tc::is_same<T, float>::value> = 0
+#define METAL_TC_BITWISE metal_tc::require<metal_tc::is_integer<T>> = 0
+#define METAL_TC_ATOMICS(space)                                                                              \
+  template <class T>                                                                                        \
+  void atomic_store_explicit(volatile space atomic<T>* object, typename metal_tc::identity<T>::type desired, \
+                             memory_order order);                                                           \
+  template <class T> T atomic_load_explicit(volatile space atomic<T>* object, memory_order order);          \
+  template <class T>                                                                                        \
+  T atomic_exchange_explicit(volatile space atomic<T>* object, typename metal_tc::identity<T>::type desired, \
+                             memory_order order);                                                           \
+  template <class T>                                                                                        \
+  bool atomic_compare_exchange_weak_explicit(volatile space atomic<T>* object, thread T* expected,          \
+                                             typename metal_tc::identity<T>::type desired,                  \
+                                             memory_order success, memory_order failure);                   \
+  template <class T, METAL_TC_ADDABLE>                                                                      \
+  T atomic_fetch_add_explicit(volatile space atomic<T>* object, typename metal_tc::identity<T>::type operand, \
+                              memory_order order);                                                          \
+  template <class T, METAL_TC_ADDABLE>                                                                      \
+  T atomic_fetch_sub_explicit(volatile space atomic<T>* object, typename metal_tc::identity<T>::type operand, \
+                              memory_order order);                                                          \
+  template <class T, METAL_TC_BITWISE>                                                                      \
+  T atomic_fetch_and_explicit(volatile space atomic<T>* object, typename metal_tc::identity<T>::type operand, \
+                              memory_order order);                                                          \
+  template <class T, METAL_TC_BITWISE>                                                                      \
+  T atomic_fetch_or_explicit(volatile space atomic<T>* object, typename metal_tc::identity<T>::type operand, \
+                             memory_order order);                                                           \
+  template <class T, METAL_TC_BITWISE>                                                                      \
+  T atomic_fetch_xor_explicit(volatile space atomic<T>* object, typename metal_tc::identity<T>::type operand, \
+                              memory_order order);                                                          \
+  template <class T, METAL_TC_BITWISE>                                                                      \
+  T atomic_fetch_min_explicit(volatile space atomic<T>* object, typename metal_tc::identity<T>::type operand, \
+                              memory_order order);                                                          \
+  template <class T, METAL_TC_BITWISE>                                                                      \
+  T atomic_fetch_max_explicit(volatile space atomic<T>* object, typename metal_tc::identity<T>::type operand, \
+                              memory_order order);
+METAL_TC_ATOMICS(device)
+METAL_TC_ATOMICS(threadgroup)
+#undef METAL_TC_ATOMICS
+#undef METAL_TC_ADDABLE
+#undef METAL_TC_BITWISE
 }  // namespace metal
+
+#define FLT_MAX __FLT_MAX__
+#define FLT_MIN __FLT_MIN__
+#define FLT_EPSILON __FLT_EPSILON__
+#define HALF_MAX __FLT16_MAX__
+#define HALF_MIN __FLT16_MIN__
+#define HALF_EPSILON __FLT16_EPSILON__
+
+#endif  // METAL_TYPECHECK_STDLIB
