@@ -9,6 +9,7 @@ import warnings
 import torch
 
 from ..runtime.cache import MemoryCache, cache_key
+from ..stats import record_compile
 from .cpu import INCLUDE_DIR, _headers_digest
 from .errors import Diagnostic, KernelExecutionError, MSLCompileError
 from .library import Bound, KernelFunction, Library, fill_launch
@@ -42,6 +43,7 @@ def _module(translation: Translation, debug: bool) -> "cupy.RawModule":
         except cupy.cuda.compiler.CompileException as exc:
             raise MSLCompileError([Diagnostic(0, 0, "error", str(exc)[-3000:])],
                                   "NVRTC could not compile the CUDA translation") from exc
+        record_compile()
         return module
 
     return _modules.get_or_create(key, build)
