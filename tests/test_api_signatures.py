@@ -4,6 +4,8 @@ inspects them, and upstream tests pass dropout_p positionally)."""
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 
 import pytest
 
@@ -58,3 +60,23 @@ def test_bert_padding_signatures():
     assert plain(bert_padding.unpad_input) == "(hidden_states, attention_mask, unused_mask=None)"
     assert plain(bert_padding.pad_input) == "(hidden_states, indices, batch, seqlen)"
     assert plain(bert_padding.index_first_axis) == "(x, indices)"
+
+
+def test_the_package_exports_the_flash_attn_surface():
+    assert set(FLASH_ATTN_2_8) <= set(flash_attn_metal.__all__)
+    assert {"bert_padding", "stats", "reset_stats", "__version__"} <= set(flash_attn_metal.__all__)
+    assert all(hasattr(flash_attn_metal, name) for name in flash_attn_metal.__all__)
+    assert isinstance(flash_attn_metal.stats(), dict)
+
+
+def test_importing_the_package_stays_light():
+    heavy = ("flash_attn_metal.emulator", "flash_attn_metal.kernels", "flash_attn_metal.runtime", "flash_attn_metal.ops")
+    code = (
+        "import sys, flash_attn_metal\n"
+        f"print(sorted(m for m in sys.modules if m.startswith({heavy!r})))\n"
+        "flash_attn_metal.routing.kernels()\n"  # the kernels load on first use
+        f"print(any(m.startswith({heavy!r}) for m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["[]", "True"]

@@ -141,3 +141,20 @@ def test_reset_stats_clears_counters():
     flash_attn_metal.reset_stats()
     assert flash_attn_metal.stats() == {"launches": {}, "compiles": 0, "cache_hits": {"memory": 0, "disk": 0},
                                         "fallbacks": {}}
+
+
+def test_kvcache_attention_runs_on_the_kernels_and_matches_the_reference(monkeypatch):
+    torch.manual_seed(1)
+    q = torch.randn(2, 3, 4, 32, dtype=torch.float16)
+    caches = [torch.randn(3, 16, 2, 32, dtype=torch.float16) for _ in range(2)]
+    new = torch.randn(2, 3, 2, 32, dtype=torch.float16)
+    args = dict(cache_seqlens=torch.tensor([4, 9], dtype=torch.int32), cache_leftpad=torch.tensor([1, 0], dtype=torch.int32),
+                cache_batch_idx=torch.tensor([2, 0], dtype=torch.int32), causal=True, return_softmax_lse=True)
+    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "reference")
+    ref_caches = [c.clone() for c in caches]
+    ref_out, ref_lse = flash_attn_metal.flash_attn_with_kvcache(q, *ref_caches, new, new, **args)
+    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
+    monkeypatch.setenv("FLASH_ATTN_METAL_STRICT", "1")
+    out, lse = flash_attn_metal.flash_attn_with_kvcache(q, *caches, new, new, **args)
+    assert flash_attn_metal.stats()["launches"] and all(torch.equal(a, b) for a, b in zip(caches, ref_caches))
+    assert (out.float() - ref_out.float()).abs().max() < 1e-3 and (lse - ref_lse).abs().max() < 1e-4

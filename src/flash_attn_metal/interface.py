@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import reference, routing, validation
+from . import kvcache, reference, routing, validation
 from .problem import AttentionProblem
 
 __all__ = [
@@ -150,9 +150,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim), or paged
     (num_blocks, page_block_size, nheads_k, headdim) with block_table (batch, max_blocks) int32."""
     if block_table is not None:
-        from .kvcache import gather_paged
-
-        k, v = gather_paged(k, v, block_table, cu_seqlens_k)
+        k, v = kvcache.gather_paged(k, v, block_table, cu_seqlens_k)
     return _attend(_problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, varlen=True,
                             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                             max_seqlen_k=max_seqlen_k), return_attn_probs)
@@ -170,20 +168,18 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     q: (batch, seqlen_q, nheads, headdim); k_cache/v_cache: (batch_cache, seqlen_cache, nheads_k, headdim) or
     paged (num_blocks, page_block_size, nheads_k, headdim) with block_table. Returns out, or (out, lse) with
     lse (batch, nheads, seqlen_q) fp32. num_splits is a CUDA performance knob and has no effect here."""
-    from . import kvcache
-
     # Every argument is checked before the cache is written.
     q = validation.tensor("q", q, 4)
     options = _options(q, q.shape[0], 0.0, softmax_scale, causal, window_size, softcap, alibi_slopes)
     local = options["window_left"] >= 0 or options["window_right"] >= 0  # causal or a window
-    batch = kvcache.prepare(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                            cache_leftpad, block_table, bool(rotary_interleaved), rotate_q_per_token=local)
-    problem = AttentionProblem(q=batch.q, k=batch.k, v=batch.v, **options, cu_seqlens_q=batch.cu_seqlens_q,
-                               cu_seqlens_k=batch.cu_seqlens_k, max_seqlen_q=q.shape[1],
-                               max_seqlen_k=batch.max_seqlen_k)
+    cached = kvcache.prepare(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                             cache_leftpad, block_table, bool(rotary_interleaved), rotate_q_per_token=local)
+    problem = AttentionProblem(q=cached.q, k=cached.k, v=cached.v, **options, cu_seqlens_q=cached.cu_seqlens_q,
+                               cu_seqlens_k=cached.cu_seqlens_k, max_seqlen_q=q.shape[1],
+                               max_seqlen_k=cached.max_seqlen_k)
     with torch.no_grad():  # flash_attn_with_kvcache has no backward
         out, lse, _ = _attend(problem, return_attn_probs=True)
-    out = out.view(q.shape)
+    out = out.reshape(q.shape)
     if not return_softmax_lse:
         return out
-    return out, lse.view(q.shape[2], q.shape[0], q.shape[1]).transpose(0, 1).contiguous()
+    return out, lse.reshape(q.shape[2], q.shape[0], q.shape[1]).transpose(0, 1).contiguous()

@@ -100,7 +100,7 @@ def prepare(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None, v: Te
     seqlens = _int32_vector("cache_seqlens", cache_seqlens, batch, default=capacity)
     leftpad = _int32_vector("cache_leftpad", cache_leftpad, batch, default=0)
     if cache_batch_idx is not None:
-        _int32_vector("cache_batch_idx", cache_batch_idx, batch, default=0)
+        _int32_vector("cache_batch_idx", cache_batch_idx, batch, default=0)  # its type and shape; values below
     ends = [s + new_len for s in seqlens]
     for b in range(batch):
         if seqlens[b] < 0:
@@ -130,8 +130,9 @@ def prepare(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None, v: Te
     if k is not None:
         if rotary_cos is not None:
             k = reference.rotary(k, rotary_cos, rotary_sin, starts[:, None] + steps[None, :new_len], rotary_interleaved)
-        k_cache[write_at] = k.reshape(-1, *k.shape[2:])  # the in-place append the API promises
-        v_cache[write_at] = v.reshape(-1, *v.shape[2:])
+        with torch.no_grad():  # the in-place append the API promises (it has no backward)
+            k_cache[write_at] = k.reshape(-1, *k.shape[2:])
+            v_cache[write_at] = v.reshape(-1, *v.shape[2:])
     if rotary_cos is not None:
         positions = starts[:, None] + steps[None, :seqlen_q] if rotate_q_per_token else starts[:, None].expand(-1, seqlen_q)
         q = reference.rotary(q, rotary_cos, rotary_sin, positions, rotary_interleaved)

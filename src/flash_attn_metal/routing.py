@@ -11,9 +11,9 @@ Every other fallback warns once per reason per process and is counted in `stats(
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
+import types
 import warnings
 
 from .stats import record_fallback
@@ -81,12 +81,18 @@ def choose(problem: AttentionProblem, needs_grad: bool, needs_probs: bool = Fals
     return backend
 
 
-@functools.cache
-def kernels():
-    """The kernels' dispatch module, imported on first use so that `import flash_attn_metal` stays light."""
-    from .kernels import dispatch
+_dispatch: types.ModuleType | None = None
 
-    return dispatch
+
+def kernels() -> types.ModuleType:
+    """The kernels' dispatch module, imported on first use so that `import flash_attn_metal` stays light.
+    (A module global rather than functools.cache: torch.compile traces this call.)"""
+    global _dispatch
+    if _dispatch is None:
+        from .kernels import dispatch
+
+        _dispatch = dispatch
+    return _dispatch
 
 
 def kernel_unsupported_reason(problem: AttentionProblem, needs_grad: bool) -> str | None:

@@ -1,19 +1,19 @@
 """`typecheck(source)`: compile MSL with a real clang front end (libclang, in process) under a Metal shim.
 
 include/metal_typecheck.h declares Metal for clang: `device`, `constant` and `threadgroup` are distinct address
-spaces (`thread` is the default one), vectors are ext_vector types, and the standard library is declared with
-Metal's signatures. Its library half is served from memory as `<metal_stdlib>`, from a virtual include directory.
+spaces (`thread` is the default one), vectors are ext_vector types, and the standard library has Metal's
+signatures. Its library half is served from memory as `<metal_stdlib>`, from a virtual include directory.
 
-libclang's own lexer reads the source first. A handful of spellings that C++ lacks are rewritten token by token,
-on the same line, so clang's diagnostics carry MSL lines (and columns are mapped back):
+libclang's own lexer reads the source first. The few spellings C++ lacks are rewritten token by token, never
+across lines, and the columns they move are mapped back, so diagnostics carry MSL lines and columns:
 - a `threadgroup` variable declared in a kernel becomes `static` (C++ has no address-space-qualified locals);
 - Metal's attributes (`[[buffer(0)]]`, `[[thread_position_in_grid]]`, `[[kernel]]`, ...) become
-  `[[clang::annotate("metal.<name>", args)]]`, so that kernel signatures can be checked from clang's AST;
+  `[[clang::annotate("metal.<name>", args)]]`, so that kernel signatures can be checked on clang's AST;
 - half literals (`1.0h`) get clang's `f16` suffix, and unsuffixed floating literals an `f` (Metal has no double);
 - `vec<T, N>(...)` becomes the shim's vector constructor, as `float4(...)` does through a macro.
-Then checks of our own: the non-public `__asm` and `#pragma METAL`; threadgroup variables only in kernels and
-never initialized; program-scope variables only in the constant address space; every kernel parameter a device
-or constant buffer or a built-in input of an allowed type.
+Then the rules clang cannot see: the non-public `__asm` and `#pragma METAL` are refused; threadgroup variables
+are declared only in kernels and never initialized; program-scope variables are in the constant address space;
+every kernel parameter is a device or constant buffer or a built-in input of an allowed type.
 """
 
 from __future__ import annotations
@@ -21,26 +21,29 @@ from __future__ import annotations
 import atexit
 import ctypes
 import hashlib
+import re
 import threading
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable
 
 from .errors import Diagnostic, MSLCompileError
 
 SHIM_PATH = Path(__file__).parent / "include" / "metal_typecheck.h"
 INCLUDE_DIR = "/metal-typecheck/include"  # never on disk: clang gets every file under it from memory
 SHIM_FILE = f"{INCLUDE_DIR}/metal_typecheck.h"
-# <metal_stdlib> and the sub-headers a kernel may name instead; each serves the whole library half of the shim.
-STDLIB_HEADERS = ("metal_stdlib", "metal_atomic", "metal_common", "metal_compute", "metal_geometric",
-                  "metal_integer", "metal_math", "metal_numeric", "metal_relational", "metal_simdgroup",
-                  "metal_simdgroup_matrix", "metal_type_traits", "metal_types")
-# The source goes to clang under this module's own path, its content replaced from memory: clang keeps a
+# <metal_stdlib> and the sub-headers a kernel may name instead; each serves the library half of the shim.
+STDLIB_HEADERS = frozenset({
+    "metal_stdlib", "metal_atomic", "metal_common", "metal_compute", "metal_geometric", "metal_integer",
+    "metal_math", "metal_numeric", "metal_relational", "metal_simdgroup", "metal_simdgroup_matrix",
+    "metal_type_traits", "metal_types",
+})
+# The source reaches clang under this module's own path, its content replaced from memory: clang keeps a
 # precompiled preamble only for a main file that exists on disk.
 MAIN_FILE = str(Path(__file__).resolve())
 LEX_FILE = "/metal-typecheck/lex.metal"
-# Two lines ahead of the source: the shim (the whole of it when the source includes <metal_stdlib>), then a
+# Two lines ahead of the source: the shim (all of it when the source includes <metal_stdlib>), then a
 # declaration that ends clang's preamble there, so that every source reuses the shim's precompiled preamble.
 PREFIX = {True: b"#include <metal_stdlib>\nnamespace metal_tc {}\n",
           False: b"#include <metal_typecheck.h>\nnamespace metal_tc {}\n"}
@@ -48,19 +51,19 @@ PREFIX_LINES = 2
 CLANG_ARGS = ("-x", "c++", "-std=c++17", "-ffreestanding", "-nostdinc", "-nostdinc++", "-fsyntax-only", "-w",
               "-ferror-limit=50", "-isystem", INCLUDE_DIR)
 
-# Kernel-parameter attributes of Metal's built-in inputs, and the types each allows.
-POSITION_ATTRIBUTES = frozenset({
+# Kernel-parameter attributes of Metal's built-in inputs, by the types they allow.
+POSITION_ATTRIBUTES = frozenset({  # uint, uint2, uint3, ushort, ushort2 or ushort3
     "thread_position_in_grid", "threadgroup_position_in_grid", "thread_position_in_threadgroup",
     "threads_per_threadgroup", "threadgroups_per_grid", "threads_per_grid", "dispatch_threads_per_threadgroup",
     "grid_origin", "grid_size",
 })
-INDEX_ATTRIBUTES = frozenset({
+INDEX_ATTRIBUTES = frozenset({  # uint or ushort
     "thread_index_in_threadgroup", "simdgroup_index_in_threadgroup", "thread_index_in_simdgroup",
     "simdgroups_per_threadgroup", "threads_per_simdgroup", "thread_execution_width",
     "dispatch_simdgroups_per_threadgroup", "quadgroup_index_in_threadgroup", "thread_index_in_quadgroup",
     "quadgroups_per_threadgroup", "dispatch_quadgroups_per_threadgroup",
 })
-# Attributes rewritten to clang annotations (any other attribute is left to clang, which ignores it).
+# Attributes rewritten to clang annotations; clang ignores any other attribute, as Apple's compiler does.
 METAL_ATTRIBUTES = POSITION_ATTRIBUTES | INDEX_ATTRIBUTES | {
     "kernel", "buffer", "threadgroup", "max_total_threads_per_threadgroup", "host_name"}
 ADDRESS_SPACES = {1: "device", 2: "constant", 3: "threadgroup"}  # as numbered in the shim
@@ -93,8 +96,8 @@ _CACHE: dict[bytes, tuple[Diagnostic, ...]] = {}
 
 
 class _Checker:
-    """libclang, loaded once per process: an index that keeps precompiled preambles in memory, and one translation
-    unit per prefix, re-parsed for each source so that the shim is compiled once."""
+    """libclang, loaded once per process: an index that keeps precompiled preambles in memory, a translation unit
+    for lexing and one per prefix for checking, each re-parsed for the next source (the shim compiles once)."""
 
     _instance: _Checker | None = None
 
@@ -116,42 +119,47 @@ class _Checker:
         self.index = _index_with_preambles_in_memory(cindex)
         stdlib = '#define METAL_TYPECHECK_STDLIB\n#include "metal_typecheck.h"\n'
         self.headers = [(SHIM_FILE, SHIM_PATH.read_text())] + [(f"{INCLUDE_DIR}/{h}", stdlib) for h in STDLIB_HEADERS]
-        self.units: dict[bool, Any] = {}
+        self.units: dict[Any, Any] = {}
 
     def close(self) -> None:
-        """Free the translation units before the index (and both before libclang's bindings go at exit)."""
+        """Free the translation units, then the index, while libclang's bindings are still loaded."""
         self.units.clear()
         self.index = None
 
-    def check(self, source: str) -> tuple[Diagnostic, ...]:
-        data = source.encode()
-        line_starts = _line_starts(data)
-        tokens = self.lex(data, line_starts)
-        edits = _Edits()
-        found = _Scanner(tokens, edits).run()
-        prepared, shifts = edits.apply(data, line_starts)
-        tu = self.parse(prepared, _includes_stdlib(tokens))
-        found += self.clang_diagnostics(tu, shifts)
-        found += _check_declarations(self.ci, tu, shifts)
-        return tuple(sorted(set(found), key=lambda d: (d.line, d.column, d.message)))
-
-    def parse(self, prepared: bytes, stdlib: bool) -> Any:
-        files = [(MAIN_FILE, PREFIX[stdlib] + prepared)] + self.headers
-        tu = self.units.get(stdlib)
+    def unit(self, key: Any, path: str, args: list[str], files: list[tuple[str, bytes]], options: int) -> Any:
+        """The translation unit `key`, parsed from `files` (the first is `path`): created once, then re-parsed."""
+        tu = self.units.get(key)
         if tu is None:
-            options = self.ci.TranslationUnit.PARSE_PRECOMPILED_PREAMBLE | _CREATE_PREAMBLE_ON_FIRST_PARSE
-            tu = self.units[stdlib] = self.index.parse(MAIN_FILE, args=list(CLANG_ARGS), unsaved_files=files,
-                                                       options=options)
+            tu = self.units[key] = self.index.parse(path, args=args, unsaved_files=files, options=options)
         else:
             tu.reparse(unsaved_files=files)
         return tu
 
-    def lex(self, data: bytes, line_starts: list[int]) -> list[Token]:
-        """The source's tokens, from libclang's lexer (the source is wrapped in `#if 0` so that nothing is parsed)."""
+    def check(self, source: str) -> tuple[Diagnostic, ...]:
+        data = source.encode()
+        tokens = self.lex(data)
+        edits = _Edits()
+        found = _Scanner(tokens, edits).run()
+        prepared, shifts = edits.apply(data, tokens.line_starts)
+        stdlib = tokens.includes_stdlib()
+        files = [(MAIN_FILE, PREFIX[stdlib] + prepared)] + self.headers
+        options = self.ci.TranslationUnit.PARSE_PRECOMPILED_PREAMBLE | _CREATE_PREAMBLE_ON_FIRST_PARSE
+        tu = self.unit(stdlib, MAIN_FILE, list(CLANG_ARGS), files, options)
+        where = None
+        for d in tu.diagnostics:
+            if d.severity >= self.ci.Diagnostic.Error:
+                # An error with no place in the source follows from the one before (clang notes where an
+                # instantiation was requested only for its first error).
+                where = _source_location(d) or where
+                found.append(_diagnostic(where, shifts, _clang_message(d)))
+        found += _check_declarations(self.ci, tu, shifts)
+        return tuple(sorted(set(found), key=lambda d: (d.line, d.column, d.message)))
+
+    def lex(self, data: bytes) -> _Tokens:
+        """The source's tokens, from libclang's lexer (the source is wrapped in `#if 0`, so nothing is parsed)."""
         ci, lib = self.ci, self.lib
         prefix = b"#if 0\n"
-        tu = self.index.parse(LEX_FILE, args=["-x", "c++", "-nostdinc"],
-                              unsaved_files=[(LEX_FILE, prefix + data + b"\n#endif\n")])
+        tu = self.unit("lex", LEX_FILE, ["-x", "c++", "-nostdinc"], [(LEX_FILE, prefix + data + b"\n#endif\n")], 0)
         file = tu.get_file(LEX_FILE)
         extent = ci.SourceRange.from_locations(ci.SourceLocation.from_offset(tu, file, len(prefix)),
                                                ci.SourceLocation.from_offset(tu, file, len(prefix) + len(data)))
@@ -162,31 +170,21 @@ class _Checker:
             spans = self.token_spans(tu, array, count.value, len(prefix))
         finally:
             lib.clang_disposeTokens(tu, array, count)
-        tokens: list[Token] = []
-        directive_end = -1
-        for kind, start, end in spans:
-            if kind == _COMMENT or start >= len(data):
-                continue
-            line = bisect_right(line_starts, start)
-            text = data[start:end].decode()
-            if text == "#" and start > directive_end and (not tokens or tokens[-1].line < line):
-                directive_end = _logical_line_end(data, start)
-            tokens.append(Token(_TOKEN_KINDS[kind], text, start, end, line, start - line_starts[line - 1] + 1,
-                                start < directive_end))
-        return tokens
+        return _Tokens(data, [s for s in spans if s[0] != _COMMENT and s[1] < len(data)])
 
     def token_spans(self, tu: Any, array: Any, count: int, base: int, fast: bool = True) -> list[tuple[int, int, int]]:
-        """(kind, start, end) of each token, with offsets less `base`. The fast way reads the kind, raw location and
-        length that libclang stores in each token's first three ints; it is used only when it agrees with
-        libclang's accessors on the first and last token."""
+        """(kind, start, end) of each token, offsets less `base`. The fast way reads the kind, raw location and
+        length that libclang keeps in each token's first three ints, and is taken only where it agrees with
+        libclang's accessors on the first and the last token."""
         if count == 0:
             return []
         if fast and ctypes.sizeof(self.ci.Token) == 6 * ctypes.sizeof(ctypes.c_uint):
-            ints = list((ctypes.c_uint * (6 * count)).from_address(ctypes.addressof(array.contents)))
-            shift = ints[1] - (self.token_span(tu, array[0])[1] - base)
-            spans = [(k, r - shift, r - shift + n) for k, r, n in zip(ints[0::6], ints[1::6], ints[2::6])]
-            checks = ((0, self.token_span(tu, array[0])), (count - 1, self.token_span(tu, array[count - 1])))
-            if all(spans[i] == (k, a - base, b - base) for i, (k, a, b) in checks):
+            ints = (ctypes.c_uint * (6 * count)).from_address(ctypes.addressof(array.contents))[:]
+            first, last = self.token_span(tu, array[0]), self.token_span(tu, array[count - 1])
+            shift = ints[1] - first[1]
+            spans = [(k, r - shift - base, r - shift - base + n) for k, r, n in zip(ints[0::6], ints[1::6], ints[2::6])]
+            if (spans[0], spans[-1]) == ((first[0], first[1] - base, first[2] - base),
+                                         (last[0], last[1] - base, last[2] - base)):
                 return spans
         spans = []
         for i in range(count):
@@ -195,6 +193,7 @@ class _Checker:
         return spans
 
     def token_span(self, tu: Any, token: Any) -> tuple[int, int, int]:
+        """(kind, start, end) of one token, from libclang's accessors."""
         lib = self.lib
         extent = lib.clang_getTokenExtent(tu, token)
         offsets = []
@@ -204,24 +203,13 @@ class _Checker:
             offsets.append(offset.value)
         return lib.clang_getTokenKind(token), offsets[0], offsets[1]
 
-    def clang_diagnostics(self, tu: Any, shifts: dict[int, list[_Shift]]) -> list[Diagnostic]:
-        found = []
-        for d in tu.diagnostics:
-            if d.severity < self.ci.Diagnostic.Error:
-                continue
-            # An error inside the shim is placed where the source asked for it (an instantiation note).
-            where = next((x.location for x in [d, *d.children] if _in_main(x.location)), None)
-            found.append(_diagnostic(where, shifts, _metal_spelling(d.spelling)))
-        return found
 
-
-# CXTranslationUnit_CreatePreambleOnFirstParse, which the Python bindings do not name.
-_CREATE_PREAMBLE_ON_FIRST_PARSE = 0x100
+_CREATE_PREAMBLE_ON_FIRST_PARSE = 0x100  # CXTranslationUnit_CreatePreambleOnFirstParse (unnamed in the bindings)
 
 
 class _CXIndexOptions(ctypes.Structure):
-    """CXIndexOptions of libclang >= 17. Its bit-fields follow the two chars, from bit 0 of the short at offset 6:
-    ExcludeDeclarationsFromPCH, DisplayDiagnostics, StorePreamblesInMemory."""
+    """libclang's CXIndexOptions (libclang >= 17). Its bit-fields follow the two chars, from bit 0 of the short at
+    offset 6: ExcludeDeclarationsFromPCH, DisplayDiagnostics, StorePreamblesInMemory."""
 
     _fields_ = [("Size", ctypes.c_uint), ("ThreadBackgroundPriorityForIndexing", ctypes.c_ubyte),
                 ("ThreadBackgroundPriorityForEditing", ctypes.c_ubyte), ("flags", ctypes.c_ushort),
@@ -232,15 +220,29 @@ _STORE_PREAMBLES_IN_MEMORY = 1 << 2
 
 
 def _index_with_preambles_in_memory(ci: Any) -> Any:
-    """A libclang index that keeps precompiled preambles in memory (no temporary files)."""
-    create = ci.conf.lib.clang_createIndexWithOptions
+    """A libclang index that keeps precompiled preambles in memory, not in temporary files."""
+    create = ci.conf.lib.clang_createIndexWithOptions  # not wrapped by the bindings: declared here
     create.argtypes = [ctypes.POINTER(_CXIndexOptions)]
     create.restype = ci.c_object_p
-    options = _CXIndexOptions(Size=ctypes.sizeof(_CXIndexOptions), flags=_STORE_PREAMBLES_IN_MEMORY)
-    handle = create(ctypes.byref(options))
+    handle = create(ctypes.byref(_CXIndexOptions(Size=ctypes.sizeof(_CXIndexOptions),
+                                                 flags=_STORE_PREAMBLES_IN_MEMORY)))
     if not handle:
         raise RuntimeError("libclang could not create an index (clang_createIndexWithOptions)")
     return ci.Index(handle)
+
+
+def _source_location(d: Any) -> Any:
+    """Where in the source a clang diagnostic belongs: its own location, or for one inside the shim, the note
+    that says where the source asked for the instantiation; None if neither is in the source."""
+    return next((x.location for x in [d, *d.children] if _in_main(x.location) and x.location.line > PREFIX_LINES),
+                None)
+
+
+def _clang_message(d: Any) -> str:
+    """The message, followed by the reasons clang gives for rejecting the first two candidates, in Metal's words."""
+    reasons = [n.spelling for n in d.children if n.spelling.startswith("candidate")][:2]
+    message = _metal_spelling(d.spelling + "".join(f"; {r}" for r in reasons))
+    return re.sub(r"'([^']*)' \(aka '\1'\)", r"'\1'", message)  # drop an aka that now says the same
 
 
 def _in_main(location: Any) -> bool:
@@ -248,7 +250,7 @@ def _in_main(location: Any) -> bool:
 
 
 def _diagnostic(where: Any, shifts: dict[int, list[_Shift]], message: str) -> Diagnostic:
-    """A diagnostic at a clang location in the main file (None: no place in the source), in MSL lines and columns."""
+    """An error at a clang location in the main file (None: nowhere in the source), in MSL lines and columns."""
     if where is None or where.line <= PREFIX_LINES:
         return Diagnostic(0, 0, "error", message)
     line = where.line - PREFIX_LINES
@@ -256,64 +258,89 @@ def _diagnostic(where: Any, shifts: dict[int, list[_Shift]], message: str) -> Di
 
 
 def _metal_spelling(message: str) -> str:
-    """Clang's message with the shim's address spaces spelled as Metal spells them."""
+    """Clang's message with the shim's address spaces and scalar types spelled as Metal spells them."""
     for number, name in ADDRESS_SPACES.items():
         message = message.replace(f"__attribute__((address_space({number})))", name)
-    return message
+    return message.replace("_Float16", "half").replace("__bf16", "bfloat")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Tokens
 
 
-class Token(NamedTuple):
-    kind: str  # "punctuation", "keyword", "identifier" or "literal" (libclang's kinds; comments are dropped)
-    text: str
-    start: int  # byte offsets into the UTF-8 source
-    end: int
-    line: int  # 1-based
-    column: int  # 1-based, in bytes (as clang counts)
-    directive: bool  # on a preprocessor directive's line
+_PUNCTUATION, _KEYWORD, _IDENTIFIER, _LITERAL, _COMMENT = range(5)  # CXTokenKind
 
 
-_TOKEN_KINDS = {0: "punctuation", 1: "keyword", 2: "identifier", 3: "literal"}  # CXTokenKind
-_COMMENT = 4
+class _Tokens:
+    """The source's tokens as parallel lists (comments dropped), indexed 0..n-1."""
 
+    def __init__(self, data: bytes, spans: list[tuple[int, int, int]]) -> None:
+        self.line_starts = [0]
+        newline = data.find(b"\n")
+        while newline != -1:
+            self.line_starts.append(newline + 1)
+            newline = data.find(b"\n", newline + 1)
+        self.kind = [k for k, _, _ in spans]
+        self.start = [s for _, s, _ in spans]
+        self.end = [e for _, _, e in spans]
+        self.text = [data[s:e].decode() for _, s, e in spans]
+        # Whether each token is on a preprocessor directive's (backslash-continued) line.
+        self.directive = [False] * len(spans)
+        directive_end = -1
+        for i, text in enumerate(self.text):
+            start = self.start[i]
+            if text == "#" and start > directive_end and (i == 0 or self.line(i - 1) < self.line(i)):
+                directive_end = _logical_line_end(data, start)
+            self.directive[i] = start < directive_end
 
-def _line_starts(data: bytes) -> list[int]:
-    starts = [0]
-    newline = data.find(b"\n")
-    while newline != -1:
-        starts.append(newline + 1)
-        newline = data.find(b"\n", newline + 1)
-    return starts
+    def __len__(self) -> int:
+        return len(self.text)
+
+    def get(self, i: int) -> str:
+        """The text of token i, or "" past either end."""
+        return self.text[i] if 0 <= i < len(self.text) else ""
+
+    def line(self, i: int) -> int:
+        return bisect_right(self.line_starts, self.start[i])
+
+    def column(self, i: int) -> int:
+        return self.start[i] - self.line_starts[self.line(i) - 1] + 1
+
+    def includes_stdlib(self) -> bool:
+        """Whether a directive `#include <metal_stdlib>` (or a sub-header) is in the source."""
+        return any(self.directive[i] and self.text[i] in STDLIB_HEADERS and self.get(i - 1) == "<"
+                   and self.get(i - 2) == "include" for i in range(len(self)))
 
 
 def _logical_line_end(data: bytes, start: int) -> int:
-    """The offset of the newline that ends the (backslash-continued) line starting at `start`."""
+    """The offset of the newline that ends the (backslash-continued) line of `start`."""
     while True:
         newline = data.find(b"\n", start)
         if newline == -1:
             return len(data)
-        if data[start:newline].rstrip(b"\r").endswith(b"\\"):
-            start = newline + 1
-            continue
-        return newline
-
-
-def _includes_stdlib(tokens: list[Token]) -> bool:
-    """Whether a directive `#include <metal_stdlib>` (or a sub-header) is in the source."""
-    return any(t.directive and t.text in STDLIB_HEADERS and tokens[i - 1].text == "<" and tokens[i - 2].text == "include"
-               for i, t in enumerate(tokens) if i >= 2)
+        if not data[start:newline].rstrip(b"\r").endswith(b"\\"):
+            return newline
+        start = newline + 1
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Edits that keep every line in place, and the column map back to the MSL
 
 
+@dataclass(frozen=True)
+class _Shift:
+    """One edit on a line: its replacement spans [new_start, new_end) of the rewritten line and stands for MSL
+    column msl_start; every later column of the line is delta_after to the right of its MSL column."""
+
+    new_start: int
+    new_end: int
+    msl_start: int
+    delta_after: int
+
+
 @dataclass
 class _Edits:
-    changes: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, replacement), bytes
+    changes: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, replacement) in bytes
 
     def replace(self, start: int, end: int, text: str) -> None:
         self.changes.append((start, end, text))
@@ -338,17 +365,6 @@ class _Edits:
         return b"".join(out), shifts
 
 
-@dataclass(frozen=True)
-class _Shift:
-    """One edit on a line: its replacement spans [new_start, new_end) of the rewritten line and stands for MSL
-    column msl_start; every column after it is delta_after further right than in the MSL."""
-
-    new_start: int
-    new_end: int
-    msl_start: int
-    delta_after: int
-
-
 def _msl_column(shifts: list[_Shift] | None, column: int) -> int:
     """The MSL column of a column of the rewritten line."""
     msl = column
@@ -362,7 +378,7 @@ def _msl_column(shifts: list[_Shift] | None, column: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The token pass: rewrites and the rules clang cannot see
+# The token pass: rewrites, and the rules clang cannot see
 
 
 @dataclass
@@ -372,44 +388,46 @@ class _Scope:
     depth: int = 0  # open parentheses and brackets
 
 
+_ASM = frozenset({"asm", "__asm", "__asm__"})
+_ACCESS = frozenset({"public", "private", "protected"})
+_FUNCTION_BODY_AFTER = frozenset({")", "const", "noexcept", "override", "final", "mutable", "volatile", "]", "&",
+                                  "&&"})
+_OPEN, _CLOSE = frozenset({"(", "["}), frozenset({")", "]"})
+
+
 class _Scanner:
-    def __init__(self, tokens: list[Token], edits: _Edits) -> None:
+    def __init__(self, tokens: _Tokens, edits: _Edits) -> None:
         self.tokens = tokens
         self.edits = edits
         self.found: list[Diagnostic] = []
 
-    def error(self, token: Token, message: str) -> None:
-        self.found.append(Diagnostic(token.line, token.column, "error", message))
-
-    def text(self, i: int) -> str:
-        return self.tokens[i].text if 0 <= i < len(self.tokens) else ""
+    def error(self, i: int, message: str) -> None:
+        self.found.append(Diagnostic(self.tokens.line(i), self.tokens.column(i), "error", message))
 
     def run(self) -> list[Diagnostic]:
-        skip_to = 0
-        for i, t in enumerate(self.tokens):
-            self.forbidden(i, t)
-            if i < skip_to:
-                continue
-            if t.kind == "literal":
-                self.literal(t)
-            elif t.text == "[" and self.text(i + 1) == "[":
-                skip_to = self.attributes(i)
-            elif t.text == "vec" and self.text(i + 1) == "<":
+        tokens = self.tokens
+        get, texts, kinds = tokens.get, tokens.text, tokens.kind
+        in_attribute_until = 0
+        for i, text in enumerate(texts):
+            if text in _ASM:
+                self.error(i, f"inline assembly (`{text}`) is not public MSL")
+            elif text == "pragma" and get(i - 1) == "#" and get(i + 1) == "METAL" and tokens.directive[i]:
+                self.error(i - 1, "`#pragma METAL` switches on Metal's private internals, which are not public MSL")
+            elif text == "_Pragma" and get(i + 2).strip('"').startswith("METAL"):
+                self.error(i, "`_Pragma(\"METAL ...\")` switches on Metal's private internals, which are not "
+                              "public MSL")
+            elif kinds[i] == _LITERAL:
+                self.literal(i)
+            elif text == "[" and get(i + 1) == "[" and i >= in_attribute_until:
+                in_attribute_until = self.attributes(i)
+            elif text == "vec" and get(i + 1) == "<":
                 self.vector_constructor(i)
-        self.structure([t for t in self.tokens if not t.directive])
+        self.structure([i for i in range(len(tokens)) if not tokens.directive[i]])
         return self.found
 
-    def forbidden(self, i: int, t: Token) -> None:
-        if t.text in ("asm", "__asm", "__asm__"):
-            self.error(t, f"inline assembly (`{t.text}`) is not public MSL")
-        elif t.directive and t.text == "#" and self.text(i + 1) == "pragma" and self.text(i + 2) == "METAL":
-            self.error(t, "`#pragma METAL` switches on Metal's private internals, which are not public MSL")
-        elif t.text == "_Pragma" and self.text(i + 2).strip('"').startswith("METAL"):
-            self.error(t, "`_Pragma(\"METAL ...\")` switches on Metal's private internals, which are not public MSL")
-
-    def literal(self, t: Token) -> None:
-        """Half literals get clang's f16 suffix; unsuffixed floating literals are float in Metal."""
-        text = t.text
+    def literal(self, i: int) -> None:
+        """Half literals get clang's f16 suffix; unsuffixed floating literals are float, as in Metal."""
+        text = self.tokens.text[i]
         if not (text[0].isdigit() or (text[0] == "." and text[1:2].isdigit())):
             return  # a string or character literal
         hexadecimal = text[:2].lower() == "0x"
@@ -418,48 +436,49 @@ class _Scanner:
         suffix_at = len(text)
         while text[suffix_at - 1].isalpha():
             suffix_at -= 1
-        suffix = text[suffix_at:]
-        if not suffix:
-            self.edits.insert(t.end, "f")
-        elif suffix in ("h", "H"):
-            self.edits.replace(t.end - 1, t.end, "f16")
+        end = self.tokens.end[i]
+        if suffix_at == len(text):
+            self.edits.insert(end, "f")
+        elif text[suffix_at:] in ("h", "H"):
+            self.edits.replace(end - 1, end, "f16")
 
     def attributes(self, i: int) -> int:
-        """Rewrite Metal's attributes in the `[[...]]` at token i; return the index after its `]]`."""
-        j, depth = i + 2, 0
-        item_start = True
-        while j < len(self.tokens):
-            t = self.tokens[j]
-            if depth == 0 and t.text == "]" and self.text(j + 1) == "]":
+        """Rewrite Metal's attributes in the `[[...]]` at token i; return the index past its `]]`."""
+        tokens = self.tokens
+        j, depth, item_start = i + 2, 0, True
+        while j < len(tokens):
+            text = tokens.text[j]
+            if depth == 0 and text == "]" and tokens.get(j + 1) == "]":
                 return j + 2
-            if t.text in ("(", "["):
-                depth += 1
-            elif t.text in (")", "]"):
-                depth -= 1
-            elif depth == 0 and t.text == ",":
+            if depth == 0 and text == ",":
                 item_start = True
                 j += 1
                 continue
-            if item_start and t.text in METAL_ATTRIBUTES and self.text(j + 1) != "::":
-                annotation = f'clang::annotate("metal.{t.text}"'
-                if self.text(j + 1) == "(":
-                    self.edits.replace(t.start, self.tokens[j + 1].end, annotation + ", ")
+            if text in _OPEN:
+                depth += 1
+            elif text in _CLOSE:
+                depth -= 1
+            elif item_start and text in METAL_ATTRIBUTES and tokens.get(j + 1) != "::":
+                annotation = f'clang::annotate("metal.{text}"'
+                if tokens.get(j + 1) == "(":
+                    self.edits.replace(tokens.start[j], tokens.end[j + 1], annotation + ", ")
                     depth += 1
                     j += 1
                 else:
-                    self.edits.replace(t.start, t.end, annotation + ")")
+                    self.edits.replace(tokens.start[j], tokens.end[j], annotation + ")")
             item_start = False
             j += 1
         return j
 
     def vector_constructor(self, i: int) -> None:
         """`vec<T, N>(...)` -> `::metal_tc::make<vec<T, N>>(...)`, as the shim's `float4(...)` macros do."""
+        tokens = self.tokens
         j, angle, depth = i + 1, 0, 0
-        while j < len(self.tokens):
-            text = self.tokens[j].text
-            if text in ("(", "["):
+        while j < len(tokens):
+            text = tokens.text[j]
+            if text in _OPEN:
                 depth += 1
-            elif text in (")", "]"):
+            elif text in _CLOSE:
                 depth -= 1
             elif depth == 0 and text == "<":
                 angle += 1
@@ -470,58 +489,64 @@ class _Scanner:
             elif depth == 0 and text in (";", "{", "}"):
                 return
             j += 1
-        if angle != 0 or self.text(j + 1) != "(":
-            return  # a type, not a constructor call (or `>>` closing an enclosing template too)
+        if angle != 0 or tokens.get(j + 1) != "(":
+            return  # a type, not a constructor call (or a `>>` that closes an enclosing template too)
         start = i
-        if self.text(i - 1) == "::" and self.text(i - 2) == "metal":
-            start = i - 3 if self.text(i - 3) == "::" else i - 2
-        self.edits.insert(self.tokens[start].start, "::metal_tc::make<")
-        self.edits.insert(self.tokens[j].end, ">")
+        if tokens.get(i - 1) == "::" and tokens.get(i - 2) == "metal":
+            start = i - 3 if tokens.get(i - 3) == "::" else i - 2
+        self.edits.insert(tokens.start[start], "::metal_tc::make<")
+        self.edits.insert(tokens.end[j], ">")
 
-    def structure(self, code: list[Token]) -> None:
-        """Follow scopes through the code (directives left out) to find threadgroup variable declarations."""
+    def structure(self, code: list[int]) -> None:
+        """Follow the scopes through the code (token indexes, directives left out) to the statements that start
+        with `threadgroup`."""
+        texts = self.tokens.text
         stack = [_Scope("namespace")]
-        declaration = 0  # at namespace or record scope: where the current declaration starts in `code`
+        declaration = 0  # at namespace or record scope: where in `code` the current declaration starts
         statement_start = False  # in a function: the token starts a statement
-        for i, t in enumerate(code):
+        for position, i in enumerate(code):
+            text = texts[i]
             scope = stack[-1]
             in_function = scope.kind == "function"
-            if in_function and statement_start and t.text == "threadgroup":
-                self.threadgroup_variable(code, i, scope)
+            if in_function and statement_start and text == "threadgroup":
+                self.threadgroup_variable(code[position:], scope)
             statement_start = False
-            if t.text in ("(", "["):
+            if text in _OPEN:
                 scope.depth += 1
-            elif t.text in (")", "]"):
+            elif text in _CLOSE:
                 scope.depth -= 1
-            elif t.text == "{":
+            elif text == "{":
                 if in_function:
                     stack.append(_Scope("function", scope.kernel))
                 elif scope.kind == "other":
                     stack.append(_Scope("other"))
                 else:
-                    kind, kernel = _classify(code[declaration:i])
-                    stack.append(_Scope(kind, kernel))
+                    stack.append(_classify([texts[k] for k in code[declaration:position]]))
                 statement_start = True
-            elif t.text == "}":
+            elif text == "}":
                 closed = stack.pop() if len(stack) > 1 else scope
                 if stack[-1].kind == "function":
                     statement_start = True
                 elif closed.kind in ("function", "namespace"):
-                    declaration = i + 1
-            elif t.text == ";" and scope.depth == 0:
+                    declaration = position + 1
+            elif text == ";" and scope.depth == 0:
                 statement_start = in_function
-                declaration = i + 1
-            elif t.text == ":" and scope.kind == "record" and i and code[i - 1].text in _ACCESS:
-                declaration = i + 1
+                declaration = position + 1
+            elif text == ":" and scope.kind == "record" and position and texts[code[position - 1]] in _ACCESS:
+                declaration = position + 1
 
-    def threadgroup_variable(self, code: list[Token], i: int, scope: _Scope) -> None:
-        """A statement that starts with `threadgroup`: a variable (made static), or a pointer or reference."""
+    def threadgroup_variable(self, statement: list[int], scope: _Scope) -> None:
+        """A statement that starts with `threadgroup`: variables (made static), or a pointer or reference."""
+        texts = self.tokens.text
         depth = angle = 0
         pointer = initialized = False
-        for t in code[i + 1:]:
-            text = t.text
-            if depth == 0 and text == ";":
-                break
+        declarator_ends = []  # the `,` and `;` that end each declarator
+        for i in statement[1:]:
+            text = texts[i]
+            if depth == 0 and angle <= 0 and text in (",", ";"):
+                declarator_ends.append(i)
+                if text == ";":
+                    break
             if text in ("(", "[", "{"):
                 initialized |= text == "{" and depth == 0 and angle <= 0
                 depth += 1
@@ -535,44 +560,43 @@ class _Scanner:
                 initialized = True
             elif depth == 0 and angle <= 0 and text in ("*", "&", "&&") and not initialized:
                 pointer = True
+        first = statement[0]
         if pointer:
             return
-        t = code[i]
         if not scope.kernel:
-            self.error(t, "threadgroup variables can be declared only in a kernel function")
+            self.error(first, "threadgroup variables can be declared only in a kernel function")
         elif initialized:
-            self.error(t, "a threadgroup variable cannot have an initializer")
+            self.error(first, "a threadgroup variable cannot have an initializer")
         else:
-            self.edits.insert(t.start, "static ")
+            # `= {}` initializes without a constructor call, which clang cannot make on an object in an address
+            # space; Metal leaves threadgroup memory uninitialized.
+            self.edits.insert(self.tokens.start[first], "static ")
+            for end in declarator_ends:
+                self.edits.insert(self.tokens.start[end], " = {}")
 
 
-_ACCESS = ("public", "private", "protected")
-_FUNCTION_BODY_AFTER = (")", "const", "noexcept", "override", "final", "mutable", "volatile", "]", "&", "&&")
-
-
-def _classify(prefix: list[Token]) -> tuple[str, bool]:
-    """What a `{` at namespace or record scope opens, from the declaration before it: (kind, is a kernel)."""
-    texts = [t.text for t in prefix]
-    if "namespace" in texts[:2] or (texts[:1] == ["extern"] and len(texts) == 2):
-        return "namespace", False
-    rest = _after_templates_and_attributes(texts)
+def _classify(prefix: list[str]) -> _Scope:
+    """The scope a `{` at namespace or record scope opens, from the declaration before it."""
+    if "namespace" in prefix[:2] or (prefix[:1] == ["extern"] and len(prefix) == 2):
+        return _Scope("namespace")
+    rest = _after_templates_and_attributes(prefix)
     if rest[:1] == ["typedef"]:
         rest = rest[1:]
     if rest[:1] and rest[0] in ("struct", "class", "union", "enum"):
-        return "record", False
+        return _Scope("record")
     top, depth = [], 0
     for k, text in enumerate(rest):
-        if text in ("(", "["):
+        if text in _OPEN:
             depth += 1
-        elif text in (")", "]"):
+        elif text in _CLOSE:
             depth -= 1
         elif depth == 0 and not (text == "=" and k and rest[k - 1] == "operator"):
             top.append(text)
     if "=" in top or ")" not in rest:
-        return "other", False
+        return _Scope("other")
     if rest[-1] in _FUNCTION_BODY_AFTER or "->" in top:
-        return "function", "kernel" in texts
-    return "other", False  # a member initializer's braces
+        return _Scope("function", kernel="kernel" in prefix)
+    return _Scope("other")  # a member initializer's braces
 
 
 def _after_templates_and_attributes(texts: list[str]) -> list[str]:
@@ -599,7 +623,7 @@ def _after_templates_and_attributes(texts: list[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Declarations, from clang's AST
+# Declarations, on clang's AST
 
 
 def _check_declarations(ci: Any, tu: Any, shifts: dict[int, list[_Shift]]) -> list[Diagnostic]:
@@ -612,63 +636,58 @@ def _check_declarations(ci: Any, tu: Any, shifts: dict[int, list[_Shift]]) -> li
 
     def visit(parent: Any) -> None:
         for c in parent.get_children():
-            if not _in_main(c.location):
+            kind = _kind(c)
+            if kind not in (K.NAMESPACE, K.LINKAGE_SPEC, K.VAR_DECL, K.FUNCTION_DECL) or not _in_main(c.location):
                 continue
-            if c.kind in (K.NAMESPACE, K.LINKAGE_SPEC):
+            if kind in (K.NAMESPACE, K.LINKAGE_SPEC):
                 visit(c)
-            elif c.kind == K.VAR_DECL and _address_space(ci, c.type) != 2:
+            elif kind == K.VAR_DECL and c.type.get_address_space() != 2:
                 error(c, f"program-scope variable '{c.spelling}' must be declared in the constant address space")
-            elif c.kind == K.FUNCTION_DECL and "metal.kernel" in _annotations(ci, c):
+            elif kind == K.FUNCTION_DECL and "metal.kernel" in _annotations(ci, c):
                 _check_kernel(ci, c, error)
 
     visit(tu.cursor)
     return found
 
 
-def _annotations(ci: Any, cursor: Any) -> list[str]:
-    return [c.spelling for c in cursor.get_children() if c.kind == ci.CursorKind.ANNOTATE_ATTR]
-
-
-def _address_space(ci: Any, t: Any) -> int:
-    t = t.get_canonical()
-    while _kind(t) in (ci.TypeKind.CONSTANTARRAY, ci.TypeKind.INCOMPLETEARRAY):
-        t = t.element_type
-    return t.get_address_space()
-
-
-def _kind(t: Any) -> Any:
-    """The type's kind, or None for a kind libclang's Python bindings do not name (_Float16 and __bf16 in 18.1)."""
+def _kind(x: Any) -> Any:
+    """A cursor's or type's kind, or None for one that libclang's Python bindings do not name (in 18.1, the
+    _Float16 and __bf16 types)."""
     try:
-        return t.kind
+        return x.kind
     except ValueError:
         return None
 
 
-def _check_kernel(ci: Any, kernel: Any, error: Any) -> None:
+def _annotations(ci: Any, cursor: Any) -> list[str]:
+    return [c.spelling for c in cursor.get_children() if _kind(c) == ci.CursorKind.ANNOTATE_ATTR]
+
+
+def _check_kernel(ci: Any, kernel: Any, error: Callable[[Any, str], None]) -> None:
     T = ci.TypeKind
     if _kind(kernel.result_type.get_canonical()) != T.VOID:
         error(kernel, f"kernel function '{kernel.spelling}' must return void")
     for p in kernel.get_arguments():
         attributes = [a.removeprefix("metal.") for a in _annotations(ci, p) if a.startswith("metal.")]
         t = p.type.get_canonical()
-        space = _address_space(ci, t.get_pointee()) if _kind(t) in (T.POINTER, T.LVALUEREFERENCE) else 0
-        spelled = _metal_spelling(p.type.spelling)
+        space = t.get_pointee().get_address_space() if _kind(t) in (T.POINTER, T.LVALUEREFERENCE) else 0
+        name, spelled = p.spelling, _metal_spelling(p.type.spelling)
         inputs = [a for a in attributes if a in POSITION_ATTRIBUTES or a in INDEX_ATTRIBUTES]
         if "buffer" in attributes:
             if space not in (1, 2):
-                error(p, f"kernel parameter '{p.spelling}' with [[buffer(n)]] must be a device or constant pointer "
-                         f"or reference, not '{spelled}'")
+                error(p, f"kernel parameter '{name}' with [[buffer(n)]] must be a device or constant pointer or "
+                         f"reference, not '{spelled}'")
         elif "threadgroup" in attributes:
             if space != 3:
-                error(p, f"kernel parameter '{p.spelling}' with [[threadgroup(n)]] must be a threadgroup pointer or "
+                error(p, f"kernel parameter '{name}' with [[threadgroup(n)]] must be a threadgroup pointer or "
                          f"reference, not '{spelled}'")
         elif inputs:
             element, count = (_kind(t.element_type), t.element_count) if _kind(t) == T.EXTVECTOR else (_kind(t), 1)
             index = inputs[0] in INDEX_ATTRIBUTES
             if element not in (T.UINT, T.USHORT) or count > (1 if index else 3):
                 allowed = "uint or ushort" if index else "uint, uint2, uint3, ushort, ushort2 or ushort3"
-                error(p, f"kernel parameter '{p.spelling}' with [[{inputs[0]}]] must be {allowed}, not '{spelled}'")
+                error(p, f"kernel parameter '{name}' with [[{inputs[0]}]] must be {allowed}, not '{spelled}'")
         elif space not in (1, 2, 3):
-            error(p, f"kernel parameter '{p.spelling}' of type '{spelled}' must be a device or constant pointer or "
+            error(p, f"kernel parameter '{name}' of type '{spelled}' must be a device or constant pointer or "
                      "reference ([[buffer(n)]]) or carry a built-in input attribute such as "
                      "[[thread_position_in_grid]]")

@@ -40,10 +40,11 @@ template <class T, int N> using vec = T __attribute__((ext_vector_type(N)));
 }
 using metal::vec;
 
+// Declared as ext_vector types themselves (the same types as vec<T, N>) so that diagnostics name them.
 #define METAL_TC_VECTORS(T)                                                                                   \
-  typedef vec<T, 2> T##2;                                                                                    \
-  typedef vec<T, 3> T##3;                                                                                    \
-  typedef vec<T, 4> T##4;
+  typedef T T##2 __attribute__((ext_vector_type(2)));                                                        \
+  typedef T T##3 __attribute__((ext_vector_type(3)));                                                        \
+  typedef T T##4 __attribute__((ext_vector_type(4)));
 METAL_TC_VECTORS(bool) METAL_TC_VECTORS(char) METAL_TC_VECTORS(uchar) METAL_TC_VECTORS(short)
 METAL_TC_VECTORS(ushort) METAL_TC_VECTORS(int) METAL_TC_VECTORS(uint) METAL_TC_VECTORS(long)
 METAL_TC_VECTORS(ulong) METAL_TC_VECTORS(half) METAL_TC_VECTORS(bfloat) METAL_TC_VECTORS(float)
@@ -88,29 +89,26 @@ template <class T, int N> struct bool_of<T __attribute__((ext_vector_type(N)))> 
   typedef bool type __attribute__((ext_vector_type(N)));
 };
 
-template <class V, class A> inline void put(V& v, int& k, A a) {
-  if constexpr (shape<A>::size == 1) {
-    v[k++] = (typename shape<V>::element)a;
-  } else {
-    for (int i = 0; i < shape<A>::size; ++i) v[k++] = (typename shape<V>::element)a[i];
-  }
-}
 // A vector constructor: no argument (zero), one scalar (splat), or scalars and vectors whose element counts add
-// up to the vector's; each element converts explicitly.
-template <class V, class... A> inline V make(A... a) {
-  static_assert(((is_value<A>) && ...), "a vector constructor takes scalars and vectors");
-  constexpr int given = (0 + ... + shape<A>::size);
-  static_assert(given == shape<V>::size || (sizeof...(A) == 1 && given == 1) || sizeof...(A) == 0,
+// up to the vector's; each element converts explicitly. Declared only: clang checks the call, nothing runs.
+template <class V, class... A>
+constexpr bool element_counts_add_up = (0 + ... + shape<A>::size) == shape<V>::size ||
+                                       (sizeof...(A) == 1 && (0 + ... + shape<A>::size) == 1) || sizeof...(A) == 0;
+template <class V, class... A> struct vector_constructor {
+  static_assert((is_value<A> && ...), "a vector constructor takes scalars and vectors");
+  static_assert(element_counts_add_up<V, A...>,
                 "a vector constructor's arguments must supply exactly as many elements as the vector has");
-  V v = 0;
-  if constexpr (sizeof...(A) == 1 && given == 1) {
-    ((v = (typename shape<V>::element)a), ...);
-  } else {
-    int k = 0;
-    (put(v, k, a), ...);
-  }
-  return v;
-}
+  typedef V type;
+};
+template <class To, class From> struct bit_cast {
+  static_assert(sizeof(To) == sizeof(From), "as_type<T>() needs a type of the same size");
+  typedef To type;
+};
+template <class T> constexpr bool is_matrix_element = scalar_kind<T>::value == 3;
+template <class T>
+constexpr bool is_atomic_element = is_same<T, int>::value || is_same<T, uint>::value || is_same<T, bool>::value ||
+                                   is_same<T, float>::value || is_same<T, ulong>::value;
+template <class V, class... A> typename vector_constructor<V, A...>::type make(A... a);
 }  // namespace metal_tc
 
 // float4(...) and friends construct vectors (a function-like macro expands only before a parenthesis;
@@ -234,10 +232,7 @@ METAL_TC_LIMITS(ulong, false, 0ul, 2ul * __LONG_MAX__ + 1ul, 0ul, 0ul, 0ul, 0ul,
 #undef METAL_TC_LIMITS
 
 // Reinterpret the bits of a scalar or vector as another type of the same size.
-template <class To, class From> To as_type(From x) {
-  static_assert(sizeof(To) == sizeof(From), "as_type<T>() needs a type of the same size");
-  return __builtin_bit_cast(To, x);
-}
+template <class To, class From> typename metal_tc::bit_cast<To, From>::type as_type(From x);
 
 
 // ---- math on float, half and bfloat scalars and vectors ----
@@ -392,9 +387,7 @@ simd_vote simd_active_threads_mask();
 
 // ---- SIMD-group matrices ----
 template <class T, int Cols, int Rows> struct simdgroup_matrix {
-  static_assert(metal_tc::is_same<T, float>::value || metal_tc::is_same<T, half>::value ||
-                    metal_tc::is_same<T, bfloat>::value,
-                "simdgroup_matrix holds float, half or bfloat");
+  static_assert(metal_tc::is_matrix_element<T>, "simdgroup_matrix holds float, half or bfloat");
   static_assert(Cols == 8 && Rows == 8, "simdgroup_matrix is 8x8");
   simdgroup_matrix() = default;
   explicit simdgroup_matrix(T diagonal);
@@ -438,16 +431,10 @@ simdgroup_matrix<T, Cols, Rows> operator*(const thread simdgroup_matrix<T, K, Ro
 enum memory_order { memory_order_relaxed, memory_order_acquire, memory_order_release, memory_order_acq_rel,
                     memory_order_seq_cst };
 template <class T> struct atomic {
-  static_assert(metal_tc::is_same<T, int>::value || metal_tc::is_same<T, uint>::value ||
-                    metal_tc::is_same<T, bool>::value || metal_tc::is_same<T, float>::value ||
-                    metal_tc::is_same<T, ulong>::value,
-                "atomic<T> holds int, uint, bool, float or ulong");
-  atomic() = default;
+  static_assert(metal_tc::is_atomic_element<T>, "atomic<T> holds int, uint, bool, float or ulong");
   atomic(const atomic&) = delete;
   atomic& operator=(const atomic&) = delete;
-
- private:
-  T value_;
+  T metal_tc_value;  // public, so that an atomic stays an aggregate (typecheck.py initializes threadgroup ones)
 };
 typedef atomic<int> atomic_int;
 typedef atomic<uint> atomic_uint;
