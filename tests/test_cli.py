@@ -51,3 +51,19 @@ def test_demo_honours_the_backend_setting_and_leaves_it_as_it_was(capsys, monkey
 def test_unknown_command_is_an_error():
     with pytest.raises(SystemExit):
         main(["frobnicate"])
+
+
+def test_cache_warm_info_and_clear(tmp_path):
+    env = {**__import__("os").environ, "FLASH_ATTN_METAL_CACHE_DIR": str(tmp_path)}
+
+    def cli(*args):
+        result = subprocess.run([sys.executable, "-m", "flash_attn_metal", "cache", *args], capture_output=True,
+                                text=True, env=env)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert "0 entries" in cli("info")
+    assert "warmed 32 kernel libraries" in cli("warm")
+    assert "32 entries" in cli("info")
+    assert "removed 32 entries" in cli("clear")
+    assert "0 entries" in cli("info")

@@ -171,17 +171,38 @@ def _demo_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Te
 
 
 def cache(args: argparse.Namespace) -> int:
-    from .runtime.cache import cache_dir
+    from .runtime.cache import cache_info, clear_cache
 
-    root = cache_dir()
-    files = [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
     if args.action == "clear":
-        for p in files:
-            p.unlink(missing_ok=True)
-        print(f"removed {len(files)} entries from {root}")
+        info = cache_info()
+        print(f"removed {clear_cache()} entries from {info['dir']}")
+    elif args.action == "info":
+        info = cache_info()
+        print(f"{info['dir']}: {info['entries']} entries, {info['bytes'] / 2**20:.1f} MiB")
+        for name, ns in info["namespaces"].items():
+            print(f"  {name:<14} {ns['entries']:>6} entries  {ns['bytes'] / 2**20:8.1f} MiB")
     else:
-        print(f"{root}: {len(files)} entries, {sum(p.stat().st_size for p in files) / 2**20:.1f} MiB")
+        _warm()
     return 0
+
+
+def _warm() -> None:
+    """Compile the common kernel variants through this machine's backend, filling both cache tiers."""
+    from .kernels.backward import backward_source
+    from .kernels.forward import forward_source
+    from .kernels.report import common_specs
+    from .runtime import get_backend
+    from .runtime.device import NEWEST_FAMILY, gpu_family
+
+    backend = get_backend("mps" if torch.backends.mps.is_available() else "emulator")
+    sources = [make(spec) for spec in common_specs(gpu_family() or NEWEST_FAMILY)
+               for make in (forward_source, backward_source)]
+    start = time.perf_counter()
+    for i, source in enumerate(sources, 1):
+        backend.compile(source)
+        bar = "#" * (30 * i // len(sources))
+        print(f"\r[{bar:<30}] {i}/{len(sources)} kernels  {time.perf_counter() - start:5.1f} s", end="", flush=True)
+    print(f"\nwarmed {len(sources)} kernel libraries for the {backend.name} backend")
 
 
 def kernels(args: argparse.Namespace) -> int:
@@ -207,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     kernels_parser.add_argument("--report", action="store_true", help="threads, memory and traffic per configuration")
     kernels_parser.set_defaults(run=kernels)
     cache_parser = commands.add_parser("cache", help="the compiled-kernel cache")
-    cache_parser.add_argument("action", choices=["info", "clear"])
+    cache_parser.add_argument("action", choices=["info", "clear", "warm"])
     cache_parser.set_defaults(run=cache)
     args = parser.parse_args(argv)
     return args.run(args)

@@ -47,6 +47,15 @@ def representative_specs() -> list[ForwardSpec]:
     ]
 
 
+def common_specs(family: str) -> list[ForwardSpec]:
+    """What `cache warm` precompiles: fp16 and bf16 at d = 64 and 128, with and without a mask, padded and
+    varlen (the shapes language models train and serve with most)."""
+    return [
+        ForwardSpec.for_call(dtype, d, family, varlen=varlen, masked=masked, softcap=False, alibi=False)
+        for dtype in ("half", "bfloat") for d in (64, 128) for masked in (False, True) for varlen in (False, True)
+    ]
+
+
 def sources() -> dict[str, str]:
     """File name -> MSL for the forward and backward kernels of every representative spec."""
     out = {}

@@ -108,7 +108,7 @@ template <class T> constexpr bool is_matrix_element = scalar_kind<T>::value == 3
 template <class T>
 constexpr bool is_atomic_element = is_same<T, int>::value || is_same<T, uint>::value || is_same<T, bool>::value ||
                                    is_same<T, float>::value || is_same<T, ulong>::value;
-template <class V, class... A> typename vector_constructor<V, A...>::type make(A... a);
+template <class V, class... A, class = typename vector_constructor<V, A...>::type> V make(A... a);
 }  // namespace metal_tc
 
 // float4(...) and friends construct vectors (a function-like macro expands only before a parenthesis;
