@@ -67,3 +67,14 @@ def test_cache_warm_info_and_clear(tmp_path):
     assert "32 entries" in cli("info")
     assert "removed 32 entries" in cli("clear")
     assert "0 entries" in cli("info")
+
+
+def test_bench_runs_the_harness_in_the_emulator_and_says_so(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "flash_attn_metal", "bench", "--out", str(tmp_path), "--repeats", "1"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "EMULATOR timings" in result.stdout
+    rows = (tmp_path / "bench.csv").read_text().splitlines()
+    assert rows[0].startswith("device,impl,mode,dtype,seqlen")
+    assert len(rows) == 1 + 2 * 2 * 3 * 3  # seqlens x causal x modes x implementations
+    assert any(r.split(",")[1] == "flash-attn-metal" for r in rows[1:])

@@ -218,6 +218,14 @@ def kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import bench as harness
+
+    return harness.main(Path(args.out), args.repeats)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flash_attn_metal", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -227,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     kernels_parser.add_argument("--dump", metavar="DIR", help="write a representative set of kernels as .metal files")
     kernels_parser.add_argument("--report", action="store_true", help="threads, memory and traffic per configuration")
     kernels_parser.set_defaults(run=kernels)
+    bench_parser = commands.add_parser("bench", help="time the kernels against SDPA (MPS; elsewhere the emulator)")
+    bench_parser.add_argument("--out", default="bench-results", help="directory for bench.csv and bench.png")
+    bench_parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement")
+    bench_parser.set_defaults(run=bench)
     cache_parser = commands.add_parser("cache", help="the compiled-kernel cache")
     cache_parser.add_argument("action", choices=["info", "clear", "warm"])
     cache_parser.set_defaults(run=cache)

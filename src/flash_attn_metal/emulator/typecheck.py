@@ -261,7 +261,12 @@ def _metal_spelling(message: str) -> str:
     """Clang's message with the shim's address spaces and scalar types spelled as Metal spells them."""
     for number, name in ADDRESS_SPACES.items():
         message = message.replace(f"__attribute__((address_space({number})))", name)
-    return message.replace("_Float16", "half").replace("__bf16", "bfloat")
+    message = message.replace("_Float16", "half").replace("__bf16", "bfloat")
+    return re.sub(r"((?:unsigned )?\w+) __attribute__\(\(ext_vector_type\((\d)\)\)\)",
+                  lambda m: _SCALAR_NAMES.get(m[1], m[1]) + m[2], message)
+
+
+_SCALAR_NAMES = {"unsigned char": "uchar", "unsigned short": "ushort", "unsigned int": "uint", "unsigned long": "ulong"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -400,6 +405,7 @@ class _Scanner:
         self.tokens = tokens
         self.edits = edits
         self.found: list[Diagnostic] = []
+        self.instantiation_attributes_end = -1  # where the last dropped attribute list ends (token index)
 
     def error(self, i: int, message: str) -> None:
         self.found.append(Diagnostic(self.tokens.line(i), self.tokens.column(i), "error", message))
@@ -443,12 +449,18 @@ class _Scanner:
             self.edits.replace(end - 1, end, "f16")
 
     def attributes(self, i: int) -> int:
-        """Rewrite Metal's attributes in the `[[...]]` at token i; return the index past its `]]`."""
+        """Rewrite Metal's attributes in the `[[...]]` at token i; return the index past its `]]`. The attributes
+        of an explicit instantiation (`template [[host_name("f")]] [[kernel]] void f<float>(...);`), which C++
+        does not allow there, are dropped."""
         tokens = self.tokens
+        drop = tokens.get(i - 1) == "template" or i == self.instantiation_attributes_end
         j, depth, item_start = i + 2, 0, True
         while j < len(tokens):
             text = tokens.text[j]
             if depth == 0 and text == "]" and tokens.get(j + 1) == "]":
+                if drop:
+                    self.edits.replace(tokens.start[i], tokens.end[j + 1], "")
+                    self.instantiation_attributes_end = j + 2
                 return j + 2
             if depth == 0 and text == ",":
                 item_start = True
@@ -458,7 +470,7 @@ class _Scanner:
                 depth += 1
             elif text in _CLOSE:
                 depth -= 1
-            elif item_start and text in METAL_ATTRIBUTES and tokens.get(j + 1) != "::":
+            elif item_start and not drop and text in METAL_ATTRIBUTES and tokens.get(j + 1) != "::":
                 annotation = f'clang::annotate("metal.{text}"'
                 if tokens.get(j + 1) == "(":
                     self.edits.replace(tokens.start[j], tokens.end[j + 1], annotation + ", ")

@@ -98,7 +98,7 @@ template <class V, class... A> struct vector_constructor {
   static_assert((is_value<A> && ...), "a vector constructor takes scalars and vectors");
   static_assert(element_counts_add_up<V, A...>,
                 "a vector constructor's arguments must supply exactly as many elements as the vector has");
-  typedef V type;
+  static constexpr bool checked = true;
 };
 template <class To, class From> struct bit_cast {
   static_assert(sizeof(To) == sizeof(From), "as_type<T>() needs a type of the same size");
@@ -108,7 +108,8 @@ template <class T> constexpr bool is_matrix_element = scalar_kind<T>::value == 3
 template <class T>
 constexpr bool is_atomic_element = is_same<T, int>::value || is_same<T, uint>::value || is_same<T, bool>::value ||
                                    is_same<T, float>::value || is_same<T, ulong>::value;
-template <class V, class... A, class = typename vector_constructor<V, A...>::type> V make(A... a);
+// The checks run when a call instantiates the exception specification (no body: nothing to compile).
+template <class V, class... A> V make(A... a) noexcept(vector_constructor<V, A...>::checked);
 }  // namespace metal_tc
 
 // float4(...) and friends construct vectors (a function-like macro expands only before a parenthesis;
