@@ -15,6 +15,7 @@ import os
 from .errors import Diagnostic, KernelExecutionError, MSLCompileError, MSLError, UnsupportedMSL
 from .library import KernelFunction, Library
 from .translate import translate
+from .typecheck import typecheck  # cheap: libclang loads on the first call
 
 __all__ = [
     "compile_shader", "typecheck", "Library", "KernelFunction",
@@ -38,10 +39,3 @@ def compile_shader(source: str, device: str = "cpu") -> Library:
 
         return CudaLibrary(translate(source, debug=debug, target="cuda"), debug)
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-
-
-def typecheck(source: str) -> None:
-    """Compile `source` with clang under Metal's type rules; raise MSLCompileError with MSL line numbers."""
-    from .typecheck import typecheck as _typecheck
-
-    _typecheck(source)

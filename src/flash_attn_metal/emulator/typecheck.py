@@ -118,8 +118,9 @@ class _Checker:
         self.lib = cindex.conf.lib
         self.index = _index_with_preambles_in_memory(cindex)
         stdlib = '#define METAL_TYPECHECK_STDLIB\n#include "metal_typecheck.h"\n'
-        self.headers = [(SHIM_FILE, SHIM_PATH.read_text())] + [(f"{INCLUDE_DIR}/{h}", stdlib) for h in STDLIB_HEADERS]
-        self.units: dict[Any, Any] = {}
+        self.headers = [(SHIM_FILE, SHIM_PATH.read_text())] + [(f"{INCLUDE_DIR}/{h}", stdlib)
+                                                                for h in sorted(STDLIB_HEADERS)]
+        self.units: dict[Any, Any] = {}  # "lex", and True/False: whether the source includes <metal_stdlib>
 
     def close(self) -> None:
         """Free the translation units, then the index, while libclang's bindings are still loaded."""
@@ -151,12 +152,22 @@ class _Checker:
                 # An error with no place in the source follows from the one before (clang notes where an
                 # instantiation was requested only for its first error).
                 where = _source_location(d) or where
-                found.append(_diagnostic(where, shifts, _clang_message(d)))
-        found += _check_declarations(self.ci, tu, shifts)
-        return tuple(sorted(set(found), key=lambda d: (d.line, d.column, d.message)))
+                found.append(_diagnostic(where, tokens, shifts, _clang_message(d)))
+        found += _check_declarations(self.ci, tu, tokens, shifts)
+        return tuple(sorted(dict.fromkeys(found), key=lambda d: (d.line, d.column)))  # clang's order within a place
 
     def lex(self, data: bytes) -> _Tokens:
-        """The source's tokens, from libclang's lexer (the source is wrapped in `#if 0`, so nothing is parsed)."""
+        """The source's tokens but comments, within the source (the lexer may run on into the `#endif`)."""
+        kinds, starts, ends = self.token_spans(data)
+        keep = [i for i, k in enumerate(kinds) if k != _COMMENT and starts[i] < len(data)]
+        if len(keep) < len(kinds) or (ends and ends[-1] > len(data)):
+            kinds, starts = [kinds[i] for i in keep], [starts[i] for i in keep]
+            ends = [min(ends[i], len(data)) for i in keep]
+        return _Tokens(data, kinds, starts, ends)
+
+    def token_spans(self, data: bytes, fast: bool = True) -> tuple[list[int], list[int], list[int]]:
+        """The kind, start and end of each token of `data`, from libclang's lexer (`data` is wrapped in `#if 0`,
+        so nothing is parsed)."""
         ci, lib = self.ci, self.lib
         prefix = b"#if 0\n"
         tu = self.unit("lex", LEX_FILE, ["-x", "c++", "-nostdinc"], [(LEX_FILE, prefix + data + b"\n#endif\n")], 0)
@@ -167,30 +178,27 @@ class _Checker:
         count = ctypes.c_uint()
         lib.clang_tokenize(tu, extent, ctypes.byref(array), ctypes.byref(count))
         try:
-            spans = self.token_spans(tu, array, count.value, len(prefix))
+            return self.read_tokens(tu, array, count.value, len(prefix), fast)
         finally:
             lib.clang_disposeTokens(tu, array, count)
-        return _Tokens(data, [s for s in spans if s[0] != _COMMENT and s[1] < len(data)])
 
-    def token_spans(self, tu: Any, array: Any, count: int, base: int, fast: bool = True) -> list[tuple[int, int, int]]:
-        """(kind, start, end) of each token, offsets less `base`. The fast way reads the kind, raw location and
-        length that libclang keeps in each token's first three ints, and is taken only where it agrees with
-        libclang's accessors on the first and the last token."""
+    def read_tokens(self, tu: Any, array: Any, count: int, base: int,
+                    fast: bool) -> tuple[list[int], list[int], list[int]]:
+        """The kind, start and end of each token in libclang's array, offsets less `base`. The fast way reads the
+        kind, raw location and length that libclang keeps in each token's first three ints, and is taken only where
+        it agrees with libclang's accessors on the first and the last token."""
         if count == 0:
-            return []
+            return [], [], []
         if fast and ctypes.sizeof(self.ci.Token) == 6 * ctypes.sizeof(ctypes.c_uint):
             ints = (ctypes.c_uint * (6 * count)).from_address(ctypes.addressof(array.contents))[:]
             first, last = self.token_span(tu, array[0]), self.token_span(tu, array[count - 1])
-            shift = ints[1] - first[1]
-            spans = [(k, r - shift - base, r - shift - base + n) for k, r, n in zip(ints[0::6], ints[1::6], ints[2::6])]
-            if (spans[0], spans[-1]) == ((first[0], first[1] - base, first[2] - base),
-                                         (last[0], last[1] - base, last[2] - base)):
-                return spans
-        spans = []
-        for i in range(count):
-            kind, start, end = self.token_span(tu, array[i])
-            spans.append((kind, start - base, end - base))
-        return spans
+            shift = ints[1] - first[1] + base
+            kinds, starts = ints[0::6], [r - shift for r in ints[1::6]]
+            ends = [s + n for s, n in zip(starts, ints[2::6])]
+            if all((kinds[i], starts[i] + base, ends[i] + base) == span for i, span in ((0, first), (-1, last))):
+                return kinds, starts, ends
+        spans = [self.token_span(tu, array[i]) for i in range(count)]
+        return [k for k, _, _ in spans], [a - base for _, a, _ in spans], [b - base for _, _, b in spans]
 
     def token_span(self, tu: Any, token: Any) -> tuple[int, int, int]:
         """(kind, start, end) of one token, from libclang's accessors."""
@@ -241,6 +249,9 @@ def _source_location(d: Any) -> Any:
 def _clang_message(d: Any) -> str:
     """The message, followed by the reasons clang gives for rejecting the first two candidates, in Metal's words."""
     reasons = [n.spelling for n in d.children if n.spelling.startswith("candidate")][:2]
+    if d.spelling == "automatic variable qualified with an address space":
+        reasons.append("Metal's local variables are thread variables, but for threadgroup variables written out in "
+                       "a kernel's body (not made by a macro)")
     message = _metal_spelling(d.spelling + "".join(f"; {r}" for r in reasons))
     return re.sub(r"'([^']*)' \(aka '\1'\)", r"'\1'", message)  # drop an aka that now says the same
 
@@ -249,12 +260,13 @@ def _in_main(location: Any) -> bool:
     return location.file is not None and location.file.name == MAIN_FILE
 
 
-def _diagnostic(where: Any, shifts: dict[int, list[_Shift]], message: str) -> Diagnostic:
+def _diagnostic(where: Any, source: _Tokens, shifts: dict[int, list[_Shift]], message: str) -> Diagnostic:
     """An error at a clang location in the main file (None: nowhere in the source), in MSL lines and columns."""
     if where is None or where.line <= PREFIX_LINES:
         return Diagnostic(0, 0, "error", message)
     line = where.line - PREFIX_LINES
-    return Diagnostic(line, _msl_column(shifts.get(line), where.column), "error", message)
+    return Diagnostic(line, source.character_column(line, _msl_column(shifts.get(line), where.column)), "error",
+                      message)
 
 
 def _metal_spelling(message: str) -> str:
@@ -273,30 +285,33 @@ _SCALAR_NAMES = {"unsigned char": "uchar", "unsigned short": "ushort", "unsigned
 # Tokens
 
 
-_PUNCTUATION, _KEYWORD, _IDENTIFIER, _LITERAL, _COMMENT = range(5)  # CXTokenKind
+_LITERAL, _COMMENT = 3, 4  # CXTokenKind
 
 
 class _Tokens:
-    """The source's tokens as parallel lists (comments dropped), indexed 0..n-1."""
+    """The source's bytes, its line starts, and its tokens as parallel lists (comments dropped)."""
 
-    def __init__(self, data: bytes, spans: list[tuple[int, int, int]]) -> None:
+    def __init__(self, data: bytes, kinds: list[int], starts: list[int], ends: list[int]) -> None:
+        self.data = data
         self.line_starts = [0]
         newline = data.find(b"\n")
         while newline != -1:
             self.line_starts.append(newline + 1)
             newline = data.find(b"\n", newline + 1)
-        self.kind = [k for k, _, _ in spans]
-        self.start = [s for _, s, _ in spans]
-        self.end = [e for _, _, e in spans]
-        self.text = [data[s:e].decode() for _, s, e in spans]
+        self.kind, self.start, self.end = kinds, starts, ends
+        if data.isascii():  # byte offsets are character offsets: slice the string
+            text = data.decode()
+            self.text = [text[a:b] for a, b in zip(starts, ends)]
+        else:
+            self.text = [data[a:b].decode() for a, b in zip(starts, ends)]
         # Whether each token is on a preprocessor directive's (backslash-continued) line.
-        self.directive = [False] * len(spans)
+        self.directive = [False] * len(starts)
         directive_end = -1
         for i, text in enumerate(self.text):
-            start = self.start[i]
-            if text == "#" and start > directive_end and (i == 0 or self.line(i - 1) < self.line(i)):
-                directive_end = _logical_line_end(data, start)
-            self.directive[i] = start < directive_end
+            if text == "#" and starts[i] > directive_end and (i == 0 or self.line(i - 1) < self.line(i)):
+                directive_end = _logical_line_end(data, starts[i])
+            if starts[i] < directive_end:
+                self.directive[i] = True
 
     def __len__(self) -> int:
         return len(self.text)
@@ -309,7 +324,14 @@ class _Tokens:
         return bisect_right(self.line_starts, self.start[i])
 
     def column(self, i: int) -> int:
-        return self.start[i] - self.line_starts[self.line(i) - 1] + 1
+        """Token i's column, in characters."""
+        line = self.line(i)
+        return self.character_column(line, self.start[i] - self.line_starts[line - 1] + 1)
+
+    def character_column(self, line: int, column: int) -> int:
+        """The column, in characters, of byte column `column` (1-based, as clang counts) of a line."""
+        start = self.line_starts[line - 1] if line <= len(self.line_starts) else len(self.data)
+        return len(self.data[start:start + column - 1].decode(errors="replace")) + 1
 
     def includes_stdlib(self) -> bool:
         """Whether a directive `#include <metal_stdlib>` (or a sub-header) is in the source."""
@@ -358,6 +380,8 @@ class _Edits:
         out, pos = [], 0
         shifts: dict[int, list[_Shift]] = {}
         for start, end, text in sorted(self.changes, key=lambda c: (c[0], c[1])):
+            if start < pos:
+                continue  # inside a span already replaced (a literal in a dropped attribute list)
             width = len(text.encode())
             out += [source[pos:start], text.encode()]
             pos = end
@@ -395,12 +419,15 @@ class _Scope:
 
 _ASM = frozenset({"asm", "__asm", "__asm__"})
 _ACCESS = frozenset({"public", "private", "protected"})
+# What ends a function's declaration before its body (`}`: a constructor's member initializer in braces).
 _FUNCTION_BODY_AFTER = frozenset({")", "const", "noexcept", "override", "final", "mutable", "volatile", "]", "&",
-                                  "&&"})
+                                  "&&", "}"})
 _OPEN, _CLOSE = frozenset({"(", "["}), frozenset({")", "]"})
 
 
 class _Scanner:
+    """One pass over the tokens: records the rewrites in `edits` and returns the errors only tokens show."""
+
     def __init__(self, tokens: _Tokens, edits: _Edits) -> None:
         self.tokens = tokens
         self.edits = edits
@@ -544,6 +571,8 @@ class _Scanner:
             elif text == ";" and scope.depth == 0:
                 statement_start = in_function
                 declaration = position + 1
+            elif text == ":" and in_function:
+                statement_start = True  # after a label
             elif text == ":" and scope.kind == "record" and position and texts[code[position - 1]] in _ACCESS:
                 declaration = position + 1
 
@@ -638,13 +667,13 @@ def _after_templates_and_attributes(texts: list[str]) -> list[str]:
 # Declarations, on clang's AST
 
 
-def _check_declarations(ci: Any, tu: Any, shifts: dict[int, list[_Shift]]) -> list[Diagnostic]:
+def _check_declarations(ci: Any, tu: Any, source: _Tokens, shifts: dict[int, list[_Shift]]) -> list[Diagnostic]:
     """Program-scope variables live in the constant address space; kernel signatures are Metal's."""
     found: list[Diagnostic] = []
     K = ci.CursorKind
 
     def error(cursor: Any, message: str) -> None:
-        found.append(_diagnostic(cursor.location, shifts, message))
+        found.append(_diagnostic(cursor.location, source, shifts, message))
 
     def visit(parent: Any) -> None:
         for c in parent.get_children():

@@ -1,8 +1,8 @@
 // The Metal Shading Language declared for clang, for `emulator.typecheck`: types and signatures only, no code.
 //
-// Part 1 (always force-included) is the language itself: the address spaces, the kernel marker, the scalar and
-// vector types and vector constructors. Part 2 is the Metal standard library, served only as <metal_stdlib> (and
-// its sub-headers), so a source that forgets the include fails as it does under Apple's compiler.
+// Part 1, always included ahead of the source, is the language itself: the address spaces, the kernel marker, the
+// scalar and vector types and the vector constructors. Part 2 is the Metal standard library, included only when the
+// source includes <metal_stdlib> (or a sub-header), so that a source that forgets it fails as under Apple's compiler.
 //
 // device, constant and threadgroup are distinct clang address spaces, and thread is the default one (a local
 // variable is a thread variable), so a pointer of one space never converts to another. Vectors are clang
@@ -80,7 +80,7 @@ template <class T> struct shape<const T> : shape<T> {};
 template <class T> constexpr bool is_float = scalar_kind<typename shape<T>::element>::value == 3;
 template <class T> constexpr bool is_integer = scalar_kind<typename shape<T>::element>::value == 2;
 template <class T> constexpr bool is_arithmetic = scalar_kind<typename shape<T>::element>::value >= 2;
-template <class T> constexpr bool is_value = scalar_kind<typename shape<T>::element>::value >= 1;
+template <class T> constexpr bool is_value = scalar_kind<typename shape<T>::element>::value >= 1 || __is_enum(T);
 template <class T> constexpr bool is_vector = shape<T>::size > 1;
 template <bool B> using require = typename enable_if<B, int>::type;  // a default template argument: `= 0`
 // The result of a relational function: bool for a scalar, a bool vector for a vector.
@@ -102,13 +102,13 @@ template <class V, class... A> struct vector_constructor {
 };
 template <class To, class From> struct bit_cast {
   static_assert(sizeof(To) == sizeof(From), "as_type<T>() needs a type of the same size");
-  typedef To type;
+  static constexpr bool checked = true;
 };
 template <class T> constexpr bool is_matrix_element = scalar_kind<T>::value == 3;
 template <class T>
 constexpr bool is_atomic_element = is_same<T, int>::value || is_same<T, uint>::value || is_same<T, bool>::value ||
                                    is_same<T, float>::value || is_same<T, ulong>::value;
-// The checks run when a call instantiates the exception specification (no body: nothing to compile).
+// The checks run when a call instantiates the exception specification (no body to compile; as_type does the same).
 template <class V, class... A> V make(A... a) noexcept(vector_constructor<V, A...>::checked);
 }  // namespace metal_tc
 
@@ -233,8 +233,7 @@ METAL_TC_LIMITS(ulong, false, 0ul, 2ul * __LONG_MAX__ + 1ul, 0ul, 0ul, 0ul, 0ul,
 #undef METAL_TC_LIMITS
 
 // Reinterpret the bits of a scalar or vector as another type of the same size.
-template <class To, class From> typename metal_tc::bit_cast<To, From>::type as_type(From x);
-
+template <class To, class From> To as_type(From x) noexcept(metal_tc::bit_cast<To, From>::checked);
 
 // ---- math on float, half and bfloat scalars and vectors ----
 #define METAL_TC_FLOAT template <class T, metal_tc::require<metal_tc::is_float<T>> = 0>
