@@ -209,9 +209,8 @@ kernel void {name}(
       simdgroup_float8x8 dp = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
       for (int d = 0; d < D_FRAGS; ++d) {{
         simdgroup_float8x8 k_t, v_t;  // element (d, key)
-        const int at = (kf * 8 + coord.x) * HEAD_DIM + d * 8 + coord.y;
-        k_t.thread_elements() = float2(float(k_tile[at]), float(k_tile[at + HEAD_DIM]));
-        v_t.thread_elements() = float2(float(v_tile[at]), float(v_tile[at + HEAD_DIM]));
+        k_t.thread_elements() = tile_fragment_transposed(k_tile, kf, d, coord);
+        v_t.thread_elements() = tile_fragment_transposed(v_tile, kf, d, coord);
         simdgroup_multiply_accumulate(s, q_frag[d], k_t, s);
         simdgroup_multiply_accumulate(dp, do_frag[d], v_t, dp);
       }}
@@ -228,8 +227,7 @@ kernel void {name}(
       // dQ += dS K.
       for (int d = 0; d < D_FRAGS; ++d) {{
         simdgroup_float8x8 k;  // element (key, d)
-        const int at = (kf * 8 + coord.y) * HEAD_DIM + d * 8 + coord.x;
-        k.thread_elements() = float2(float(k_tile[at]), float(k_tile[at + 1]));
+        k.thread_elements() = tile_fragment(k_tile, kf, d, coord);
         simdgroup_multiply_accumulate(dq_frag[d], s, k, dq_frag[d]);
       }}
     }}
@@ -302,9 +300,8 @@ kernel void {name}(
         simdgroup_float8x8 dp_t = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
         for (int d = 0; d < D_FRAGS; ++d) {{
           simdgroup_float8x8 q_t, do_t;  // element (d, query)
-          const int at = (qf * 8 + coord.x) * HEAD_DIM + d * 8 + coord.y;
-          q_t.thread_elements() = float2(float(q_tile[at]), float(q_tile[at + HEAD_DIM]));
-          do_t.thread_elements() = float2(float(do_tile[at]), float(do_tile[at + HEAD_DIM]));
+          q_t.thread_elements() = tile_fragment_transposed(q_tile, qf, d, coord);
+          do_t.thread_elements() = tile_fragment_transposed(do_tile, qf, d, coord);
           simdgroup_multiply_accumulate(s_t, k_frag[d], q_t, s_t);
           simdgroup_multiply_accumulate(dp_t, v_frag[d], do_t, dp_t);
         }}
@@ -325,9 +322,8 @@ kernel void {name}(
         // dV += P^T dO and dK += dS^T Q.
         for (int d = 0; d < D_FRAGS; ++d) {{
           simdgroup_float8x8 q, d_o;  // element (query, d)
-          const int at = (qf * 8 + coord.y) * HEAD_DIM + d * 8 + coord.x;
-          q.thread_elements() = float2(float(q_tile[at]), float(q_tile[at + 1]));
-          d_o.thread_elements() = float2(float(do_tile[at]), float(do_tile[at + 1]));
+          q.thread_elements() = tile_fragment(q_tile, qf, d, coord);
+          d_o.thread_elements() = tile_fragment(do_tile, qf, d, coord);
           simdgroup_multiply_accumulate(dv_frag[d], s_t, d_o, dv_frag[d]);
           simdgroup_multiply_accumulate(dk_frag[d], dp_t, q, dk_frag[d]);
         }}

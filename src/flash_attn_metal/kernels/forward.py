@@ -156,8 +156,7 @@ def _kernel(spec: ForwardSpec, params: str) -> str:
       s_frag[kf] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
       for (int d = 0; d < D_FRAGS; ++d) {{
         simdgroup_float8x8 k_t;  // K^T: element (d, key) of the fragment
-        threadgroup const input_t* k_col = kv_tile + (kf * 8 + coord.x) * HEAD_DIM + d * 8 + coord.y;
-        k_t.thread_elements() = float2(float(k_col[0]), float(k_col[HEAD_DIM]));
+        k_t.thread_elements() = tile_fragment_transposed(kv_tile, kf, d, coord);
         simdgroup_multiply_accumulate(s_frag[kf], q_frag[d], k_t, s_frag[kf]);
       }}
     }}
@@ -202,8 +201,7 @@ def _kernel(spec: ForwardSpec, params: str) -> str:
       o_frag[d].thread_elements() *= correction;
       for (int kf = 0; kf < K_FRAGS; ++kf) {{
         simdgroup_float8x8 v;  // element (key, d) of the fragment
-        threadgroup const input_t* v_row = kv_tile + (kf * 8 + coord.y) * HEAD_DIM + d * 8 + coord.x;
-        v.thread_elements() = float2(float(v_row[0]), float(v_row[1]));
+        v.thread_elements() = tile_fragment(kv_tile, kf, d, coord);
         simdgroup_multiply_accumulate(o_frag[d], s_frag[kf], v, o_frag[d]);
       }}
     }}

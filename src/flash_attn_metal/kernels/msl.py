@@ -14,6 +14,18 @@ inline float2 load_pair(device const input_t* base, long row, long row_stride, i
   return v;
 }
 
+// Fragment (block, d) of a (rows x HEAD_DIM) threadgroup tile, in fp32: element (r, c) is tile[block*8 + r][d*8 + c].
+inline float2 tile_fragment(threadgroup const input_t* tile, int block, int d, ushort2 coord) {
+  threadgroup const input_t* p = tile + (block * 8 + coord.y) * HEAD_DIM + d * 8 + coord.x;
+  return float2(float(p[0]), float(p[1]));
+}
+
+// The same fragment transposed: element (r, c) is tile[block*8 + c][d*8 + r].
+inline float2 tile_fragment_transposed(threadgroup const input_t* tile, int block, int d, ushort2 coord) {
+  threadgroup const input_t* p = tile + (block * 8 + coord.x) * HEAD_DIM + d * 8 + coord.y;
+  return float2(float(p[0]), float(p[HEAD_DIM]));
+}
+
 // Rows [first, first + tile_rows) of a (rows x cols) matrix into a (tile_rows x HEAD_DIM) tile, zero past
 // its edges; all THREADS threads of the threadgroup take part.
 inline void load_tile(threadgroup input_t* tile, int tile_rows, device const input_t* src, long row_stride,
