@@ -1,7 +1,7 @@
 """Large-N runs of the generated MSL kernels on an NVIDIA GPU through the CUDA emulator.
 
     python benchmarks/large_cuda.py
-        forward:  N = 8192 and 32768, d = 128 and 256, causal and not, fp16, B=1, H=2
+        forward:  N = 8192 and 32768, d = 128 and 256, causal and not, and N = 131072 at d = 128; fp16, B=1, H=2
         backward: N = 8192, d = 64, 128 and 256, causal and not, fp16, B=1, GQA 4:1 (H=4, H_kv=1)
 
 Each run goes through `flash_attn_func` with FLASH_ATTN_METAL_BACKEND=emulator and STRICT=1 on CUDA tensors and
@@ -25,7 +25,7 @@ from flash_attn_metal import flash_attn_func, stats  # noqa: E402
 from flash_attn_metal.problem import AttentionProblem  # noqa: E402
 from flash_attn_metal.reference import attention  # noqa: E402
 
-FORWARD = [(n, d, causal) for n in (8192, 32768) for d in (128, 256) for causal in (False, True)]
+FORWARD = [(n, d, causal) for n in (8192, 32768) for d in (128, 256) for causal in (False, True)] + [(131072, 128, False)]
 BACKWARD = [(8192, d, causal) for d in (64, 128, 256) for causal in (False, True)]
 
 
