@@ -17,7 +17,7 @@ a query block (two tiles of BLOCK_K x HEAD_DIM, the forward's tile table keeps t
 from __future__ import annotations
 
 from .forward import FLOAT_ARGS, INT_ARGS
-from .msl import HELPERS
+from .msl import HELPERS, THREADGROUP_BUILTINS, key_range, parameter_list, side_buffer_names
 from .spec import ForwardSpec
 
 BACKWARD_INT_ARGS = INT_ARGS + (
@@ -33,12 +33,7 @@ def kernel_names(spec: ForwardSpec) -> tuple[str, str, str]:
 
 
 def buffer_names(spec: ForwardSpec) -> list[str]:
-    names = ["Q", "K", "V", "O", "dO", "LSE", "D", "dQ", "dK", "dV", "ints", "floats"]
-    if spec.varlen:
-        names += ["cu_seqlens_q", "cu_seqlens_k"]
-    if spec.alibi:
-        names += ["alibi_slopes"]
-    return names
+    return ["Q", "K", "V", "O", "dO", "LSE", "D", "dQ", "dK", "dV", "ints", "floats", *side_buffer_names(spec)]
 
 
 def backward_source(spec: ForwardSpec) -> str:
@@ -48,10 +43,8 @@ def backward_source(spec: ForwardSpec) -> str:
         "O": f"device const {t}* O", "dO": f"device const {t}* dO", "LSE": "device const float* LSE",
         "D": "device float* D", "dQ": f"device {t}* dQ", "dK": f"device {t}* dK", "dV": f"device {t}* dV",
         "ints": "constant long* ints", "floats": "constant float* floats",
-        "cu_seqlens_q": "device const int* cu_seqlens_q", "cu_seqlens_k": "device const int* cu_seqlens_k",
-        "alibi_slopes": "device const float* alibi_slopes",
     }
-    params = ",\n    ".join(f"{declarations[n]} [[buffer({i})]]" for i, n in enumerate(buffer_names(spec)))
+    params = parameter_list(declarations, buffer_names(spec))
     preprocess, dq, dkdv = kernel_names(spec)
     threads = spec.block_q // 8 * 32
     return f"""#include <metal_stdlib>
@@ -156,20 +149,10 @@ def _common_setup(spec: ForwardSpec) -> str:
 
 def _dq_kernel(spec: ForwardSpec, name: str, params: str) -> str:
     slope = "alibi_slopes[batch * ints[ALIBI_BATCH] + head] * LOG2E" if spec.alibi else "0.0f"
-    if spec.masked:
-        key_range = """  const long window_left = ints[WINDOW_LEFT], window_right = ints[WINDOW_RIGHT];
-  if (window_left >= 0) key_begin = max(key_begin, first_row + seqlen_k - seqlen_q - window_left);
-  if (window_right >= 0) key_end = min(key_end, last_row + seqlen_k - seqlen_q + window_right + 1);
-  key_begin = key_begin / BLOCK_K * BLOCK_K;"""
-    else:
-        key_range = ""
     return f"""// dQ for one query block, over the key blocks its rows can see.
 kernel void {name}(
     {params},
-    uint3 group [[threadgroup_position_in_grid]],
-    ushort tid [[thread_index_in_threadgroup]],
-    ushort sg [[simdgroup_index_in_threadgroup]],
-    ushort lane [[thread_index_in_simdgroup]]) {{
+{THREADGROUP_BUILTINS}) {{
   threadgroup input_t k_tile[BLOCK_K * HEAD_DIM];
   threadgroup input_t v_tile[BLOCK_K * HEAD_DIM];
   const long batch = group.z, head = group.y, kv_head = head / ints[KV_GROUP];
@@ -198,7 +181,7 @@ kernel void {name}(
   }}
 
   long key_begin = 0, key_end = seqlen_k;
-{key_range}
+{key_range(spec)}
   for (long k0 = key_begin; k0 < key_end; k0 += BLOCK_K) {{
     load_tile(k_tile, BLOCK_K, k_seq, ints[K_ROW], k0, seqlen_k, head_dim, tid);
     load_tile(v_tile, BLOCK_K, v_seq, ints[V_ROW], k0, seqlen_k, head_dim, tid);
@@ -257,10 +240,7 @@ def _dkdv_kernel(spec: ForwardSpec, name: str, params: str) -> str:
     return f"""// dK and dV for one key block, over every query head that shares its K/V head and the visible query blocks.
 kernel void {name}(
     {params},
-    uint3 group [[threadgroup_position_in_grid]],
-    ushort tid [[thread_index_in_threadgroup]],
-    ushort sg [[simdgroup_index_in_threadgroup]],
-    ushort lane [[thread_index_in_simdgroup]]) {{
+{THREADGROUP_BUILTINS}) {{
   threadgroup input_t q_tile[BLOCK_K * HEAD_DIM];
   threadgroup input_t do_tile[BLOCK_K * HEAD_DIM];
   const long batch = group.z, kv_head = group.y;

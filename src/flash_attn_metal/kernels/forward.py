@@ -16,7 +16,7 @@ simdgroup_matrix layout and converted from the input dtype, so half, bfloat and 
 
 from __future__ import annotations
 
-from .msl import HELPERS
+from .msl import HELPERS, THREADGROUP_BUILTINS, key_range, parameter_list, side_buffer_names
 from .spec import ForwardSpec
 
 # Run-time integer arguments, in the order dispatch.py packs them into the `ints` buffer.
@@ -32,24 +32,18 @@ FLOAT_ARGS = ("SCORE_SCALE", "SOFTCAP_LOG2")
 
 def buffer_names(spec: ForwardSpec) -> list[str]:
     """The kernel's buffers in [[buffer(i)]] order."""
-    names = ["Q", "K", "V", "O", "LSE", "ints", "floats"]
-    if spec.varlen:
-        names += ["cu_seqlens_q", "cu_seqlens_k"]
-    if spec.alibi:
-        names += ["alibi_slopes"]
-    return names
+    return ["Q", "K", "V", "O", "LSE", "ints", "floats", *side_buffer_names(spec)]
 
 
 def forward_source(spec: ForwardSpec) -> str:
     t = spec.dtype
     threads = spec.block_q // 8 * 32
-    buffers = {
+    declarations = {
         "Q": f"device const {t}* Q", "K": f"device const {t}* K", "V": f"device const {t}* V",
         "O": f"device {t}* O", "LSE": "device float* LSE", "ints": "constant long* ints",
-        "floats": "constant float* floats", "cu_seqlens_q": "device const int* cu_seqlens_q",
-        "cu_seqlens_k": "device const int* cu_seqlens_k", "alibi_slopes": "device const float* alibi_slopes",
+        "floats": "constant float* floats",
     }
-    params = ",\n    ".join(f"{buffers[n]} [[buffer({i})]]" for i, n in enumerate(buffer_names(spec)))
+    params = parameter_list(declarations, buffer_names(spec))
     int_enum = ", ".join(INT_ARGS)
     float_enum = ", ".join(FLOAT_ARGS)
     return f"""#include <metal_stdlib>
@@ -86,11 +80,6 @@ def _kernel(spec: ForwardSpec, params: str) -> str:
   const long q_start = batch * ints[Q_BATCH], k_start = batch * ints[K_BATCH];
   const long v_start = batch * ints[V_BATCH], o_start = batch * ints[O_BATCH], lse_start = batch * ints[LSE_BATCH];"""
     if spec.masked:
-        window = """  // Causal and local masks: skip whole key blocks that no row of this query block can see.
-  const long window_left = ints[WINDOW_LEFT], window_right = ints[WINDOW_RIGHT];
-  if (window_left >= 0) key_begin = max(key_begin, first_row + seqlen_k - seqlen_q - window_left);
-  if (window_right >= 0) key_end = min(key_end, last_row + seqlen_k - seqlen_q + window_right + 1);
-  key_begin = key_begin / BLOCK_K * BLOCK_K;"""
         block_visible = """    // Masks apply per element only on blocks that some (row, key) of the window cuts.
     const bool inside = (window_left < 0 || k0 >= last_row + seqlen_k - seqlen_q - window_left) &&
                         (window_right < 0 || k0 + BLOCK_K - 1 <= first_row + seqlen_k - seqlen_q + window_right);
@@ -98,7 +87,6 @@ def _kernel(spec: ForwardSpec, params: str) -> str:
         visible = ("key < seqlen_k && (window_left < 0 || key >= diagonal - window_left) && "
                    "(window_right < 0 || key <= diagonal + window_right)")
     else:
-        window = ""
         block_visible = """    const bool mask_block = k0 + BLOCK_K > seqlen_k;  // keys past the sequence's end"""
         visible = "key < seqlen_k"
     if spec.softcap:
@@ -112,10 +100,7 @@ def _kernel(spec: ForwardSpec, params: str) -> str:
                   if spec.alibi else "")
     return f"""kernel void {spec.name}(
     {params},
-    uint3 group [[threadgroup_position_in_grid]],
-    ushort tid [[thread_index_in_threadgroup]],
-    ushort sg [[simdgroup_index_in_threadgroup]],
-    ushort lane [[thread_index_in_simdgroup]]) {{
+{THREADGROUP_BUILTINS}) {{
   threadgroup input_t kv_tile[BLOCK_K * HEAD_DIM];  // the current key block's K, then its V
 
   // This threadgroup's sequence, head and query rows.
@@ -146,7 +131,7 @@ def _kernel(spec: ForwardSpec, params: str) -> str:
   float row_max = MASKED, row_sum = 0.0f;
 
   long key_begin = 0, key_end = seqlen_k;
-{window}
+{key_range(spec)}
   for (long k0 = key_begin; k0 < key_end; k0 += BLOCK_K) {{
     // S = Q K^T.
     load_tile(kv_tile, BLOCK_K, k_seq, ints[K_ROW], k0, seqlen_k, head_dim, tid);

@@ -1,5 +1,43 @@
-"""MSL shared by the generated kernels: Apple's fragment layout and the loaders. The kernel that includes them
-defines `input_t`, HEAD_DIM and THREADS first."""
+"""MSL shared by the generated kernels: Apple's fragment layout and the loaders (HELPERS, which need `input_t`,
+HEAD_DIM and THREADS defined first), the kernels' parameter lists, and the causal/local key range."""
+
+from __future__ import annotations
+
+from .spec import ForwardSpec
+
+# The builtin attributes every attention kernel reads, after its buffers.
+THREADGROUP_BUILTINS = """    uint3 group [[threadgroup_position_in_grid]],
+    ushort tid [[thread_index_in_threadgroup]],
+    ushort sg [[simdgroup_index_in_threadgroup]],
+    ushort lane [[thread_index_in_simdgroup]]"""
+
+# Buffers that only some specs bind, after a kernel's own: sequence offsets (varlen) and ALiBi slopes.
+SIDE_BUFFERS = {
+    "cu_seqlens_q": "device const int* cu_seqlens_q",
+    "cu_seqlens_k": "device const int* cu_seqlens_k",
+    "alibi_slopes": "device const float* alibi_slopes",
+}
+
+
+def side_buffer_names(spec: ForwardSpec) -> list[str]:
+    return (["cu_seqlens_q", "cu_seqlens_k"] if spec.varlen else []) + (["alibi_slopes"] if spec.alibi else [])
+
+
+def parameter_list(declarations: dict[str, str], names: list[str]) -> str:
+    """`declaration [[buffer(i)]]` for each buffer name, in order."""
+    buffers = {**declarations, **SIDE_BUFFERS}
+    return ",\n    ".join(f"{buffers[n]} [[buffer({i})]]" for i, n in enumerate(names))
+
+
+def key_range(spec: ForwardSpec) -> str:
+    """MSL narrowing [key_begin, key_end) to the keys that rows first_row..last_row can see (causal/local)."""
+    if not spec.masked:
+        return ""
+    return """  // Causal and local masks: skip whole key blocks that no row of this query block can see.
+  const long window_left = ints[WINDOW_LEFT], window_right = ints[WINDOW_RIGHT];
+  if (window_left >= 0) key_begin = max(key_begin, first_row + seqlen_k - seqlen_q - window_left);
+  if (window_right >= 0) key_end = min(key_end, last_row + seqlen_k - seqlen_q + window_right + 1);
+  key_begin = key_begin / BLOCK_K * BLOCK_K;"""
 
 HELPERS = """// (column, row) of the first of the two elements this lane holds in an 8x8 simdgroup_matrix (Apple's layout).
 inline ushort2 fragment_coord(ushort lane) {
