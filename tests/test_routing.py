@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import flash_attn_metal
-from flash_attn_metal import flash_attn_func, routing
+from flash_attn_metal import fastpath, flash_attn_func, routing, settings
 from flash_attn_metal.problem import AttentionProblem
 
 
@@ -20,6 +20,9 @@ def fresh(monkeypatch):
     monkeypatch.delenv("FLASH_ATTN_METAL_STRICT", raising=False)
     monkeypatch.delenv("FLASH_ATTN_METAL_BACKEND", raising=False)
     flash_attn_metal.reset_stats()
+    fastpath.clear()  # no stand-in launch outlives its test
+    yield
+    fastpath.clear()
 
 
 def inputs():
@@ -41,12 +44,15 @@ def stand_in_kernels(monkeypatch):
         calls.append(("unsupported_reason", needs_grad))
         return "ALiBi is not in the stand-in" if p.alibi_slopes is not None else None
 
-    def forward(p, backend_name):
-        calls.append(("forward", backend_name))
-        return torch.full_like(p.q, 7.0), torch.zeros(p.batch, p.nheads, p.q.shape[1])
+    def forward_launch(p, backend_name):
+        def launch(q, k, v, side_buffers=()):
+            calls.append(("forward", backend_name))
+            return torch.full_like(q, 7.0), torch.zeros(q.shape[0], q.shape[2], q.shape[1])
 
-    monkeypatch.setattr(routing, "kernels", lambda: types.SimpleNamespace(unsupported_reason=unsupported_reason,
-                                                                          forward=forward))
+        return launch
+
+    monkeypatch.setattr(routing, "kernels", lambda: types.SimpleNamespace(
+        unsupported_reason=unsupported_reason, forward_launch=forward_launch, side_buffers=lambda p: []))
     return calls
 
 
@@ -158,3 +164,13 @@ def test_kvcache_attention_runs_on_the_kernels_and_matches_the_reference(monkeyp
     out, lse = flash_attn_metal.flash_attn_with_kvcache(q, *caches, new, new, **args)
     assert flash_attn_metal.stats()["launches"] and all(torch.equal(a, b) for a, b in zip(caches, ref_caches))
     assert (out.float() - ref_out.float()).abs().max() < 1e-3 and (lse - ref_lse).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("yes", True), (" TRUE ", True), ("0", False), ("false", False),
+                                       ("False", False), ("", False), (None, False)])
+def test_on_off_variables_read_alike(monkeypatch, value, on):
+    if value is None:
+        monkeypatch.delenv(settings.STRICT, raising=False)
+    else:
+        monkeypatch.setenv(settings.STRICT, value)
+    assert settings.flag(settings.STRICT) is on and routing.strict() is on

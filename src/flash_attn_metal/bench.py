@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import settings
+
 MAC_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 MAC_HEAD_DIMS = (64, 128, 256)
 EMULATOR_SEQLENS = (128, 256)
@@ -156,7 +158,7 @@ def main(out_dir: Path, repeats: int) -> int:
         print(format_report())
         print("\nNo Metal GPU: timing the kernels in the CPU emulator at small sizes. These are EMULATOR timings; "
               "they say nothing about Apple GPU speed.")
-        os.environ["FLASH_ATTN_METAL_BACKEND"] = "emulator"
+        os.environ[settings.BACKEND] = "emulator"
         device, seqlens, head_dims, dtypes = "cpu", EMULATOR_SEQLENS, EMULATOR_HEAD_DIMS, (torch.float16,)
 
     def progress(done: int, total: int) -> None:

@@ -11,11 +11,8 @@ from typing import Iterator
 
 import torch
 
-from . import __version__, routing
+from . import __version__, routing, settings
 from .stats import reset_stats, stats
-
-
-BACKEND_VARIABLE = "FLASH_ATTN_METAL_BACKEND"
 
 
 def _kernel_backend() -> str:
@@ -26,15 +23,15 @@ def _kernel_backend() -> str:
 @contextlib.contextmanager
 def _backend_setting(value: str) -> Iterator[None]:
     """FLASH_ATTN_METAL_BACKEND=value for the duration, restored after."""
-    previous = os.environ.get(BACKEND_VARIABLE)
-    os.environ[BACKEND_VARIABLE] = value
+    previous = os.environ.get(settings.BACKEND)
+    os.environ[settings.BACKEND] = value
     try:
         yield
     finally:
         if previous is None:
-            del os.environ[BACKEND_VARIABLE]
+            del os.environ[settings.BACKEND]
         else:
-            os.environ[BACKEND_VARIABLE] = previous
+            os.environ[settings.BACKEND] = previous
 
 
 def _alias_line() -> str:
@@ -102,7 +99,7 @@ def demo(_: argparse.Namespace) -> int:
     from .reference import attention
 
     device = "mps" if torch.backends.mps.is_available() else "cpu"
-    setting = os.environ.get(BACKEND_VARIABLE) or ("auto" if device == "mps" else "emulator")
+    setting = os.environ.get(settings.BACKEND) or ("auto" if device == "mps" else "emulator")
     torch.manual_seed(0)
     b, s, h, hk, d = 2, 256, 8, 2, 64
     q = torch.randn(b, s, h, d, device=device, dtype=torch.float16, requires_grad=True)

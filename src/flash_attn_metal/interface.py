@@ -2,7 +2,8 @@
 
 Each function validates its input, builds one `AttentionProblem` and hands it to `_attend`, which routes it
 to the Metal kernels (on MPS tensors, or through the emulator) or to the pure-PyTorch reference. Packed
-variants pass strided views of the packed tensor, so gradients reach the packed tensor itself.
+variants pass strided views of the packed tensor, so gradients reach the packed tensor itself. A repeated
+eager inference call of the padded layout replays its remembered launch instead (`fastpath`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import kvcache, reference, routing, validation
+from . import fastpath, kvcache, reference, routing, validation
 from .problem import AttentionProblem
 
 __all__ = [
@@ -67,8 +68,9 @@ def _problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, al
     )
 
 
-def _attend(problem: AttentionProblem, return_attn_probs: bool):
-    """Run the problem on the backend routing chooses; flash-attn's return value (out, or out, lse, S_dmask)."""
+def _attend(problem: AttentionProblem, return_attn_probs: bool, call_key: tuple | None = None):
+    """Run the problem on the backend routing chooses; flash-attn's return value (out, or out, lse, S_dmask).
+    When the kernels run an eager call that has a `fastpath` key, its launch is remembered under that key."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (problem.q, problem.k, problem.v))
     needs_probs = return_attn_probs and problem.dropout_p > 0  # flash-attn's S_dmask is empty without dropout
     backend = routing.choose(problem, needs_grad, needs_probs)
@@ -81,11 +83,30 @@ def _attend(problem: AttentionProblem, return_attn_probs: bool):
         from . import ops  # custom ops: autograd and torch.compile see the kernels as single ops
 
         out, lse = ops.run(problem, backend)
-    else:
-        out, lse = routing.kernels().forward(problem, backend)  # eager inference: no custom-op dispatch
+    else:  # eager inference: no custom-op dispatch
+        kernels = routing.kernels()
+        launch = kernels.forward_launch(problem, backend)
+        out, lse = launch(problem.q, problem.k, problem.v, kernels.side_buffers(problem))
+        if call_key is not None:
+            fastpath.remember(call_key, launch)
+    return _result(out, lse, probs, return_attn_probs)
+
+
+def _result(out: torch.Tensor, lse: torch.Tensor, probs: torch.Tensor | None, return_attn_probs: bool):
     if not return_attn_probs:
         return out
-    return out, lse, probs if probs is not None else problem.q.new_empty((0,))
+    return out, lse, probs if probs is not None else out.new_empty((0,))
+
+
+def _padded(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs):
+    """The padded-layout functions' common path: replay a remembered launch, else validate, route and run."""
+    call_key = fastpath.key(q, k, v, window_size, dropout_p, softmax_scale, causal, softcap, alibi_slopes)
+    launch = fastpath.get(call_key)
+    if launch is not None:
+        out, lse = launch(q, k, v)
+        return _result(out, lse, None, return_attn_probs)
+    problem = _problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    return _attend(problem, return_attn_probs, call_key)
 
 
 def _unpack(packed: object, name: str, layout: str, axis: int) -> list[torch.Tensor]:
@@ -102,16 +123,14 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                               softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """qkv: (batch, seqlen, 3, nheads, headdim). Returns out (batch, seqlen, nheads, headdim)."""
     q, k, v = _unpack(qkv, "qkv", "(batch, seqlen, 3, nheads, headdim)", axis=2)
-    return _attend(_problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes),
-                   return_attn_probs)
+    return _padded(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q: (batch, seqlen_q, nheads, headdim); kv: (batch, seqlen_k, 2, nheads_k, headdim)."""
     k, v = _unpack(kv, "kv", "(batch, seqlen_k, 2, nheads_k, headdim)", axis=2)
-    return _attend(_problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes),
-                   return_attn_probs)
+    return _padded(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -120,8 +139,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 
     Returns out (batch, seqlen_q, nheads, headdim), or (out, softmax_lse, S_dmask) with return_attn_probs.
     The causal mask is aligned to the bottom right of the attention matrix."""
-    return _attend(_problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes),
-                   return_attn_probs)
+    return _padded(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,

@@ -16,6 +16,7 @@ import sys
 import types
 import warnings
 
+from . import settings
 from .stats import record_fallback
 from .problem import AttentionProblem
 
@@ -24,14 +25,14 @@ _warned: set[str] = set()
 
 
 def backend_setting() -> str:
-    value = os.environ.get("FLASH_ATTN_METAL_BACKEND", "auto").strip().lower() or "auto"
+    value = os.environ.get(settings.BACKEND, "auto").strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"FLASH_ATTN_METAL_BACKEND must be one of {', '.join(BACKENDS)}, got {value!r}")
     return value
 
 
 def strict() -> bool:
-    return os.environ.get("FLASH_ATTN_METAL_STRICT", "0").strip() not in ("", "0", "false", "False")
+    return settings.flag(settings.STRICT)
 
 
 def fallback(reason: str) -> None:

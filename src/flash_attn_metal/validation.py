@@ -59,8 +59,6 @@ def number(name: str, value: object) -> float:
 
 def window(window_size: object) -> tuple[int, int]:
     """(left, right) from a pair of ints or a 2-element integer tensor; -1 means unbounded."""
-    if type(window_size) is tuple and window_size == (-1, -1):  # the default, checked first: it is per call
-        return -1, -1
     if isinstance(window_size, torch.Tensor):
         if window_size.dtype.is_floating_point or window_size.dtype.is_complex:
             raise TypeError(f"window_size must hold integers, got a {window_size.dtype} tensor")

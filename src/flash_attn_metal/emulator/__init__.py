@@ -10,8 +10,7 @@ Set FLASH_ATTN_METAL_EMULATOR_DEBUG=1 to bounds-check every device and constant 
 
 from __future__ import annotations
 
-import os
-
+from .. import settings
 from .errors import Diagnostic, KernelExecutionError, MSLCompileError, MSLError, UnsupportedMSL
 from .library import KernelFunction, Library
 from .translate import translate
@@ -24,7 +23,7 @@ __all__ = [
 
 
 def debug_enabled() -> bool:
-    return os.environ.get("FLASH_ATTN_METAL_EMULATOR_DEBUG", "0") not in ("", "0")
+    return settings.flag(settings.EMULATOR_DEBUG)
 
 
 def compile_shader(source: str, device: str = "cpu") -> Library:

@@ -14,6 +14,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .. import settings
 from ..stats import record_compile
 from ..runtime.cache import DiskCache, MemoryCache, cache_key
 from .errors import Diagnostic, KernelExecutionError, MSLCompileError, UnsupportedMSL
@@ -29,7 +30,7 @@ ERROR_BYTES = 1024
 @functools.cache
 def _compiler() -> tuple[str, str]:
     """The C++ compiler and its version line (part of every cache key)."""
-    cxx = os.environ.get("FLASH_ATTN_METAL_CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
+    cxx = os.environ.get(settings.CXX) or shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
     if cxx is None:
         raise RuntimeError("the Metal emulator needs a C++17 compiler (g++ or clang++); set FLASH_ATTN_METAL_CXX")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
@@ -42,7 +43,7 @@ def _headers_digest() -> str:
 
 
 def _workers() -> int:
-    return int(os.environ.get("FLASH_ATTN_METAL_EMULATOR_THREADS", os.cpu_count() or 1))
+    return int(os.environ.get(settings.EMULATOR_THREADS, os.cpu_count() or 1))
 
 
 @functools.cache

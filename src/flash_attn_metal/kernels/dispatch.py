@@ -2,17 +2,21 @@
 
     unsupported_reason(problem, needs_grad) -> str | None   # None: the kernels run it
     forward(problem, backend_name) -> (out, lse)            # backend_name: "mps" or "emulator"
+    forward_launch(problem, backend_name) -> ForwardLaunch  # the same launch, replayable on other tensors
+    side_buffers(problem) -> [tensor]                       # what a launch takes after q, k, v
+    backward(problem, out, lse, dout, backend_name) -> (dq, dk, dv)
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Sequence
 
 import torch
 
 from ..problem import AttentionProblem
-from ..runtime.backend import Backend, get_backend
+from ..runtime.backend import Backend, Kernel, get_backend
 from ..runtime.device import gpu_family
 from .backward import backward_source
 from .backward import kernel_names as backward_kernel_names
@@ -48,21 +52,29 @@ def _spec(p: AttentionProblem) -> ForwardSpec:
                         p.softcap > 0, p.alibi_slopes is not None)
 
 
-def _strides(x: torch.Tensor, varlen: bool) -> list[int]:
+def _strides(strides: tuple[int, ...], varlen: bool) -> list[int]:
     """(batch, row, head) element strides; varlen tensors have no batch dimension."""
-    s = x.stride()
-    return [0, s[0], s[1]] if varlen else [s[0], s[1], s[2]]
+    return [0, strides[0], strides[1]] if varlen else [strides[0], strides[1], strides[2]]
 
 
-def _launch_arguments(p: AttentionProblem, out: torch.Tensor, lse: torch.Tensor) -> tuple[list[int], list[float]]:
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _launch_arguments(p: AttentionProblem, out_strides: tuple[int, ...],
+                      lse_strides: tuple[int, ...]) -> tuple[list[int], list[float]]:
     """The forward's int and float arguments (kernels/forward.py INT_ARGS and FLOAT_ARGS order)."""
-    lse_strides = [0, lse.stride(0)] if p.is_varlen else [lse.stride(0), lse.stride(1)]
+    varlen = p.is_varlen
     alibi = p.alibi_slopes
     ints = [
-        0 if p.is_varlen else p.q.shape[1], 0 if p.is_varlen else p.k.shape[1], p.head_dim, p.nheads // p.nheads_k,
-        *_strides(p.q, p.is_varlen), *_strides(p.k, p.is_varlen), *_strides(p.v, p.is_varlen),
-        *_strides(out, p.is_varlen), *lse_strides, p.window_left, p.window_right,
-        alibi.shape[-1] if alibi is not None and alibi.dim() == 2 else 0,
+        0 if varlen else p.q.shape[1], 0 if varlen else p.k.shape[1], p.head_dim, p.nheads // p.nheads_k,
+        *_strides(p.q.stride(), varlen), *_strides(p.k.stride(), varlen), *_strides(p.v.stride(), varlen),
+        *_strides(out_strides, varlen), *([0, lse_strides[0]] if varlen else lse_strides[:2]),
+        p.window_left, p.window_right, alibi.shape[-1] if alibi is not None and alibi.dim() == 2 else 0,
     ]
     score_scale = p.softmax_scale / p.softcap if p.softcap > 0 else p.softmax_scale * LOG2E
     floats = [score_scale, p.softcap * LOG2E]
@@ -70,7 +82,7 @@ def _launch_arguments(p: AttentionProblem, out: torch.Tensor, lse: torch.Tensor)
     return ints, floats
 
 
-def _extra_buffers(p: AttentionProblem) -> list[torch.Tensor]:
+def side_buffers(p: AttentionProblem) -> list[torch.Tensor]:
     """cu_seqlens and ALiBi slopes, dense: a buffer binds storage without strides, and these are tiny."""
     extra = [p.cu_seqlens_q.contiguous(), p.cu_seqlens_k.contiguous()] if p.is_varlen else []
     if p.alibi_slopes is not None:
@@ -94,19 +106,40 @@ def _backward_kernels(spec: ForwardSpec, backend: Backend):
     return tuple(getattr(library, name) for name in backward_kernel_names(spec))
 
 
-def forward(p: AttentionProblem, backend_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+class ForwardLaunch:
+    """One forward launch with everything but its tensors decided: the kernel, its packed arguments and grid.
+
+    Calling it on q, k, v (and the side buffers) of the shapes, strides, dtype and device it was planned for
+    allocates out (contiguous, as ops' fake allocates it) and lse, and encodes the kernel."""
+
+    __slots__ = ("kernel", "ints", "floats", "lse_shape", "threads", "group_size")
+
+    def __init__(self, kernel: Kernel, ints: list[int], floats: list[float], lse_shape: tuple[int, ...],
+                 threads: list[int], group_size: list[int]) -> None:
+        self.kernel, self.ints, self.floats, self.lse_shape = kernel, ints, floats, lse_shape
+        self.threads, self.group_size = threads, group_size
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 extra: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = q.new_empty(self.lse_shape, dtype=torch.float32)
+        self.kernel(q, k, v, out, lse, self.ints, self.floats, *extra, threads=self.threads,
+                    group_size=self.group_size)
+        return out, lse
+
+
+def forward_launch(p: AttentionProblem, backend_name: str) -> ForwardLaunch:
     spec = _spec(p)
-    q = p.q
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse_shape = (p.nheads, q.shape[0]) if p.is_varlen else (p.batch, p.nheads, q.shape[1])
-    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-    ints, floats = _launch_arguments(p, out, lse)
-    kernel = _forward_kernel(spec, _backend(p, backend_name))
+    lse_shape = (p.nheads, p.q.shape[0]) if p.is_varlen else (p.batch, p.nheads, p.q.shape[1])
+    ints, floats = _launch_arguments(p, _contiguous_strides(p.q.shape), _contiguous_strides(lse_shape))
     threads = spec.tiles.threads
     query_blocks = -(-p.max_seqlen_q // spec.block_q)
-    kernel(p.q, p.k, p.v, out, lse, ints, floats, *_extra_buffers(p),
-           threads=[query_blocks * threads, p.nheads, p.batch], group_size=[threads, 1, 1])
-    return out, lse
+    return ForwardLaunch(_forward_kernel(spec, _backend(p, backend_name)), ints, floats, lse_shape,
+                         threads=[query_blocks * threads, p.nheads, p.batch], group_size=[threads, 1, 1])
+
+
+def forward(p: AttentionProblem, backend_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward_launch(p, backend_name)(p.q, p.k, p.v, side_buffers(p))
 
 
 def backward(p: AttentionProblem, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
@@ -117,12 +150,12 @@ def backward(p: AttentionProblem, out: torch.Tensor, lse: torch.Tensor, dout: to
         dout = dout.contiguous()
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (p.q, p.k, p.v))
     row_sums = torch.empty_like(lse)  # D = rowsum(dO * O)
-    ints, floats = _launch_arguments(p, out, lse)
+    ints, floats = _launch_arguments(p, out.stride(), lse.stride())
     for t in (dout, dq, dk, dv):
-        ints += _strides(t, p.is_varlen)
+        ints += _strides(t.stride(), p.is_varlen)
     floats += [p.softmax_scale, 1.0 / p.softcap if p.softcap > 0 else 0.0]
     preprocess, dq_kernel, dkdv_kernel = _backward_kernels(spec, _backend(p, backend_name))
-    args = (p.q, p.k, p.v, out, dout, lse, row_sums, dq, dk, dv, ints, floats, *_extra_buffers(p))
+    args = (p.q, p.k, p.v, out, dout, lse, row_sums, dq, dk, dv, ints, floats, *side_buffers(p))
     rows = PREPROCESS_THREADS * -(-p.max_seqlen_q // PREPROCESS_THREADS)
     preprocess(*args, threads=[rows, p.nheads, p.batch], group_size=[PREPROCESS_THREADS, 1, 1])
     threads = spec.tiles.threads

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 from typing import Any, Callable
 
+from .. import settings
 from ..stats import record_launch
 from .cache import MemoryCache
 
@@ -92,7 +92,7 @@ def get_backend(name: str) -> Backend:
     backend of their own, so switching the variable never reuses the other build's kernels."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKEND_NAMES))}, got {name!r}")
-    debug = name != "mps" and os.environ.get("FLASH_ATTN_METAL_EMULATOR_DEBUG", "0") not in ("", "0")
+    debug = name != "mps" and settings.flag(settings.EMULATOR_DEBUG)
     return _backend(name, debug)
 
 

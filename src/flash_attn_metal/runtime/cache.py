@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from .. import settings
 from ..stats import record_cache_hit
 
 T = TypeVar("T")
@@ -44,7 +45,7 @@ _MISSING = object()
 def cache_dir() -> Path:
     """`FLASH_ATTN_METAL_CACHE_DIR`, else ~/Library/Caches/flash-attn-metal on macOS, else
     $XDG_CACHE_HOME/flash-attn-metal or ~/.cache/flash-attn-metal."""
-    explicit = os.environ.get("FLASH_ATTN_METAL_CACHE_DIR")
+    explicit = os.environ.get(settings.CACHE_DIR)
     if explicit:
         return Path(explicit)
     if platform.system() == "Darwin":
