@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from flash_attn_metal.cli import main
 
@@ -78,3 +79,24 @@ def test_bench_runs_the_harness_in_the_emulator_and_says_so(tmp_path):
     assert rows[0].startswith("device,impl,mode,dtype,seqlen")
     assert len(rows) == 1 + 2 * 2 * 3 * 3  # seqlens x causal x modes x implementations
     assert any(r.split(",")[1] == "flash-attn-metal" for r in rows[1:])
+
+
+def test_bench_peak_memory_is_the_drivers_growth_over_one_step_from_an_empty_cache(monkeypatch):
+    from flash_attn_metal import bench
+
+    driver = {"bytes": 3 << 20, "events": []}  # 3 MiB cached before the step: emptied first
+
+    def empty_cache():
+        driver["events"].append("empty_cache")
+        driver["bytes"] = 1 << 20  # the inputs stay allocated
+
+    def step():
+        driver["events"].append("step")
+        driver["bytes"] += 8 << 20  # the step's high-water mark stays cached after it frees it
+
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: driver["events"].append("synchronize"))
+    monkeypatch.setattr(torch.mps, "empty_cache", empty_cache)
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: driver["bytes"])
+    assert bench._peak_mib(step, "mps") == 8.0
+    assert driver["events"] == ["synchronize", "empty_cache", "step", "synchronize"]
+    assert bench._peak_mib(step, "cpu") is None and driver["events"][-1] == "synchronize"  # not measured off MPS

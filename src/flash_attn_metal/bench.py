@@ -2,7 +2,7 @@
 
 On a Mac: forward, backward and forward + backward over seqlens 512-16384, d = 64/128/256, causal and not,
 fp16 and bf16, against SDPA's default and math paths on MPS, with ms, TFLOPS, % of the chip's fp16 peak, the
-speed-up and the memory allocated after the step. Elsewhere the same harness runs the kernels in the CPU
+speed-up and the step's peak memory. Elsewhere the same harness runs the kernels in the CPU
 emulator at small sizes, labelled as emulator timings (they say nothing about Apple GPUs), and prints the
 static kernel report. Results go to a CSV, and to a PNG plot when matplotlib is installed (extra `bench`).
 """
@@ -42,7 +42,7 @@ class Row:
     tflops: float
     percent_of_peak: float | None
     speedup_vs_sdpa: float | None
-    memory_mib: float | None
+    peak_mib: float | None
 
 
 def _flops(mode: str, n: int, d: int, causal: bool, heads: int) -> float:
@@ -55,8 +55,18 @@ def _sync(device: str) -> None:
         torch.mps.synchronize()
 
 
-def _memory_mib(device: str) -> float | None:
-    return torch.mps.current_allocated_memory() / 2**20 if device == "mps" else None
+def _peak_mib(step: Callable[[], object], device: str) -> float | None:
+    """The memory one step adds at its peak on MPS (torch.mps has no peak counter). The caching allocator keeps
+    the blocks a step frees, so after emptying the cache the driver's allocation grows by the step's high-water
+    mark, rounded up to the allocator's heap sizes."""
+    if device != "mps":
+        return None
+    torch.mps.synchronize()
+    torch.mps.empty_cache()
+    before = torch.mps.driver_allocated_memory()
+    step()
+    torch.mps.synchronize()
+    return (torch.mps.driver_allocated_memory() - before) / 2**20
 
 
 def _time(step: Callable[[], object], device: str, repeats: int) -> float:
@@ -106,12 +116,13 @@ def run(device: str, seqlens, head_dims, dtypes, repeats: int, progress: Callabl
         for mode in MODES:
             baseline = None
             for impl, fn in _implementations(causal).items():
-                seconds = _time(_step(fn, mode, q, k, v), device, repeats)
+                step = _step(fn, mode, q, k, v)
+                seconds = _time(step, device, repeats)
                 tflops = _flops(mode, n, d, causal, HEADS) / seconds / 1e12
                 if impl == "sdpa":
                     baseline = seconds
                 rows.append(Row(device, impl, mode, str(dtype).removeprefix("torch."), n, d, causal, seconds * 1e3,
-                                tflops, 100 * tflops / peak if peak else None, None, _memory_mib(device)))
+                                tflops, 100 * tflops / peak if peak else None, None, _peak_mib(step, device)))
             ours = next(r for r in rows[-3:] if r.impl == "flash-attn-metal")
             ours.speedup_vs_sdpa = baseline / (ours.ms / 1e3) if baseline else None
         progress(i + 1, len(configs))
@@ -167,11 +178,11 @@ def main(out_dir: Path, repeats: int) -> int:
     rows = run(device, seqlens, head_dims, dtypes, repeats, progress)
     print()
     print(f"{'impl':<17} {'mode':<17} {'dtype':<8} {'N':>6} {'d':>4} {'causal':>6} {'ms':>9} {'TFLOPS':>7} "
-          f"{'% peak':>7} {'vs SDPA':>8} {'MiB':>8}")
+          f"{'% peak':>7} {'vs SDPA':>8} {'peak MiB':>8}")
     for r in rows:
         pct = f"{r.percent_of_peak:6.1f}%" if r.percent_of_peak is not None else "      -"
         speed = f"{r.speedup_vs_sdpa:7.2f}x" if r.speedup_vs_sdpa is not None else "       -"
-        mem = f"{r.memory_mib:8.1f}" if r.memory_mib is not None else "       -"
+        mem = f"{r.peak_mib:8.1f}" if r.peak_mib is not None else "       -"
         print(f"{r.impl:<17} {r.mode:<17} {r.dtype:<8} {r.seqlen:>6} {r.head_dim:>4} {r.causal!s:>6} {r.ms:>9.2f} "
               f"{r.tflops:>7.3f} {pct} {speed} {mem}")
     for path in write(rows, out_dir):
