@@ -21,10 +21,11 @@ from flash_attn_metal import (
     flash_attn_varlen_func,
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
 )
 from flash_attn_metal.emulator import KernelExecutionError
 from flash_attn_metal.kernels import dispatch
-from flash_attn_metal.problem import AttentionProblem
+from flash_attn_metal.problem import AttentionProblem, KVCache
 from flash_attn_metal.reference import attention
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -297,3 +298,125 @@ def test_empty_batch_and_nan_propagation():
     ref = attention(problem_of(q, k, v))[0]
     assert torch.equal(torch.isnan(out), torch.isnan(ref))  # NaN reaches the same outputs as in the reference
     assert torch.isnan(out[0, :, 0, 0]).all() and not torch.isnan(out[0, :, 1]).any()
+
+
+# KV caches: flash_attn_with_kvcache's attention reads the cache in place (problem.KVCache).
+
+@dataclasses.dataclass(frozen=True)
+class CacheCase:
+    dtype: str
+    layout: str  # "dense", "batch_idx", "leftpad" or "paged"
+    sq: int = 1  # 1: a decode step
+    d: int = 64
+    page: int = 0  # rows per block of a paged cache
+    h: int = 4
+    hk: int = 2
+    causal: bool = False
+    window: tuple = (-1, -1)
+    softcap: float = 0.0
+    alibi: bool = False
+
+
+CACHE_CASES = [
+    CacheCase("fp16", "dense"), CacheCase("bf16", "batch_idx", causal=True), CacheCase("fp32", "leftpad", sq=3),
+    CacheCase("fp16", "leftpad", sq=40, causal=True), CacheCase("fp16", "paged", page=16),
+    CacheCase("bf16", "paged", sq=5, page=5, causal=True), CacheCase("fp32", "paged", sq=33, page=48),
+    CacheCase("fp16", "batch_idx", sq=4, window=(12, 0)), CacheCase("fp16", "paged", sq=2, page=7, window=(20, 0)),
+    CacheCase("bf16", "dense", d=128, h=8, hk=1, causal=True), CacheCase("fp16", "leftpad", d=40, sq=2),
+    CacheCase("fp16", "paged", d=13, sq=3, page=9), CacheCase("fp16", "dense", sq=6, softcap=8.0, alibi=True, causal=True),
+]
+CACHE_ENDS = (37, 1, 70)  # one past each sequence's last attended row
+CACHE_LEFTPAD = (5, 0, 21)
+
+
+def cache_problem(case: CacheCase, seed: int = 0) -> AttentionProblem:
+    """Three sequences attending to CACHE_ENDS rows of a cache laid out as the case says."""
+    torch.manual_seed(seed)
+    dtype, b, rows = DTYPES[case.dtype], len(CACHE_ENDS), max(CACHE_ENDS)
+    q = torch.randn(b, case.sq, case.h, case.d, dtype=dtype) * (4 if case.softcap else 1)
+    ends = torch.tensor(CACHE_ENDS, dtype=torch.int32)
+    leftpad = torch.tensor(CACHE_LEFTPAD if case.layout == "leftpad" else (0,) * b, dtype=torch.int32)
+    if case.layout == "paged":
+        per_sequence = -(-rows // case.page)
+        blocks = b * per_sequence + 2  # two unused blocks
+        table = torch.randperm(blocks)[: b * per_sequence].reshape(b, per_sequence).to(torch.int32)
+        k, v = (torch.randn(blocks, case.page, case.hk, case.d, dtype=dtype) for _ in range(2))
+        layout = KVCache(seqlens=ends, leftpad=None, batch_idx=None, block_table=table)
+    else:
+        slots = torch.tensor((3, 0, 1) if case.layout == "batch_idx" else (0, 1, 2), dtype=torch.int32)
+        k, v = (torch.randn(4, rows + 3, case.hk, case.d, dtype=dtype) for _ in range(2))
+        layout = KVCache(seqlens=ends, leftpad=leftpad, batch_idx=slots, block_table=None)
+    alibi = torch.rand(case.h) * 0.3 if case.alibi else None
+    return AttentionProblem(q=q, k=k, v=v, softmax_scale=case.d**-0.5, causal=case.causal,
+                            window_left=case.window[0], window_right=0 if case.causal else case.window[1],
+                            softcap=case.softcap, alibi_slopes=alibi, dropout_p=0.0, max_seqlen_q=case.sq,
+                            max_seqlen_k=max(e - lp for e, lp in zip(CACHE_ENDS, leftpad.tolist())), kv_cache=layout)
+
+
+@pytest.mark.parametrize("case", CACHE_CASES, ids=[
+    f"{c.dtype}-{c.layout}{c.page or ''}-d{c.d}-sq{c.sq}-h{c.h}/{c.hk}" + ("-causal" if c.causal else "")
+    + (f"-w{c.window}" if c.window != (-1, -1) else "") + ("-softcap-alibi" if c.softcap else "") for c in CACHE_CASES])
+def test_kv_cache_attention_reads_the_cache_in_place(case: CacheCase):
+    problem = cache_problem(case)
+    out, lse = dispatch.forward(problem, "emulator")
+    (name,) = flash_attn_metal.stats()["launches"]
+    assert name.endswith("_paged_cache" if case.layout == "paged" else "_dense_cache")
+    assert out.shape == problem.q.shape and lse.shape == (3, case.h, case.sq)
+    assert_within_rule(out, lse, problem)
+
+
+def test_a_paged_kernel_follows_the_block_table():
+    problem = cache_problem(CacheCase("fp32", "paged", sq=2, page=8))
+    out, _ = dispatch.forward(problem, "emulator")
+    table = problem.kv_cache.block_table
+    order = torch.randperm(problem.k.shape[0])  # move every block, and the table with it: the same answer
+    moved = dataclasses.replace(problem, k=problem.k[order.argsort()], v=problem.v[order.argsort()],
+                                kv_cache=dataclasses.replace(problem.kv_cache, block_table=order[table.long()].int()))
+    assert torch.equal(dispatch.forward(moved, "emulator")[0], out)
+    swapped = dataclasses.replace(problem, kv_cache=dataclasses.replace(problem.kv_cache, block_table=table.flip(1)))
+    assert (dispatch.forward(swapped, "emulator")[0] - out).abs().max() > 1e-2  # the table alone moved: it differs
+
+
+def test_an_empty_cache_sequence_gives_zeros_and_infinite_lse():
+    q = torch.randn(2, 3, 2, 32, dtype=torch.float16)
+    k_cache, v_cache = (torch.randn(2, 16, 2, 32, dtype=torch.float16) for _ in range(2))
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([0, 9], dtype=torch.int32),
+                                       return_softmax_lse=True)
+    kernels_ran()
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isinf(lse[0]).all()
+    assert torch.isfinite(lse[1]).all() and out[1].abs().max() > 0
+
+
+@pytest.mark.parametrize("layout", ["batch_idx", "leftpad", "paged"])
+def test_kvcache_calls_append_and_attend_on_the_kernels(monkeypatch, layout):
+    """The public call end to end (rotary, in-place append, attention) against the reference backend."""
+    torch.manual_seed(5)
+    b, h, hk, d, sq, new = 2, 4, 2, 32, 3, 2
+    q = torch.randn(b, sq, h, d, dtype=torch.float16)
+    k_new, v_new = (torch.randn(b, new, hk, d, dtype=torch.float16) for _ in range(2))
+    cos, sin = torch.rand(32, 8), torch.rand(32, 8)
+    args = dict(cache_seqlens=torch.tensor([6, 11], dtype=torch.int32), causal=True, return_softmax_lse=True)
+    if layout == "paged":
+        caches = [torch.randn(9, 4, hk, d, dtype=torch.float16) for _ in range(2)]
+        args["block_table"] = torch.tensor([[8, 1, 3, 5], [0, 2, 7, 4]], dtype=torch.int32)
+    else:
+        caches = [torch.randn(3, 16, hk, d, dtype=torch.float16) for _ in range(2)]
+        args["cache_batch_idx"] = torch.tensor([2, 0], dtype=torch.int32)
+        if layout == "leftpad":
+            args["cache_leftpad"] = torch.tensor([3, 0], dtype=torch.int32)
+    ref_caches = [c.clone() for c in caches]
+    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "reference")
+    ref_out, ref_lse = flash_attn_with_kvcache(q, *ref_caches, k_new, v_new, cos, sin, **args)
+    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
+    out, lse = flash_attn_with_kvcache(q, *caches, k_new, v_new, cos, sin, **args)
+    kernels_ran()
+    assert all(torch.equal(a, r) for a, r in zip(caches, ref_caches))  # the same append
+    assert (out.float() - ref_out.float()).abs().max() < 2e-3 and (lse - ref_lse).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("case", [CacheCase("fp16", "leftpad", sq=3, causal=True), CacheCase("bf16", "paged", sq=2, page=7)],
+                         ids=["leftpad", "paged"])
+def test_kv_cache_kernels_stay_in_bounds_in_the_debug_build(debug_emulator, case):
+    problem = cache_problem(case, seed=3)
+    out, lse = dispatch.forward(problem, "emulator")
+    assert_within_rule(out, lse, problem)

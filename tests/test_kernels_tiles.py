@@ -97,3 +97,10 @@ def test_built_kernels_use_the_threadgroup_memory_the_table_promises(family):
 def test_same_spec_gives_byte_identical_source():
     spec = report.representative_specs()[7]
     assert forward_source(spec) == forward_source(spec)
+
+
+def test_decode_traffic_figures():
+    """One decode step over 1000 cached rows at d = 64 in fp16: 2 * 1000 * 64 * 2 bytes per head."""
+    assert report.decode_traffic(1000, 8, 2, 64, 2) == (8 * 256_000, 2 * 256_000)
+    assert report.decode_traffic(1000, 8, 8, 64, 2)[0] == report.decode_traffic(1000, 8, 8, 64, 2)[1]  # no GQA
+    assert "kv-cache decode" in report.format_report()

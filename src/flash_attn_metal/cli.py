@@ -185,15 +185,13 @@ def cache(args: argparse.Namespace) -> int:
 
 def _warm() -> None:
     """Compile the common kernel variants through this machine's backend, filling both cache tiers."""
-    from .kernels.backward import backward_source
-    from .kernels.forward import forward_source
-    from .kernels.report import common_specs
+    from .kernels.report import common_specs, kernel_sources
     from .runtime import get_backend
     from .runtime.device import NEWEST_FAMILY, gpu_family
 
     backend = get_backend("mps" if torch.backends.mps.is_available() else "emulator")
-    sources = [make(spec) for spec in common_specs(gpu_family() or NEWEST_FAMILY)
-               for make in (forward_source, backward_source)]
+    sources = [source for spec in common_specs(gpu_family() or NEWEST_FAMILY)
+               for source in kernel_sources(spec).values()]
     start = time.perf_counter()
     for i, source in enumerate(sources, 1):
         backend.compile(source)

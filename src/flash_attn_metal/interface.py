@@ -192,12 +192,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     local = options["window_left"] >= 0 or options["window_right"] >= 0  # causal or a window
     cached = kvcache.prepare(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                              cache_leftpad, block_table, bool(rotary_interleaved), rotate_q_per_token=local)
-    problem = AttentionProblem(q=cached.q, k=cached.k, v=cached.v, **options, cu_seqlens_q=cached.cu_seqlens_q,
-                               cu_seqlens_k=cached.cu_seqlens_k, max_seqlen_q=q.shape[1],
-                               max_seqlen_k=cached.max_seqlen_k)
+    problem = AttentionProblem(q=cached.q, k=k_cache, v=v_cache, **options, max_seqlen_q=q.shape[1],
+                               max_seqlen_k=cached.max_seqlen_k, kv_cache=cached.layout)
     with torch.no_grad():  # flash_attn_with_kvcache has no backward
         out, lse, _ = _attend(problem, return_attn_probs=True)
-    out = out.reshape(q.shape)
-    if not return_softmax_lse:
-        return out
-    return out, lse.reshape(q.shape[2], q.shape[0], q.shape[1]).transpose(0, 1).contiguous()
+    return (out, lse) if return_softmax_lse else out

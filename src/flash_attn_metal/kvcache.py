@@ -1,8 +1,9 @@
 """The cache side of `flash_attn_with_kvcache`, and paged K/V for `flash_attn_varlen_func`.
 
 `prepare` validates every cache argument, then appends the new keys and values in place at `cache_seqlens`
-(rotary applied to the keys), and gathers each sequence's attended rows, leftpad .. cache_seqlens + seqlen_new,
-into one varlen batch, so one attention call runs the whole batch. Nothing is written before every check passed.
+(rotary applied to the keys), and describes each sequence's attended rows, leftpad .. cache_seqlens + seqlen_new,
+as a `KVCache`: attention reads them where they are, so one call runs the whole batch and nothing is copied.
+Nothing is written before every check passed.
 
 Addressing: a dense cache (batch_cache, seqlen_cache, hk, d) holds sequence b at cache_batch_idx[b] (default b);
 a paged cache (num_blocks, page_block_size, hk, d) holds logical row r of sequence b at
@@ -20,18 +21,16 @@ import torch
 from torch import Tensor
 
 from . import reference, validation
+from .problem import KVCache
 
 
 @dataclass(frozen=True)
 class CachedBatch:
-    """What attention runs on after the append: a varlen batch of one query block per sequence."""
+    """What attention runs on after the append: the queries, and where each sequence's keys are."""
 
-    q: Tensor  # (batch * seqlen_q, nheads, d), rotated where rotary applies
-    k: Tensor  # (total_k, nheads_k, d): each sequence's attended cache rows
-    v: Tensor
-    cu_seqlens_q: Tensor  # int32 (batch + 1,)
-    cu_seqlens_k: Tensor
-    max_seqlen_k: int
+    q: Tensor  # (batch, seqlen_q, nheads, d), rotated where rotary applies
+    layout: KVCache
+    max_seqlen_k: int  # the most rows any sequence attends to
 
 
 class _Addresses:
@@ -119,12 +118,12 @@ def prepare(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None, v: Te
 
     address = _Addresses(k_cache, block_table, cache_batch_idx)
     starts = torch.tensor(seqlens, dtype=torch.long, device=device)
-    # Address (and so check) every row before anything is written.
+    # Address (and so check) every row written and read before anything is written.
     new_seq, new_row = _rows(starts, torch.full((batch,), new_len, dtype=torch.long, device=device))
     write_at = address(new_seq, new_row)
     lengths_k = [e - lp for e, lp in zip(ends, leftpad)]
-    lengths = torch.tensor(lengths_k, dtype=torch.long, device=device)
-    read_at = address(*_rows(torch.tensor(leftpad, dtype=torch.long, device=device), lengths))
+    address(*_rows(torch.tensor(leftpad, dtype=torch.long, device=device),
+                   torch.tensor(lengths_k, dtype=torch.long, device=device)))
 
     steps = torch.arange(max(new_len, seqlen_q), device=device)
     if k is not None:
@@ -137,11 +136,15 @@ def prepare(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None, v: Te
         positions = starts[:, None] + steps[None, :seqlen_q] if rotate_q_per_token else starts[:, None].expand(-1, seqlen_q)
         q = reference.rotary(q, rotary_cos, rotary_sin, positions, rotary_interleaved)
 
-    cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen_q
-    cu_k = torch.zeros(batch + 1, dtype=torch.int32, device=device)
-    cu_k[1:] = lengths.cumsum(0)
-    return CachedBatch(q=q.reshape(batch * seqlen_q, *q.shape[2:]), k=k_cache[read_at], v=v_cache[read_at],
-                       cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_k=max(lengths_k, default=0))
+    def int32(values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
+    if paged:
+        layout = KVCache(seqlens=int32(ends), leftpad=None, batch_idx=None, block_table=block_table)
+    else:
+        slots = cache_batch_idx.to(device) if cache_batch_idx is not None else int32(list(range(batch)))
+        layout = KVCache(seqlens=int32(ends), leftpad=int32(leftpad), batch_idx=slots, block_table=None)
+    return CachedBatch(q=q, layout=layout, max_seqlen_k=max(lengths_k, default=0))
 
 
 def gather_paged(k: Tensor, v: Tensor, block_table: Tensor, cu_seqlens_k: Tensor) -> tuple[Tensor, Tensor]:

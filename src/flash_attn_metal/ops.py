@@ -14,15 +14,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .problem import AttentionProblem
+from .problem import AttentionProblem, KVCache
 
 
 def _problem(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> AttentionProblem:
+             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cache_seqlens=None, cache_leftpad=None,
+             cache_batch_idx=None, block_table=None) -> AttentionProblem:
+    kv_cache = None if cache_seqlens is None else KVCache(cache_seqlens, cache_leftpad, cache_batch_idx, block_table)
     return AttentionProblem(q=q, k=k, v=v, softmax_scale=softmax_scale, causal=causal, window_left=window_left,
                             window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=0.0,
                             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                            max_seqlen_k=max_seqlen_k)
+                            max_seqlen_k=max_seqlen_k, kv_cache=kv_cache)
 
 
 def _lse_shape(q: Tensor, cu_seqlens_q: Optional[Tensor]) -> tuple[int, ...]:
@@ -32,18 +34,21 @@ def _lse_shape(q: Tensor, cu_seqlens_q: Optional[Tensor]) -> tuple[int, ...]:
 @torch.library.custom_op("flash_attn_metal::forward", mutates_args=())
 def forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool, window_left: int,
             window_right: int, softcap: float, alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
-            cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
-            backend: str) -> tuple[Tensor, Tensor]:
+            cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, backend: str,
+            cache_seqlens: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
+            cache_batch_idx: Optional[Tensor] = None, block_table: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     from .kernels import dispatch
 
     problem = _problem(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cache_seqlens, cache_leftpad,
+                       cache_batch_idx, block_table)
     return dispatch.forward(problem, backend)
 
 
 @forward.register_fake
 def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-      max_seqlen_q, max_seqlen_k, backend):
+      max_seqlen_q, max_seqlen_k, backend, cache_seqlens=None, cache_leftpad=None, cache_batch_idx=None,
+      block_table=None):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
 
 
@@ -65,8 +70,12 @@ def _(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right,
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+KV_CACHE_PARAMS = 4  # forward's last parameters: a kv-cache call (always without autograd) has no backward
+
+
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, *params = inputs
+    params = params[:-KV_CACHE_PARAMS]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.params = params
@@ -76,7 +85,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = backward(dout, q, k, v, out, lse, *ctx.params)
-    return (dq, dk, dv) + (None,) * len(ctx.params)
+    return (dq, dk, dv) + (None,) * (len(ctx.params) + KV_CACHE_PARAMS)
 
 
 forward.register_autograd(_backward, setup_context=_setup_context)
@@ -84,5 +93,7 @@ forward.register_autograd(_backward, setup_context=_setup_context)
 
 def run(problem: AttentionProblem, backend: str) -> tuple[Tensor, Tensor]:
     p = problem
+    c = p.kv_cache
+    cache = () if c is None else (c.seqlens, c.leftpad, c.batch_idx, c.block_table)
     return forward(p.q, p.k, p.v, p.softmax_scale, p.causal, p.window_left, p.window_right, p.softcap,
-                   p.alibi_slopes, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, backend)
+                   p.alibi_slopes, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, backend, *cache)

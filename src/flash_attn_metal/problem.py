@@ -12,11 +12,31 @@ import torch
 
 
 @dataclass(frozen=True)
+class KVCache:
+    """Where each sequence's keys and values sit in a kv cache (`flash_attn_with_kvcache`, after the append).
+
+    Sequence b attends to logical cache rows leftpad[b] .. seqlens[b] - 1. A dense cache (slots, rows, hk, d)
+    keeps sequence b in slot batch_idx[b]; a paged cache (blocks, page_size, hk, d) keeps its logical row r in
+    block block_table[b, r // page_size], row r % page_size (no leftpad, no batch_idx).
+    """
+
+    seqlens: torch.Tensor  # int32 (b,)
+    leftpad: torch.Tensor | None  # int32 (b,); dense caches only
+    batch_idx: torch.Tensor | None  # int32 (b,); dense caches only
+    block_table: torch.Tensor | None  # int32 (b, max_blocks); paged caches only
+
+    @property
+    def paged(self) -> bool:
+        return self.block_table is not None
+
+
+@dataclass(frozen=True)
 class AttentionProblem:
     """One validated attention call.
 
     Padded layout: q (b, sq, h, d), k/v (b, sk, hk, d), cu_seqlens_* None.
     Varlen layout: q (total_q, h, d), k/v (total_k, hk, d), cu_seqlens_* int32 (b + 1,).
+    KV-cache layout: q (b, sq, h, d), k/v the whole cache, `kv_cache` saying which rows each sequence sees.
     Only the last dim of q/k/v is guaranteed contiguous. The head dim is the caller's (not padded).
     """
 
@@ -34,6 +54,7 @@ class AttentionProblem:
     cu_seqlens_k: torch.Tensor | None = None
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
+    kv_cache: KVCache | None = None
 
     @property
     def is_varlen(self) -> bool:

@@ -2,7 +2,7 @@
 
 Two entries, both autograd-capable and on any device (cpu, mps, cuda):
 
-    out, lse = attention(problem)                       # an AttentionProblem (padded or varlen)
+    out, lse = attention(problem)                       # an AttentionProblem (padded, varlen or kv cache)
     out, lse, probs = attention(problem, return_probs=True, generator=g)
     out, lse = attention_ref(q, k, v, causal=True, upcast=False, reorder_ops=True)   # plain tensors
 
@@ -62,6 +62,16 @@ def attention(
     """(out, lse), or (out, lse, probs) with `return_probs`. See the module docstring."""
     p = problem
     options = _Options(p, upcast, reorder_ops, return_probs, dropout_mask, generator)
+    if p.kv_cache is not None:
+        outs, lses, all_probs = [], [], []
+        for b in range(p.batch):
+            k, v = _cache_rows(p, b)
+            out, lse, probs = _padded(p.q[b : b + 1], k.unsqueeze(0), v.unsqueeze(0), b, options)
+            outs.append(out)
+            lses.append(lse)
+            all_probs.append(probs)
+        out, lse = torch.cat(outs), torch.cat(lses)
+        return (out, lse, _stacked_probs(p, all_probs)) if return_probs else (out, lse)
     if not p.is_varlen:
         out, lse, probs = _padded(p.q, p.k, p.v, None, options)
         return (out, lse, probs) if return_probs else (out, lse)
@@ -81,12 +91,27 @@ def attention(
         lses.append(torch.full((p.nheads, unused), math.inf, dtype=torch.float32, device=p.q.device))
     out = torch.cat(outs) if outs else p.q.new_zeros(p.q.shape)
     lse = torch.cat(lses, dim=-1) if lses else p.q.new_zeros((p.nheads, 0), dtype=torch.float32)
-    if not return_probs:
-        return out, lse
+    return (out, lse, _stacked_probs(p, all_probs)) if return_probs else (out, lse)
+
+
+def _cache_rows(p: AttentionProblem, b: int) -> tuple[Tensor, Tensor]:
+    """The keys and values sequence b of a kv-cache problem attends to, (rows, hk, d) each (see KVCache)."""
+    c = p.kv_cache
+    end = int(c.seqlens[b])
+    if c.paged:
+        rows = torch.arange(end, device=p.k.device)
+        at = (c.block_table[b].long()[rows // p.k.shape[1]], rows % p.k.shape[1])
+    else:
+        at = (int(c.batch_idx[b]), slice(int(c.leftpad[b]), end))
+    return p.k[at], p.v[at]
+
+
+def _stacked_probs(p: AttentionProblem, per_sequence: list[Tensor]) -> Tensor:
+    """Each sequence's S_dmask (1, h, >= sq_b, >= sk_b) in one (b, h, round128(max_sq), round128(max_sk))."""
     probs = p.q.new_zeros((p.batch, p.nheads, _round128(p.max_seqlen_q), _round128(p.max_seqlen_k)))
-    for b, pr in enumerate(all_probs):
+    for b, pr in enumerate(per_sequence):
         probs[b, :, : pr.shape[2], : pr.shape[3]] = pr[0]
-    return out, lse, probs
+    return probs
 
 
 def attention_ref(

@@ -37,6 +37,8 @@ def buffer_names(spec: ForwardSpec) -> list[str]:
 
 
 def backward_source(spec: ForwardSpec) -> str:
+    if spec.kv_cache:
+        raise ValueError("kv-cache attention has no backward (flash_attn_with_kvcache is inference only)")
     t = spec.dtype
     declarations = {
         "Q": f"device const {t}* Q", "K": f"device const {t}* K", "V": f"device const {t}* V",

@@ -21,6 +21,7 @@ from ..runtime.device import gpu_family
 from .backward import backward_source
 from .backward import kernel_names as backward_kernel_names
 from .forward import FLOAT_ARGS, INT_ARGS, forward_source
+from .msl import side_buffer_names
 from .spec import MSL_TYPES, ForwardSpec
 
 LOG2E = math.log2(math.e)
@@ -29,7 +30,8 @@ PREPROCESS_THREADS = 128  # one thread per query row
 
 def native_features() -> str:
     return ("forward and backward in fp16/bf16/fp32, head dims up to 256, causal and local masks, softcap, "
-            "ALiBi, GQA/MQA, varlen, strided inputs; dropout runs the PyTorch reference")
+            "ALiBi, GQA/MQA, varlen, kv caches (dense and paged, read in place), strided inputs; dropout runs "
+            "the PyTorch reference")
 
 
 def unsupported_reason(problem: AttentionProblem, needs_grad: bool) -> str | None:
@@ -42,14 +44,15 @@ def unsupported_reason(problem: AttentionProblem, needs_grad: bool) -> str | Non
 
 @functools.lru_cache(maxsize=1024)
 def _cached_spec(dtype: torch.dtype, head_dim: int, varlen: bool, masked: bool, softcap: bool,
-                 alibi: bool) -> ForwardSpec:
+                 alibi: bool, kv_cache: str) -> ForwardSpec:
     return ForwardSpec.for_call(MSL_TYPES[str(dtype).removeprefix("torch.")], head_dim, gpu_family(),
-                                varlen=varlen, masked=masked, softcap=softcap, alibi=alibi)
+                                varlen=varlen, masked=masked, softcap=softcap, alibi=alibi, kv_cache=kv_cache)
 
 
 def _spec(p: AttentionProblem) -> ForwardSpec:
+    cache = "" if p.kv_cache is None else "paged" if p.kv_cache.paged else "dense"
     return _cached_spec(p.q.dtype, p.head_dim, p.is_varlen, p.window_left >= 0 or p.window_right >= 0,
-                        p.softcap > 0, p.alibi_slopes is not None)
+                        p.softcap > 0, p.alibi_slopes is not None, cache)
 
 
 def _strides(strides: tuple[int, ...], varlen: bool) -> list[int]:
@@ -75,6 +78,7 @@ def _launch_arguments(p: AttentionProblem, out_strides: tuple[int, ...],
         *_strides(p.q.stride(), varlen), *_strides(p.k.stride(), varlen), *_strides(p.v.stride(), varlen),
         *_strides(out_strides, varlen), *([0, lse_strides[0]] if varlen else lse_strides[:2]),
         p.window_left, p.window_right, alibi.shape[-1] if alibi is not None and alibi.dim() == 2 else 0,
+        *_paging(p),
     ]
     score_scale = p.softmax_scale / p.softcap if p.softcap > 0 else p.softmax_scale * LOG2E
     floats = [score_scale, p.softcap * LOG2E]
@@ -82,12 +86,22 @@ def _launch_arguments(p: AttentionProblem, out_strides: tuple[int, ...],
     return ints, floats
 
 
+def _paging(p: AttentionProblem) -> list[int]:
+    """PAGE_SIZE and TABLE_STRIDE: a paged cache's rows per block and its block table's row stride."""
+    if p.kv_cache is None or not p.kv_cache.paged:
+        return [0, 0]
+    return [p.k.shape[1], p.kv_cache.block_table.shape[1]]  # side_buffers makes the table contiguous
+
+
 def side_buffers(p: AttentionProblem) -> list[torch.Tensor]:
-    """cu_seqlens and ALiBi slopes, dense: a buffer binds storage without strides, and these are tiny."""
-    extra = [p.cu_seqlens_q.contiguous(), p.cu_seqlens_k.contiguous()] if p.is_varlen else []
-    if p.alibi_slopes is not None:
-        extra.append(p.alibi_slopes.contiguous())
-    return extra
+    """The spec's side buffers (cu_seqlens, the kv cache's per-sequence rows, ALiBi slopes) in its order, dense:
+    a buffer binds storage without strides, and these are tiny."""
+    tensors = {"cu_seqlens_q": p.cu_seqlens_q, "cu_seqlens_k": p.cu_seqlens_k, "alibi_slopes": p.alibi_slopes}
+    if p.kv_cache is not None:
+        c = p.kv_cache
+        tensors.update(cache_seqlens=c.seqlens, cache_leftpad=c.leftpad, cache_batch_idx=c.batch_idx,
+                       block_table=c.block_table)
+    return [tensors[name].contiguous() for name in side_buffer_names(_spec(p))]
 
 
 def _backend(p: AttentionProblem, backend_name: str) -> Backend:

@@ -16,7 +16,7 @@ simdgroup_matrix layout and converted from the input dtype, so half, bfloat and 
 
 from __future__ import annotations
 
-from .msl import HELPERS, THREADGROUP_BUILTINS, key_range, parameter_list, side_buffer_names
+from .msl import HELPERS, PAGED_HELPERS, THREADGROUP_BUILTINS, key_range, parameter_list, side_buffer_names
 from .spec import ForwardSpec
 
 # Run-time integer arguments, in the order dispatch.py packs them into the `ints` buffer.
@@ -24,6 +24,7 @@ INT_ARGS = (
     "SEQLEN_Q", "SEQLEN_K", "HEAD_DIM_REAL", "KV_GROUP",
     "Q_BATCH", "Q_ROW", "Q_HEAD", "K_BATCH", "K_ROW", "K_HEAD", "V_BATCH", "V_ROW", "V_HEAD",
     "O_BATCH", "O_ROW", "O_HEAD", "LSE_BATCH", "LSE_HEAD", "WINDOW_LEFT", "WINDOW_RIGHT", "ALIBI_BATCH",
+    "PAGE_SIZE", "TABLE_STRIDE",  # paged kv caches: rows per block, and the block table's row stride
 )
 # Run-time float arguments: SCORE_SCALE multiplies q.k (softmax_scale * log2(e), or softmax_scale / softcap
 # before the tanh); SOFTCAP_LOG2 = softcap * log2(e) multiplies the tanh.
@@ -65,20 +66,45 @@ constant float MASKED = -1.0e30f;     // a masked score in log2 units: finite, a
 enum IntArg {{ {int_enum} }};
 enum FloatArg {{ {float_enum} }};
 
-{HELPERS}
+{HELPERS}{PAGED_HELPERS if spec.kv_cache == "paged" else ""}
 {_kernel(spec, params)}"""
 
 
-def _kernel(spec: ForwardSpec, params: str) -> str:
+def _locate(spec: ForwardSpec) -> str:
+    """MSL giving this sequence's lengths and the offsets of its first q, k, v, out and lse elements."""
+    if spec.kv_cache == "dense":
+        return """  // Sequence b attends to rows cache_leftpad[b] .. cache_seqlens[b] - 1 of cache slot cache_batch_idx[b].
+  const long seqlen_q = ints[SEQLEN_Q];
+  const long k_first = cache_leftpad[batch], seqlen_k = cache_seqlens[batch] - k_first;
+  const long slot = cache_batch_idx[batch];
+  const long q_start = batch * ints[Q_BATCH], o_start = batch * ints[O_BATCH], lse_start = batch * ints[LSE_BATCH];
+  const long k_start = slot * ints[K_BATCH] + k_first * ints[K_ROW];
+  const long v_start = slot * ints[V_BATCH] + k_first * ints[V_ROW];"""
+    if spec.kv_cache == "paged":
+        return """  // Sequence b attends to its rows 0 .. cache_seqlens[b] - 1, found through its row of the block table.
+  const long seqlen_q = ints[SEQLEN_Q], seqlen_k = cache_seqlens[batch];
+  device const int* pages = block_table + batch * ints[TABLE_STRIDE];
+  const long q_start = batch * ints[Q_BATCH], o_start = batch * ints[O_BATCH], lse_start = batch * ints[LSE_BATCH];
+  const long k_start = 0, v_start = 0;  // rows are addressed through `pages`"""
     if spec.varlen:
-        locate = """  const long q_offset = cu_seqlens_q[batch], k_offset = cu_seqlens_k[batch];
+        return """  const long q_offset = cu_seqlens_q[batch], k_offset = cu_seqlens_k[batch];
   const long seqlen_q = cu_seqlens_q[batch + 1] - q_offset, seqlen_k = cu_seqlens_k[batch + 1] - k_offset;
   const long q_start = q_offset * ints[Q_ROW], k_start = k_offset * ints[K_ROW];
   const long v_start = k_offset * ints[V_ROW], o_start = q_offset * ints[O_ROW], lse_start = q_offset;"""
-    else:
-        locate = """  const long seqlen_q = ints[SEQLEN_Q], seqlen_k = ints[SEQLEN_K];
+    return """  const long seqlen_q = ints[SEQLEN_Q], seqlen_k = ints[SEQLEN_K];
   const long q_start = batch * ints[Q_BATCH], k_start = batch * ints[K_BATCH];
   const long v_start = batch * ints[V_BATCH], o_start = batch * ints[O_BATCH], lse_start = batch * ints[LSE_BATCH];"""
+
+
+def _load_block(spec: ForwardSpec, matrix: str) -> str:
+    """MSL loading key block k0 of K or V (`matrix`) into kv_tile."""
+    if spec.kv_cache == "paged":
+        return (f"load_paged_tile(kv_tile, BLOCK_K, {matrix.lower()}_seq, ints[{matrix}_BATCH], ints[{matrix}_ROW], "
+                f"pages, ints[PAGE_SIZE], k0, seqlen_k, head_dim, tid)")
+    return f"load_tile(kv_tile, BLOCK_K, {matrix.lower()}_seq, ints[{matrix}_ROW], k0, seqlen_k, head_dim, tid)"
+
+
+def _kernel(spec: ForwardSpec, params: str) -> str:
     if spec.masked:
         block_visible = """    // Masks apply per element only on blocks that some (row, key) of the window cuts.
     const bool inside = (window_left < 0 || k0 >= last_row + seqlen_k - seqlen_q - window_left) &&
@@ -106,7 +132,7 @@ def _kernel(spec: ForwardSpec, params: str) -> str:
   // This threadgroup's sequence, head and query rows.
   const long batch = group.z, head = group.y;
   const long kv_head = head / ints[KV_GROUP];  // GQA/MQA: query heads share a K/V head
-{locate}
+{_locate(spec)}
   const long first_row = long(group.x) * BLOCK_Q;
   if (first_row >= seqlen_q) return;  // the whole threadgroup leaves together
   const long last_row = min(first_row + BLOCK_Q, seqlen_q) - 1;
@@ -134,7 +160,7 @@ def _kernel(spec: ForwardSpec, params: str) -> str:
 {key_range(spec)}
   for (long k0 = key_begin; k0 < key_end; k0 += BLOCK_K) {{
     // S = Q K^T.
-    load_tile(kv_tile, BLOCK_K, k_seq, ints[K_ROW], k0, seqlen_k, head_dim, tid);
+    {_load_block(spec, "K")};
     threadgroup_barrier(mem_flags::mem_threadgroup);
     simdgroup_float8x8 s_frag[K_FRAGS];
     for (int kf = 0; kf < K_FRAGS; ++kf) {{
@@ -146,7 +172,7 @@ def _kernel(spec: ForwardSpec, params: str) -> str:
       }}
     }}
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    load_tile(kv_tile, BLOCK_K, v_seq, ints[V_ROW], k0, seqlen_k, head_dim, tid);  // overlaps the softmax below
+    {_load_block(spec, "V")};  // overlaps the softmax below
 
 {block_visible}
     float block_max = MASKED;

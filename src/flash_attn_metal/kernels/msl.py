@@ -11,16 +11,27 @@ THREADGROUP_BUILTINS = """    uint3 group [[threadgroup_position_in_grid]],
     ushort sg [[simdgroup_index_in_threadgroup]],
     ushort lane [[thread_index_in_simdgroup]]"""
 
-# Buffers that only some specs bind, after a kernel's own: sequence offsets (varlen) and ALiBi slopes.
+# Buffers that only some specs bind, after a kernel's own: sequence offsets (varlen), the kv cache's per-sequence
+# rows (kv_cache; see problem.KVCache) and ALiBi slopes.
 SIDE_BUFFERS = {
     "cu_seqlens_q": "device const int* cu_seqlens_q",
     "cu_seqlens_k": "device const int* cu_seqlens_k",
+    "cache_seqlens": "device const int* cache_seqlens",
+    "cache_leftpad": "device const int* cache_leftpad",
+    "cache_batch_idx": "device const int* cache_batch_idx",
+    "block_table": "device const int* block_table",
     "alibi_slopes": "device const float* alibi_slopes",
+}
+KV_CACHE_BUFFERS = {
+    "": [],
+    "dense": ["cache_seqlens", "cache_leftpad", "cache_batch_idx"],
+    "paged": ["cache_seqlens", "block_table"],
 }
 
 
 def side_buffer_names(spec: ForwardSpec) -> list[str]:
-    return (["cu_seqlens_q", "cu_seqlens_k"] if spec.varlen else []) + (["alibi_slopes"] if spec.alibi else [])
+    return ((["cu_seqlens_q", "cu_seqlens_k"] if spec.varlen else []) + KV_CACHE_BUFFERS[spec.kv_cache]
+            + (["alibi_slopes"] if spec.alibi else []))
 
 
 def parameter_list(declarations: dict[str, str], names: list[str]) -> str:
@@ -71,6 +82,21 @@ inline void load_tile(threadgroup input_t* tile, int tile_rows, device const inp
   for (int i = tid; i < tile_rows * HEAD_DIM; i += THREADS) {
     const int r = i / HEAD_DIM, c = i % HEAD_DIM;
     tile[i] = (first + r < rows && c < cols) ? src[(first + r) * row_stride + c] : input_t(0);
+  }
+}
+"""
+
+# For paged kv caches only: a key block may span pages (any page size works).
+PAGED_HELPERS = """
+// load_tile over a paged matrix: row r sits in block pages[r / page_size], at row r % page_size of the block.
+inline void load_paged_tile(threadgroup input_t* tile, int tile_rows, device const input_t* src, long block_stride,
+                            long row_stride, device const int* pages, long page_size, long first, long rows,
+                            int cols, ushort tid) {
+  for (int i = tid; i < tile_rows * HEAD_DIM; i += THREADS) {
+    const int r = i / HEAD_DIM, c = i % HEAD_DIM;
+    const long row = first + r;
+    tile[i] = (row < rows && c < cols)
+        ? src[pages[row / page_size] * block_stride + (row % page_size) * row_stride + c] : input_t(0);
   }
 }
 """

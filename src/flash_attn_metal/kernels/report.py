@@ -30,39 +30,53 @@ FAMILIES = ("apple7", "apple9")  # apple8 shares apple7's tiles, apple10 apple9'
 DTYPES = ("half", "bfloat", "float")
 HEAD_DIMS = (32, 40, 64, 80, 96, 128, 160, 192, 224, 256)  # the dumped set
 REPORT_HEAD_DIMS = tuple(range(8, 257, 8))  # every padded head dim: the report covers the whole tile table
-FEATURES = (  # (varlen, masked, softcap, alibi)
-    (False, False, False, False),
-    (False, True, False, False),
-    (False, True, True, True),
-    (True, True, False, False),
+FEATURES = (  # (varlen, masked, softcap, alibi, kv_cache)
+    (False, False, False, False, ""),
+    (False, True, False, False, ""),
+    (False, True, True, True, ""),
+    (True, True, False, False, ""),
+    (False, True, False, False, "dense"),
+    (False, False, False, False, "paged"),
 )
 REPORT_N = 4096
+DECODE_SHAPE = (32, 8, 128)  # (query heads, K/V heads, head dim) of the decode figure: a Llama-3-8B layer
 
 
 def representative_specs() -> list[ForwardSpec]:
     return [
-        ForwardSpec.for_call(dtype, d, family, varlen=varlen, masked=masked, softcap=softcap, alibi=alibi)
+        ForwardSpec.for_call(dtype, d, family, varlen=varlen, masked=masked, softcap=softcap, alibi=alibi,
+                             kv_cache=kv_cache)
         for family in FAMILIES for dtype in DTYPES for d in HEAD_DIMS
-        for varlen, masked, softcap, alibi in FEATURES
+        for varlen, masked, softcap, alibi, kv_cache in FEATURES
     ]
 
 
 def common_specs(family: str) -> list[ForwardSpec]:
     """What `cache warm` precompiles: fp16 and bf16 at d = 64 and 128, with and without a mask, padded and
-    varlen (the shapes language models train and serve with most)."""
+    varlen, and causal decoding from dense and paged kv caches (the shapes language models train and serve
+    with most)."""
     return [
         ForwardSpec.for_call(dtype, d, family, varlen=varlen, masked=masked, softcap=False, alibi=False)
         for dtype in ("half", "bfloat") for d in (64, 128) for masked in (False, True) for varlen in (False, True)
+    ] + [
+        ForwardSpec.for_call(dtype, d, family, varlen=False, masked=True, softcap=False, alibi=False, kv_cache=cache)
+        for dtype in ("half", "bfloat") for d in (64, 128) for cache in ("dense", "paged")
     ]
 
 
-def sources() -> dict[str, str]:
-    """File name -> MSL for the forward and backward kernels of every representative spec."""
-    out = {}
-    for spec in dict.fromkeys(representative_specs()):
-        out[f"{spec.name}.metal"] = forward_source(spec)
+def kernel_sources(spec: ForwardSpec) -> dict[str, str]:
+    """File name -> MSL of a spec's kernels: the forward, and the backward unless the spec reads a kv cache
+    (flash_attn_with_kvcache is inference only)."""
+    out = {f"{spec.name}.metal": forward_source(spec)}
+    if not spec.kv_cache:
         out[f"{spec.name.replace('forward', 'backward')}.metal"] = backward_source(spec)
     return out
+
+
+def sources() -> dict[str, str]:
+    """File name -> MSL for the kernels of every representative spec."""
+    return {name: source for spec in dict.fromkeys(representative_specs())
+            for name, source in kernel_sources(spec).items()}
 
 
 def dump(directory: Path) -> list[Path]:
@@ -111,6 +125,14 @@ def report_rows() -> list[dict]:
     return rows
 
 
+def decode_traffic(cached_rows: int, nheads: int, nheads_k: int, head_dim: int, elem_bytes: int) -> tuple[int, int]:
+    """(kernel, bound): device bytes one decode step of one sequence reads from a kv cache of `cached_rows` rows.
+    The kernel reads the cache in place, each K/V row once per query head (a threadgroup per query head);
+    the bound reads it once per K/V head."""
+    per_head = 2 * cached_rows * head_dim * elem_bytes
+    return per_head * nheads, per_head * nheads_k
+
+
 def format_report() -> str:
     header = (f"{'family':<7} {'dtype':<6} {'d':>4} {'BQ':>3} {'BK':>3} {'threads':>7} {'tg bytes':>8} "
               f"{'bwd tg':>6} {'frags/thr':>9} {'bytes(N) = a N + b N^2':>22} {'FA B_r':>6} {'FA b':>6} "
@@ -122,6 +144,11 @@ def format_report() -> str:
                      f"{r['threads']:>7} {r['threadgroup_bytes']:>8} {r['backward_threadgroup_bytes']:>6} "
                      f"{r['fragments_per_thread']:>9} {traffic:>22} {r['fa_block_rows']:>6} "
                      f"{r['fa_bytes_per_n2']:>6.1f} {r['bytes_at_n'] / 1e6:>10.1f} {r['fa_bytes_at_n'] / 1e6:>7.1f}")
+    h, hk, d = DECODE_SHAPE
+    kernel, bound = decode_traffic(REPORT_N, h, hk, d, DTYPE_BYTES["half"])
+    lines.append(f"kv-cache decode, one step of one sequence over {REPORT_N} cached rows (h={h}, hk={hk}, d={d}, "
+                 f"half): the cache is read in place, {kernel / 1e6:.1f} MB (each K/V row once per query head) "
+                 f"against {bound / 1e6:.1f} MB reading it once per K/V head")
     lines.append(f"limits: {THREADGROUP_MEMORY_LIMIT} bytes of threadgroup memory and {THREADS_LIMIT} threads per "
                  "threadgroup; apple8 uses apple7's tiles, apple10 apple9's")
     return "\n".join(lines)

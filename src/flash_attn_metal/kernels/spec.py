@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from .tiles import Tiles, forward_tiles
 
 MSL_TYPES = {"float16": "half", "bfloat16": "bfloat", "float32": "float"}
+KV_CACHES = ("", "dense", "paged")  # K/V laid out like q; a kv cache with a slot per sequence; a paged kv cache
 HEAD_DIM_ALIGN = 8  # simdgroup_matrix fragments are 8 wide
 
 
@@ -29,13 +30,18 @@ class ForwardSpec:
     masked: bool  # causal or local window
     softcap: bool
     alibi: bool
+    kv_cache: str = ""  # one of KV_CACHES; forward only (flash_attn_with_kvcache has no backward)
+
+    def __post_init__(self) -> None:
+        if self.kv_cache not in KV_CACHES or (self.kv_cache and self.varlen):
+            raise ValueError(f"kv_cache must be one of {KV_CACHES} and comes without varlen, got {self.kv_cache!r}")
 
     @classmethod
     def for_call(cls, dtype: str, head_dim: int, family: str, *, varlen: bool, masked: bool, softcap: bool,
-                 alibi: bool) -> "ForwardSpec":
+                 alibi: bool, kv_cache: str = "") -> "ForwardSpec":
         d = padded_head_dim(head_dim)
         tiles = forward_tiles(family, d)
-        return cls(dtype, d, tiles.block_q, tiles.block_k, varlen, masked, softcap, alibi)
+        return cls(dtype, d, tiles.block_q, tiles.block_k, varlen, masked, softcap, alibi, kv_cache)
 
     @property
     def tiles(self) -> Tiles:
@@ -44,5 +50,6 @@ class ForwardSpec:
     @functools.cached_property
     def name(self) -> str:
         features = "".join(f"_{f}" for f, on in (("varlen", self.varlen), ("masked", self.masked),
-                                                   ("softcap", self.softcap), ("alibi", self.alibi)) if on)
+                                                   ("softcap", self.softcap), ("alibi", self.alibi),
+                                                   (f"{self.kv_cache}_cache", self.kv_cache)) if on)
         return f"attention_forward_{self.dtype}_d{self.head_dim}_q{self.block_q}_k{self.block_k}{features}"
