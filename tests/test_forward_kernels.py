@@ -25,6 +25,7 @@ from flash_attn_metal import (
 )
 from flash_attn_metal.emulator import KernelExecutionError
 from flash_attn_metal.kernels import dispatch
+from flash_attn_metal.kernels import forward as forward_module
 from flash_attn_metal.problem import AttentionProblem, KVCache
 from flash_attn_metal.reference import attention
 
@@ -419,4 +420,14 @@ def test_kvcache_calls_append_and_attend_on_the_kernels(monkeypatch, layout):
 def test_kv_cache_kernels_stay_in_bounds_in_the_debug_build(debug_emulator, case):
     problem = cache_problem(case, seed=3)
     out, lse = dispatch.forward(problem, "emulator")
+    assert_within_rule(out, lse, problem)
+
+
+@pytest.mark.parametrize("h, hk, packed", [(8, 1, 8), (8, 8, 1)], ids=["mqa-packed", "mha-unpacked"])
+def test_decode_launches_pack_the_gqa_group_into_one_query_block(h, hk, packed):
+    problem = cache_problem(CacheCase("fp16", "dense", h=h, hk=hk, causal=True))
+    launch = dispatch.forward_launch(problem, "emulator")
+    assert launch.ints[forward_module.INT_ARGS.index("PACKED_HEADS")] == packed
+    assert launch.threads[1] == h // packed  # threadgroups per sequence along the head axis
+    out, lse = launch(problem.q, problem.k, problem.v, dispatch.side_buffers(problem))
     assert_within_rule(out, lse, problem)

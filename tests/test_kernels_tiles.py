@@ -100,7 +100,18 @@ def test_same_spec_gives_byte_identical_source():
 
 
 def test_decode_traffic_figures():
-    """One decode step over 1000 cached rows at d = 64 in fp16: 2 * 1000 * 64 * 2 bytes per head."""
-    assert report.decode_traffic(1000, 8, 2, 64, 2) == (8 * 256_000, 2 * 256_000)
-    assert report.decode_traffic(1000, 8, 8, 64, 2)[0] == report.decode_traffic(1000, 8, 8, 64, 2)[1]  # no GQA
+    """One decode step over 1000 cached rows at d = 64 in fp16: 2 * 1000 * 64 * 2 bytes per K/V read."""
+    assert report.decode_traffic(1000, 8, 2, 64, 2, block_q=16) == (2 * 256_000, 2 * 256_000)  # packed: the bound
+    assert report.decode_traffic(1000, 64, 1, 64, 2, block_q=16) == (4 * 256_000, 256_000)  # 64 heads: 4 blocks
+    assert report.decode_traffic(1000, 8, 8, 64, 2, block_q=16) == (8 * 256_000, 8 * 256_000)  # no GQA
     assert "kv-cache decode" in report.format_report()
+
+
+def test_gqa_packing_fills_query_blocks_only_when_it_saves_threadgroups():
+    from flash_attn_metal.kernels.tiles import packed_heads
+
+    assert packed_heads(1, 32, 8, 16) == 4  # decoding: the group's 4 heads fill one block (8 threadgroups, not 32)
+    assert packed_heads(1, 64, 1, 16) == 64  # MQA: 4 blocks of 16 packed rows instead of 64 threadgroups
+    assert packed_heads(1, 32, 32, 16) == 1  # no GQA, nothing to pack
+    assert packed_heads(4096, 32, 8, 16) == 1  # long queries fill their blocks already
+    assert packed_heads(16, 32, 8, 16) == 1  # exactly full blocks: packing would save nothing

@@ -23,6 +23,7 @@ from .backward import kernel_names as backward_kernel_names
 from .forward import FLOAT_ARGS, INT_ARGS, forward_source
 from .msl import side_buffer_names
 from .spec import MSL_TYPES, ForwardSpec
+from .tiles import packed_heads
 
 LOG2E = math.log2(math.e)
 PREPROCESS_THREADS = 128  # one thread per query row
@@ -68,8 +69,8 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _launch_arguments(p: AttentionProblem, out_strides: tuple[int, ...],
-                      lse_strides: tuple[int, ...]) -> tuple[list[int], list[float]]:
+def _launch_arguments(p: AttentionProblem, out_strides: tuple[int, ...], lse_strides: tuple[int, ...], *,
+                      packed_heads: int) -> tuple[list[int], list[float]]:
     """The forward's int and float arguments (kernels/forward.py INT_ARGS and FLOAT_ARGS order)."""
     varlen = p.is_varlen
     alibi = p.alibi_slopes
@@ -78,7 +79,7 @@ def _launch_arguments(p: AttentionProblem, out_strides: tuple[int, ...],
         *_strides(p.q.stride(), varlen), *_strides(p.k.stride(), varlen), *_strides(p.v.stride(), varlen),
         *_strides(out_strides, varlen), *([0, lse_strides[0]] if varlen else lse_strides[:2]),
         p.window_left, p.window_right, alibi.shape[-1] if alibi is not None and alibi.dim() == 2 else 0,
-        *_paging(p),
+        *_paging(p), packed_heads,
     ]
     score_scale = p.softmax_scale / p.softcap if p.softcap > 0 else p.softmax_scale * LOG2E
     floats = [score_scale, p.softcap * LOG2E]
@@ -145,11 +146,13 @@ class ForwardLaunch:
 def forward_launch(p: AttentionProblem, backend_name: str) -> ForwardLaunch:
     spec = _spec(p)
     lse_shape = (p.nheads, p.q.shape[0]) if p.is_varlen else (p.batch, p.nheads, p.q.shape[1])
-    ints, floats = _launch_arguments(p, _contiguous_strides(p.q.shape), _contiguous_strides(lse_shape))
+    packed = packed_heads(p.max_seqlen_q, p.nheads, p.nheads_k, spec.block_q)
+    ints, floats = _launch_arguments(p, _contiguous_strides(p.q.shape), _contiguous_strides(lse_shape),
+                                     packed_heads=packed)
     threads = spec.tiles.threads
-    query_blocks = -(-p.max_seqlen_q // spec.block_q)
+    query_blocks = -(-p.max_seqlen_q * packed // spec.block_q)
     return ForwardLaunch(_forward_kernel(spec, _backend(p, backend_name)), ints, floats, lse_shape,
-                         threads=[query_blocks * threads, p.nheads, p.batch], group_size=[threads, 1, 1])
+                         threads=[query_blocks * threads, p.nheads // packed, p.batch], group_size=[threads, 1, 1])
 
 
 def forward(p: AttentionProblem, backend_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +167,7 @@ def backward(p: AttentionProblem, out: torch.Tensor, lse: torch.Tensor, dout: to
         dout = dout.contiguous()
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (p.q, p.k, p.v))
     row_sums = torch.empty_like(lse)  # D = rowsum(dO * O)
-    ints, floats = _launch_arguments(p, out.stride(), lse.stride())
+    ints, floats = _launch_arguments(p, out.stride(), lse.stride(), packed_heads=1)  # the backward reads no packing
     for t in (dout, dq, dk, dv):
         ints += _strides(t.stride(), p.is_varlen)
     floats += [p.softmax_scale, 1.0 / p.softcap if p.softcap > 0 else 0.0]

@@ -25,6 +25,7 @@ INT_ARGS = (
     "Q_BATCH", "Q_ROW", "Q_HEAD", "K_BATCH", "K_ROW", "K_HEAD", "V_BATCH", "V_ROW", "V_HEAD",
     "O_BATCH", "O_ROW", "O_HEAD", "LSE_BATCH", "LSE_HEAD", "WINDOW_LEFT", "WINDOW_RIGHT", "ALIBI_BATCH",
     "PAGE_SIZE", "TABLE_STRIDE",  # paged kv caches: rows per block, and the block table's row stride
+    "PACKED_HEADS",  # query heads per threadgroup (tiles.packed_heads: GQA packing), 1 without packing
 )
 # Run-time float arguments: SCORE_SCALE multiplies q.k (softmax_scale * log2(e), or softmax_scale / softcap
 # before the tanh); SOFTCAP_LOG2 = softcap * log2(e) multiplies the tanh.
@@ -119,7 +120,7 @@ def _kernel(spec: ForwardSpec, params: str) -> str:
         transform = "    s = tanh(s * floats[SCORE_SCALE]) * floats[SOFTCAP_LOG2];  // softcap, in log2 units"
     else:
         transform = "    s = s * floats[SCORE_SCALE];  // log2 units"
-    alibi_setup = ("\n  const float slope_log2 = alibi_slopes[batch * ints[ALIBI_BATCH] + head] * LOG2E;"
+    alibi_setup = ("\n  const float slope_log2 = alibi_slopes[batch * ints[ALIBI_BATCH] + head] * LOG2E;  // this row's head"
                    if spec.alibi else "")
     alibi_bias = ("""
       for (int e = 0; e < 2; ++e) s[e] -= slope_log2 * abs(float(diagonal - (key0 + e)));  // ALiBi"""
@@ -129,24 +130,28 @@ def _kernel(spec: ForwardSpec, params: str) -> str:
 {THREADGROUP_BUILTINS}) {{
   threadgroup input_t kv_tile[BLOCK_K * HEAD_DIM];  // the current key block's K, then its V
 
-  // This threadgroup's sequence, head and query rows.
-  const long batch = group.z, head = group.y;
-  const long kv_head = head / ints[KV_GROUP];  // GQA/MQA: query heads share a K/V head
+  // This threadgroup's sequence, query heads and rows. Its BLOCK_Q rows are packed (query row, head) pairs,
+  // PACKED_HEADS heads per query row: with GQA packing, heads that share a K/V head share its K/V blocks.
+  const long batch = group.z;
+  const long packed_heads = ints[PACKED_HEADS], first_head = long(group.y) * packed_heads;
+  const long kv_head = first_head / ints[KV_GROUP];  // GQA/MQA: query heads share a K/V head
 {_locate(spec)}
-  const long first_row = long(group.x) * BLOCK_Q;
-  if (first_row >= seqlen_q) return;  // the whole threadgroup leaves together
-  const long last_row = min(first_row + BLOCK_Q, seqlen_q) - 1;
+  const long packed_rows = seqlen_q * packed_heads, first_packed = long(group.x) * BLOCK_Q;
+  if (first_packed >= packed_rows) return;  // the whole threadgroup leaves together
+  const long first_row = first_packed / packed_heads;  // the query rows this block spans
+  const long last_row = (min(first_packed + BLOCK_Q, packed_rows) - 1) / packed_heads;
   const int head_dim = int(ints[HEAD_DIM_REAL]);
-  device const input_t* q_seq = Q + q_start + head * ints[Q_HEAD];
   device const input_t* k_seq = K + k_start + kv_head * ints[K_HEAD];
   device const input_t* v_seq = V + v_start + kv_head * ints[V_HEAD];
+
+  // This lane holds, in every fragment, elements (row, col) and (row, col + 1) of one (query row, head).
+  const ushort2 coord = fragment_coord(lane);
+  const long packed = first_packed + sg * 8 + coord.y;
+  const long row = packed / packed_heads, head = first_head + packed % packed_heads;
+  const bool row_valid = row < seqlen_q;
+  device const input_t* q_seq = Q + q_start + head * ints[Q_HEAD];
   device input_t* o_seq = O + o_start + head * ints[O_HEAD];
   device float* lse_seq = LSE + lse_start + head * ints[LSE_HEAD];{alibi_setup}
-
-  // This lane holds, in every fragment, elements (row, col) and (row, col + 1).
-  const ushort2 coord = fragment_coord(lane);
-  const long row = first_row + sg * 8 + coord.y;
-  const bool row_valid = row < seqlen_q;
   const long diagonal = row + seqlen_k - seqlen_q;  // bottom-right aligned: the key facing this row
 
   simdgroup_float8x8 q_frag[D_FRAGS], o_frag[D_FRAGS];

@@ -24,6 +24,7 @@ from .tiles import (
     backward_threadgroup_bytes,
     forward_threadgroup_bytes,
     forward_tiles,
+    packed_heads,
 )
 
 FAMILIES = ("apple7", "apple9")  # apple8 shares apple7's tiles, apple10 apple9's
@@ -125,12 +126,15 @@ def report_rows() -> list[dict]:
     return rows
 
 
-def decode_traffic(cached_rows: int, nheads: int, nheads_k: int, head_dim: int, elem_bytes: int) -> tuple[int, int]:
-    """(kernel, bound): device bytes one decode step of one sequence reads from a kv cache of `cached_rows` rows.
-    The kernel reads the cache in place, each K/V row once per query head (a threadgroup per query head);
-    the bound reads it once per K/V head."""
+def decode_traffic(cached_rows: int, nheads: int, nheads_k: int, head_dim: int, elem_bytes: int,
+                   block_q: int) -> tuple[int, int]:
+    """(kernel, bound): device bytes one decode step (one query row) of one sequence reads from a kv cache of
+    `cached_rows` rows. Every forward threadgroup reads its K/V head's rows once, in place; GQA packing puts a
+    group's query heads in one threadgroup. The bound reads each K/V row once."""
     per_head = 2 * cached_rows * head_dim * elem_bytes
-    return per_head * nheads, per_head * nheads_k
+    packed = packed_heads(1, nheads, nheads_k, block_q)
+    threadgroups = nheads // packed * -(-packed // block_q)
+    return per_head * threadgroups, per_head * nheads_k
 
 
 def format_report() -> str:
@@ -145,10 +149,11 @@ def format_report() -> str:
                      f"{r['fragments_per_thread']:>9} {traffic:>22} {r['fa_block_rows']:>6} "
                      f"{r['fa_bytes_per_n2']:>6.1f} {r['bytes_at_n'] / 1e6:>10.1f} {r['fa_bytes_at_n'] / 1e6:>7.1f}")
     h, hk, d = DECODE_SHAPE
-    kernel, bound = decode_traffic(REPORT_N, h, hk, d, DTYPE_BYTES["half"])
-    lines.append(f"kv-cache decode, one step of one sequence over {REPORT_N} cached rows (h={h}, hk={hk}, d={d}, "
-                 f"half): the cache is read in place, {kernel / 1e6:.1f} MB (each K/V row once per query head) "
-                 f"against {bound / 1e6:.1f} MB reading it once per K/V head")
+    for family in FAMILIES:
+        kernel, bound = decode_traffic(REPORT_N, h, hk, d, DTYPE_BYTES["half"], forward_tiles(family, d).block_q)
+        lines.append(f"{family}: kv-cache decode, one step of one sequence over {REPORT_N} cached rows (h={h}, "
+                     f"hk={hk}, d={d}, half), read in place with GQA packing: {kernel / 1e6:.1f} MB (bound "
+                     f"{bound / 1e6:.1f} MB)")
     lines.append(f"limits: {THREADGROUP_MEMORY_LIMIT} bytes of threadgroup memory and {THREADS_LIMIT} threads per "
                  "threadgroup; apple8 uses apple7's tiles, apple10 apple9's")
     return "\n".join(lines)

@@ -55,3 +55,14 @@ def forward_threadgroup_bytes(tiles: Tiles, head_dim: int, dtype: str) -> int:
 def backward_threadgroup_bytes(tiles: Tiles, head_dim: int, dtype: str) -> int:
     """Two tiles: K and V (the dq kernel) or Q and dO (the dkdv kernel)."""
     return 2 * forward_threadgroup_bytes(tiles, head_dim, dtype)
+
+
+def packed_heads(seqlen_q: int, nheads: int, nheads_k: int, block_q: int) -> int:
+    """Query heads per forward threadgroup: the whole GQA group when packing its heads into the query block takes
+    fewer threadgroups (short queries, as in decoding: one threadgroup then reads each K/V block for the group
+    instead of once per query head), else 1. Packed rows are (query row, head) pairs."""
+    group = nheads // nheads_k
+    if group == 1:
+        return 1
+    blocks = lambda rows: -(-rows // block_q)  # noqa: E731
+    return group if blocks(seqlen_q * group) * nheads_k < blocks(seqlen_q) * nheads else 1
