@@ -185,3 +185,15 @@ def test_return_attn_probs_under_autograd_and_lse_gets_no_gradient():
     grad = torch.randn_like(out)
     ours = torch.autograd.grad(out, (q, k, v), grad)
     assert_grads_within_rule(ours, q, k, v, grad, **mask_args(causal=True))
+
+
+def test_gradients_after_a_split_kv_forward():
+    """Few query rows over many keys: the forward splits the keys; the backward reads its merged LSE."""
+    torch.manual_seed(21)
+    q = torch.randn(1, 2, 2, 64, requires_grad=True)
+    k, v = (torch.randn(1, 900, 1, 64, requires_grad=True) for _ in range(2))
+    out = flash_attn_func(q, k, v, causal=True)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (q, k, v), grad)
+    assert any(name.endswith("_split_combine") for name in flash_attn_metal.stats()["launches"])
+    assert_grads_within_rule(ours, q, k, v, grad, **mask_args(causal=True))

@@ -428,6 +428,62 @@ def test_decode_launches_pack_the_gqa_group_into_one_query_block(h, hk, packed):
     problem = cache_problem(CacheCase("fp16", "dense", h=h, hk=hk, causal=True))
     launch = dispatch.forward_launch(problem, "emulator")
     assert launch.ints[forward_module.INT_ARGS.index("PACKED_HEADS")] == packed
-    assert launch.threads[1] == h // packed  # threadgroups per sequence along the head axis
+    assert launch.steps[0][1][1] == h // packed  # threadgroups per sequence along the head axis
     out, lse = launch(problem.q, problem.k, problem.v, dispatch.side_buffers(problem))
     assert_within_rule(out, lse, problem)
+
+
+# Split-KV (flash-decoding): a query block's keys split over threadgroups, merged by a combine kernel.
+
+def split_launches() -> list[str]:
+    return [name for name in flash_attn_metal.stats()["launches"] if name.endswith("_split_combine")]
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("mask", ["full", "causal", "window"])
+def test_split_kv_matches_the_reference(splits, mask):
+    torch.manual_seed(splits)
+    q = torch.randn(2, 3, 4, 64, dtype=torch.float16)
+    k, v = (torch.randn(2, 700, 1, 64, dtype=torch.float16) for _ in range(2))
+    window = (90, 0) if mask == "window" else (-1, -1)  # the early splits see no key at all
+    problem = dataclasses.replace(problem_of(q, k, v, causal=mask == "causal", window=window, max_q=3, max_k=700),
+                                  num_splits=splits)
+    out, lse = dispatch.forward(problem, "emulator")
+    assert split_launches()
+    assert_within_rule(out, lse, problem)
+
+
+def test_decoding_splits_the_keys_by_itself_and_honours_num_splits_1():
+    torch.manual_seed(8)
+    q = torch.randn(1, 1, 2, 32, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2000, 2, 32, dtype=torch.bfloat16) for _ in range(2))
+    out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True)  # 2 threadgroups for 2000 keys
+    assert split_launches()
+    assert_within_rule(out, lse, problem_of(q, k, v))
+    flash_attn_metal.reset_stats()
+    caches = [t.clone() for t in (k, v)]
+    unsplit = flash_attn_with_kvcache(q, *caches, num_splits=1)
+    assert not split_launches() and (unsplit.float() - out.float()).abs().max() < 2e-2
+
+
+def test_split_kv_of_empty_and_ragged_cache_sequences():
+    q = torch.randn(3, 1, 4, 64, dtype=torch.float16)
+    k_cache, v_cache = (torch.randn(3, 600, 2, 64, dtype=torch.float16) for _ in range(2))
+    seqlens = torch.tensor([0, 600, 77], dtype=torch.int32)
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, num_splits=5,
+                                       return_softmax_lse=True)
+    assert split_launches()
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isinf(lse[0]).all()
+    for b in (1, 2):
+        n = int(seqlens[b])
+        assert_within_rule(out[b : b + 1], lse[b : b + 1], problem_of(q[b : b + 1], k_cache[b : b + 1, :n],
+                                                                      v_cache[b : b + 1, :n]))
+
+
+def test_varlen_decoding_splits_ragged_sequences():
+    torch.manual_seed(23)
+    lens_q, lens_k = [1, 2, 0, 1], [700, 5, 300, 0]
+    q, k, v, cu_q, cu_k = varlen_inputs(lens_q, lens_k, 4, 1, 64, torch.float16)
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 2, 700, causal=True, return_attn_probs=True)
+    assert split_launches()
+    assert_within_rule(out, lse, problem_of(q, k, v, causal=True, cu_q=cu_q, cu_k=cu_k, max_q=2, max_k=700))

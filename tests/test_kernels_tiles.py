@@ -115,3 +115,14 @@ def test_gqa_packing_fills_query_blocks_only_when_it_saves_threadgroups():
     assert packed_heads(1, 32, 32, 16) == 1  # no GQA, nothing to pack
     assert packed_heads(4096, 32, 8, 16) == 1  # long queries fill their blocks already
     assert packed_heads(16, 32, 8, 16) == 1  # exactly full blocks: packing would save nothing
+
+
+def test_key_splits_occupy_the_gpu_only_when_a_launch_is_too_small():
+    from flash_attn_metal.kernels.tiles import MAX_SPLITS, key_splits
+
+    assert key_splits(threadgroups=8, key_blocks=256, gpu_cores=10) == 5  # decoding: 40 threadgroups wanted
+    assert key_splits(threadgroups=8, key_blocks=8, gpu_cores=10) == 2  # at least 4 key blocks per split
+    assert key_splits(threadgroups=1, key_blocks=10_000, gpu_cores=80) == MAX_SPLITS
+    assert key_splits(threadgroups=4096, key_blocks=256, gpu_cores=10) == 1  # prefill fills the GPU already
+    assert key_splits(threadgroups=8, key_blocks=256, gpu_cores=10, requested=1) == 1  # num_splits=1: never
+    assert key_splits(threadgroups=4096, key_blocks=3, gpu_cores=10, requested=7) == 3  # a block per split at least

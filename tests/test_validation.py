@@ -202,6 +202,8 @@ KVCACHE_CASES = [
     (dict(alibi_slopes=torch.rand(3)), ValueError, "alibi_slopes must have shape"),
     (dict(window_size=(-3, 0)), ValueError, "window_size entries must be >= -1"),
     (dict(q=torch.randn(2, 1, 4, 32, dtype=torch.float16)), TypeError, "k_cache has dtype"),
+    (dict(num_splits=-1), ValueError, "num_splits must be an int >= 0"),
+    (dict(num_splits=2.0), ValueError, "num_splits must be an int >= 0"),
 ]
 
 

@@ -185,15 +185,18 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 
     q: (batch, seqlen_q, nheads, headdim); k_cache/v_cache: (batch_cache, seqlen_cache, nheads_k, headdim) or
     paged (num_blocks, page_block_size, nheads_k, headdim) with block_table. Returns out, or (out, lse) with
-    lse (batch, nheads, seqlen_q) fp32. num_splits is a CUDA performance knob and has no effect here."""
+    lse (batch, nheads, seqlen_q) fp32. num_splits splits each query block's keys over that many threadgroups
+    (0: the kernels choose, 1: no split)."""
     # Every argument is checked before the cache is written.
     q = validation.tensor("q", q, 4)
     options = _options(q, q.shape[0], 0.0, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    splits = validation.num_splits(num_splits)
     local = options["window_left"] >= 0 or options["window_right"] >= 0  # causal or a window
     cached = kvcache.prepare(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                              cache_leftpad, block_table, bool(rotary_interleaved), rotate_q_per_token=local)
     problem = AttentionProblem(q=cached.q, k=k_cache, v=v_cache, **options, max_seqlen_q=q.shape[1],
-                               max_seqlen_k=cached.max_seqlen_k, kv_cache=cached.layout)
+                               max_seqlen_k=cached.max_seqlen_k, kv_cache=cached.layout,
+                               num_splits=splits)
     with torch.no_grad():  # flash_attn_with_kvcache has no backward
         out, lse, _ = _attend(problem, return_attn_probs=True)
     return (out, lse) if return_softmax_lse else out

@@ -19,12 +19,12 @@ from .problem import AttentionProblem, KVCache
 
 def _problem(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
              cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cache_seqlens=None, cache_leftpad=None,
-             cache_batch_idx=None, block_table=None) -> AttentionProblem:
+             cache_batch_idx=None, block_table=None, num_splits=0) -> AttentionProblem:
     kv_cache = None if cache_seqlens is None else KVCache(cache_seqlens, cache_leftpad, cache_batch_idx, block_table)
     return AttentionProblem(q=q, k=k, v=v, softmax_scale=softmax_scale, causal=causal, window_left=window_left,
                             window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=0.0,
                             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                            max_seqlen_k=max_seqlen_k, kv_cache=kv_cache)
+                            max_seqlen_k=max_seqlen_k, kv_cache=kv_cache, num_splits=num_splits)
 
 
 def _lse_shape(q: Tensor, cu_seqlens_q: Optional[Tensor]) -> tuple[int, ...]:
@@ -36,19 +36,20 @@ def forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool,
             window_right: int, softcap: float, alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
             cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, backend: str,
             cache_seqlens: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
-            cache_batch_idx: Optional[Tensor] = None, block_table: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+            cache_batch_idx: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
+            num_splits: int = 0) -> tuple[Tensor, Tensor]:
     from .kernels import dispatch
 
     problem = _problem(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
                        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cache_seqlens, cache_leftpad,
-                       cache_batch_idx, block_table)
+                       cache_batch_idx, block_table, num_splits)
     return dispatch.forward(problem, backend)
 
 
 @forward.register_fake
 def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
       max_seqlen_q, max_seqlen_k, backend, cache_seqlens=None, cache_leftpad=None, cache_batch_idx=None,
-      block_table=None):
+      block_table=None, num_splits=0):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
 
 
@@ -70,12 +71,12 @@ def _(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right,
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-KV_CACHE_PARAMS = 4  # forward's last parameters: a kv-cache call (always without autograd) has no backward
+FORWARD_ONLY_PARAMS = 5  # forward's last: the kv cache (whose calls never need autograd) and num_splits
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, *params = inputs
-    params = params[:-KV_CACHE_PARAMS]
+    params = params[:-FORWARD_ONLY_PARAMS]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.params = params
@@ -85,7 +86,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = backward(dout, q, k, v, out, lse, *ctx.params)
-    return (dq, dk, dv) + (None,) * (len(ctx.params) + KV_CACHE_PARAMS)
+    return (dq, dk, dv) + (None,) * (len(ctx.params) + FORWARD_ONLY_PARAMS)
 
 
 forward.register_autograd(_backward, setup_context=_setup_context)
@@ -94,6 +95,7 @@ forward.register_autograd(_backward, setup_context=_setup_context)
 def run(problem: AttentionProblem, backend: str) -> tuple[Tensor, Tensor]:
     p = problem
     c = p.kv_cache
-    cache = () if c is None else (c.seqlens, c.leftpad, c.batch_idx, c.block_table)
+    cache = (None,) * 4 if c is None else (c.seqlens, c.leftpad, c.batch_idx, c.block_table)
     return forward(p.q, p.k, p.v, p.softmax_scale, p.causal, p.window_left, p.window_right, p.softcap,
-                   p.alibi_slopes, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, backend, *cache)
+                   p.alibi_slopes, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, backend, *cache,
+                   p.num_splits)

@@ -55,6 +55,7 @@ class AttentionProblem:
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
     kv_cache: KVCache | None = None
+    num_splits: int = 0  # key splits of the forward (flash_attn_with_kvcache's knob); 0: the kernels choose
 
     @property
     def is_varlen(self) -> bool:

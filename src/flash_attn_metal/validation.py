@@ -127,6 +127,12 @@ def max_seqlen(name: str, value: object, offsets: list[int]) -> int:
     return value
 
 
+def num_splits(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0: chosen by the kernels), got {value!r}")
+    return int(value)
+
+
 def softmax_scale(scale: object, head_dim: int) -> float:
     """The caller's scale, or 1/sqrt(d) of the head dim as given (before any padding)."""
     return head_dim**-0.5 if scale is None else number("softmax_scale", scale)

@@ -37,8 +37,8 @@ def buffer_names(spec: ForwardSpec) -> list[str]:
 
 
 def backward_source(spec: ForwardSpec) -> str:
-    if spec.kv_cache:
-        raise ValueError("kv-cache attention has no backward (flash_attn_with_kvcache is inference only)")
+    if spec.kv_cache or spec.split_kv:
+        raise ValueError("kv-cache and split-KV specs are forward only (the backward reads the forward's merged LSE)")
     t = spec.dtype
     declarations = {
         "Q": f"device const {t}* Q", "K": f"device const {t}* K", "V": f"device const {t}* V",

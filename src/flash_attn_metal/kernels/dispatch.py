@@ -17,16 +17,17 @@ import torch
 
 from ..problem import AttentionProblem
 from ..runtime.backend import Backend, Kernel, get_backend
-from ..runtime.device import gpu_family
+from ..runtime.device import gpu_cores, gpu_family
 from .backward import backward_source
 from .backward import kernel_names as backward_kernel_names
-from .forward import FLOAT_ARGS, INT_ARGS, forward_source
+from .forward import FLOAT_ARGS, INT_ARGS, combine_name, forward_source
 from .msl import side_buffer_names
 from .spec import MSL_TYPES, ForwardSpec
-from .tiles import packed_heads
+from .tiles import key_splits, packed_heads
 
 LOG2E = math.log2(math.e)
 PREPROCESS_THREADS = 128  # one thread per query row
+COMBINE_THREADS = 64  # split-KV combine: one thread per (query row, head)
 
 
 def native_features() -> str:
@@ -45,15 +46,16 @@ def unsupported_reason(problem: AttentionProblem, needs_grad: bool) -> str | Non
 
 @functools.lru_cache(maxsize=1024)
 def _cached_spec(dtype: torch.dtype, head_dim: int, varlen: bool, masked: bool, softcap: bool,
-                 alibi: bool, kv_cache: str) -> ForwardSpec:
+                 alibi: bool, kv_cache: str, split_kv: bool) -> ForwardSpec:
     return ForwardSpec.for_call(MSL_TYPES[str(dtype).removeprefix("torch.")], head_dim, gpu_family(),
-                                varlen=varlen, masked=masked, softcap=softcap, alibi=alibi, kv_cache=kv_cache)
+                                varlen=varlen, masked=masked, softcap=softcap, alibi=alibi, kv_cache=kv_cache,
+                                split_kv=split_kv)
 
 
-def _spec(p: AttentionProblem) -> ForwardSpec:
+def _spec(p: AttentionProblem, split_kv: bool = False) -> ForwardSpec:
     cache = "" if p.kv_cache is None else "paged" if p.kv_cache.paged else "dense"
     return _cached_spec(p.q.dtype, p.head_dim, p.is_varlen, p.window_left >= 0 or p.window_right >= 0,
-                        p.softcap > 0, p.alibi_slopes is not None, cache)
+                        p.softcap > 0, p.alibi_slopes is not None, cache, split_kv)
 
 
 def _strides(strides: tuple[int, ...], varlen: bool) -> list[int]:
@@ -70,7 +72,7 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _launch_arguments(p: AttentionProblem, out_strides: tuple[int, ...], lse_strides: tuple[int, ...], *,
-                      packed_heads: int) -> tuple[list[int], list[float]]:
+                      packed_heads: int, splits: int) -> tuple[list[int], list[float]]:
     """The forward's int and float arguments (kernels/forward.py INT_ARGS and FLOAT_ARGS order)."""
     varlen = p.is_varlen
     alibi = p.alibi_slopes
@@ -79,7 +81,7 @@ def _launch_arguments(p: AttentionProblem, out_strides: tuple[int, ...], lse_str
         *_strides(p.q.stride(), varlen), *_strides(p.k.stride(), varlen), *_strides(p.v.stride(), varlen),
         *_strides(out_strides, varlen), *([0, lse_strides[0]] if varlen else lse_strides[:2]),
         p.window_left, p.window_right, alibi.shape[-1] if alibi is not None and alibi.dim() == 2 else 0,
-        *_paging(p), packed_heads,
+        *_paging(p), packed_heads, splits, p.nheads, p.max_seqlen_q, p.batch * p.nheads * p.max_seqlen_q,
     ]
     score_scale = p.softmax_scale / p.softcap if p.softcap > 0 else p.softmax_scale * LOG2E
     floats = [score_scale, p.softcap * LOG2E]
@@ -110,9 +112,11 @@ def _backend(p: AttentionProblem, backend_name: str) -> Backend:
 
 
 @functools.lru_cache(maxsize=256)
-def _forward_kernel(spec: ForwardSpec, backend: Backend):
-    """The compiled forward kernel of a spec (generated and looked up once per process and backend)."""
-    return getattr(backend.compile(forward_source(spec)), spec.name)
+def _forward_kernels(spec: ForwardSpec, backend: Backend) -> tuple[Kernel, ...]:
+    """The compiled forward kernel of a spec, and a split-KV spec's combine kernel (generated and looked up once
+    per process and backend)."""
+    library = backend.compile(forward_source(spec))
+    return tuple(getattr(library, name) for name in (spec.name, combine_name(spec))[: 2 if spec.split_kv else 1])
 
 
 @functools.lru_cache(maxsize=256)
@@ -122,37 +126,54 @@ def _backward_kernels(spec: ForwardSpec, backend: Backend):
 
 
 class ForwardLaunch:
-    """One forward launch with everything but its tensors decided: the kernel, its packed arguments and grid.
+    """One forward call with everything but its tensors decided: the kernels, their packed arguments and grids.
 
     Calling it on q, k, v (and the side buffers) of the shapes, strides, dtype and device it was planned for
-    allocates out (contiguous, as ops' fake allocates it) and lse, and encodes the kernel."""
+    allocates out (contiguous, as ops' fake allocates it), lse and any split-KV partial outputs, and encodes the
+    kernels in order. `steps` are (kernel, threads, group_size); a split-KV call has two, the forward writing
+    fp32 partials of `partial_rows` x `partial_cols` and the combine kernel merging them."""
 
-    __slots__ = ("kernel", "ints", "floats", "lse_shape", "threads", "group_size")
+    __slots__ = ("steps", "ints", "floats", "lse_shape", "partial_rows", "partial_cols")
 
-    def __init__(self, kernel: Kernel, ints: list[int], floats: list[float], lse_shape: tuple[int, ...],
-                 threads: list[int], group_size: list[int]) -> None:
-        self.kernel, self.ints, self.floats, self.lse_shape = kernel, ints, floats, lse_shape
-        self.threads, self.group_size = threads, group_size
+    def __init__(self, steps: list[tuple[Kernel, list[int], list[int]]], ints: list[int], floats: list[float],
+                 lse_shape: tuple[int, ...], partial_rows: int = 0, partial_cols: int = 0) -> None:
+        self.steps, self.ints, self.floats, self.lse_shape = steps, ints, floats, lse_shape
+        self.partial_rows, self.partial_cols = partial_rows, partial_cols
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  extra: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = q.new_empty(self.lse_shape, dtype=torch.float32)
-        self.kernel(q, k, v, out, lse, self.ints, self.floats, *extra, threads=self.threads,
-                    group_size=self.group_size)
+        if self.partial_rows:
+            o_partial = q.new_empty((self.partial_rows, self.partial_cols), dtype=torch.float32)
+            lse_partial = q.new_empty((self.partial_rows,), dtype=torch.float32)
+            args = (q, k, v, o_partial, lse_partial, self.ints, self.floats, *extra, out, lse)
+        else:
+            args = (q, k, v, out, lse, self.ints, self.floats, *extra)
+        for kernel, threads, group_size in self.steps:
+            kernel(*args, threads=threads, group_size=group_size)
         return out, lse
 
 
 def forward_launch(p: AttentionProblem, backend_name: str) -> ForwardLaunch:
-    spec = _spec(p)
+    tiles = _spec(p).tiles
+    packed = packed_heads(p.max_seqlen_q, p.nheads, p.nheads_k, tiles.block_q)
+    query_blocks = -(-p.max_seqlen_q * packed // tiles.block_q)
+    head_groups = p.nheads // packed
+    splits = key_splits(query_blocks * head_groups * p.batch, -(-p.max_seqlen_k // tiles.block_k), gpu_cores(),
+                        p.num_splits)
+    spec = _spec(p, split_kv=splits > 1)
     lse_shape = (p.nheads, p.q.shape[0]) if p.is_varlen else (p.batch, p.nheads, p.q.shape[1])
-    packed = packed_heads(p.max_seqlen_q, p.nheads, p.nheads_k, spec.block_q)
     ints, floats = _launch_arguments(p, _contiguous_strides(p.q.shape), _contiguous_strides(lse_shape),
-                                     packed_heads=packed)
-    threads = spec.tiles.threads
-    query_blocks = -(-p.max_seqlen_q * packed // spec.block_q)
-    return ForwardLaunch(_forward_kernel(spec, _backend(p, backend_name)), ints, floats, lse_shape,
-                         threads=[query_blocks * threads, p.nheads // packed, p.batch], group_size=[threads, 1, 1])
+                                     packed_heads=packed, splits=splits)
+    kernels = _forward_kernels(spec, _backend(p, backend_name))
+    steps = [(kernels[0], [query_blocks * splits * tiles.threads, head_groups, p.batch], [tiles.threads, 1, 1])]
+    if splits == 1:
+        return ForwardLaunch(steps, ints, floats, lse_shape)
+    rows = COMBINE_THREADS * -(-p.max_seqlen_q // COMBINE_THREADS)
+    steps.append((kernels[1], [rows, p.nheads, p.batch], [COMBINE_THREADS, 1, 1]))
+    return ForwardLaunch(steps, ints, floats, lse_shape, partial_rows=splits * p.batch * p.nheads * p.max_seqlen_q,
+                         partial_cols=spec.head_dim)
 
 
 def forward(p: AttentionProblem, backend_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +188,7 @@ def backward(p: AttentionProblem, out: torch.Tensor, lse: torch.Tensor, dout: to
         dout = dout.contiguous()
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (p.q, p.k, p.v))
     row_sums = torch.empty_like(lse)  # D = rowsum(dO * O)
-    ints, floats = _launch_arguments(p, out.stride(), lse.stride(), packed_heads=1)  # the backward reads no packing
+    ints, floats = _launch_arguments(p, out.stride(), lse.stride(), packed_heads=1, splits=1)  # the forward's own
     for t in (dout, dq, dk, dv):
         ints += _strides(t.stride(), p.is_varlen)
     floats += [p.softmax_scale, 1.0 / p.softcap if p.softcap > 0 else 0.0]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from .msl import HELPERS, PAGED_HELPERS, THREADGROUP_BUILTINS, key_range, parameter_list, side_buffer_names
 from .spec import ForwardSpec
+from .tiles import MAX_SPLITS
 
 # Run-time integer arguments, in the order dispatch.py packs them into the `ints` buffer.
 INT_ARGS = (
@@ -26,6 +27,9 @@ INT_ARGS = (
     "O_BATCH", "O_ROW", "O_HEAD", "LSE_BATCH", "LSE_HEAD", "WINDOW_LEFT", "WINDOW_RIGHT", "ALIBI_BATCH",
     "PAGE_SIZE", "TABLE_STRIDE",  # paged kv caches: rows per block, and the block table's row stride
     "PACKED_HEADS",  # query heads per threadgroup (tiles.packed_heads: GQA packing), 1 without packing
+    # Split-KV (tiles.key_splits): splits per query block (1: none), and the partial outputs' layout, rows
+    # ordered (split, sequence, head, query row), SPLIT_STRIDE = sequences * NHEADS * MAX_SEQLEN_Q rows a split.
+    "NUM_SPLITS", "NHEADS", "MAX_SEQLEN_Q", "SPLIT_STRIDE",
 )
 # Run-time float arguments: SCORE_SCALE multiplies q.k (softmax_scale * log2(e), or softmax_scale / softcap
 # before the tanh); SOFTCAP_LOG2 = softcap * log2(e) multiplies the tanh.
@@ -33,8 +37,15 @@ FLOAT_ARGS = ("SCORE_SCALE", "SOFTCAP_LOG2")
 
 
 def buffer_names(spec: ForwardSpec) -> list[str]:
-    """The kernel's buffers in [[buffer(i)]] order."""
+    """The kernel's buffers in [[buffer(i)]] order. A split-KV forward writes fp32 partial outputs, and its combine
+    kernel (same buffers) merges them into O and LSE."""
+    if spec.split_kv:
+        return ["Q", "K", "V", "O_partial", "LSE_partial", "ints", "floats", *side_buffer_names(spec), "O", "LSE"]
     return ["Q", "K", "V", "O", "LSE", "ints", "floats", *side_buffer_names(spec)]
+
+
+def combine_name(spec: ForwardSpec) -> str:
+    return f"{spec.name}_combine"
 
 
 def forward_source(spec: ForwardSpec) -> str:
@@ -43,7 +54,8 @@ def forward_source(spec: ForwardSpec) -> str:
     declarations = {
         "Q": f"device const {t}* Q", "K": f"device const {t}* K", "V": f"device const {t}* V",
         "O": f"device {t}* O", "LSE": "device float* LSE", "ints": "constant long* ints",
-        "floats": "constant float* floats",
+        "floats": "constant float* floats", "O_partial": "device float* O_partial",
+        "LSE_partial": "device float* LSE_partial",
     }
     params = parameter_list(declarations, buffer_names(spec))
     int_enum = ", ".join(INT_ARGS)
@@ -63,12 +75,13 @@ constant int K_FRAGS = BLOCK_K / 8;   // 8x8 fragments across a key block
 constant float LN2 = 0.69314718055994531f;
 constant float LOG2E = 1.44269504088896341f;
 constant float MASKED = -1.0e30f;     // a masked score in log2 units: finite, and exp2 of it is 0
+constant int MAX_SPLITS = {MAX_SPLITS};    // split-KV: the most key splits per query block
 
 enum IntArg {{ {int_enum} }};
 enum FloatArg {{ {float_enum} }};
 
 {HELPERS}{PAGED_HELPERS if spec.kv_cache == "paged" else ""}
-{_kernel(spec, params)}"""
+{_kernel(spec, params)}{_combine_kernel(spec, params) if spec.split_kv else ""}"""
 
 
 def _locate(spec: ForwardSpec) -> str:
@@ -136,7 +149,8 @@ def _kernel(spec: ForwardSpec, params: str) -> str:
   const long packed_heads = ints[PACKED_HEADS], first_head = long(group.y) * packed_heads;
   const long kv_head = first_head / ints[KV_GROUP];  // GQA/MQA: query heads share a K/V head
 {_locate(spec)}
-  const long packed_rows = seqlen_q * packed_heads, first_packed = long(group.x) * BLOCK_Q;
+  const long num_splits = ints[NUM_SPLITS], split = long(group.x) % num_splits;  // split-KV: a share of the keys
+  const long packed_rows = seqlen_q * packed_heads, first_packed = long(group.x) / num_splits * BLOCK_Q;
   if (first_packed >= packed_rows) return;  // the whole threadgroup leaves together
   const long first_row = first_packed / packed_heads;  // the query rows this block spans
   const long last_row = (min(first_packed + BLOCK_Q, packed_rows) - 1) / packed_heads;
@@ -163,6 +177,10 @@ def _kernel(spec: ForwardSpec, params: str) -> str:
 
   long key_begin = 0, key_end = seqlen_k;
 {key_range(spec)}
+  // Split-KV: this threadgroup takes its share of the key blocks (all of them when NUM_SPLITS is 1).
+  const long split_blocks = (key_end - key_begin + BLOCK_K * num_splits - 1) / (BLOCK_K * num_splits);
+  key_begin += split * split_blocks * BLOCK_K;
+  key_end = min(key_end, key_begin + split_blocks * BLOCK_K);
   for (long k0 = key_begin; k0 < key_end; k0 += BLOCK_K) {{
     // S = Q K^T.
     {_load_block(spec, "K")};
@@ -224,15 +242,62 @@ def _kernel(spec: ForwardSpec, params: str) -> str:
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }}
 
-  // O /= l, written once; LSE = (m + log2 l) ln 2. A row that saw no key gets O = 0 and LSE = +inf.
+{_epilogue(spec)}
+}}
+"""
+
+
+def _epilogue(spec: ForwardSpec) -> str:
+    if spec.split_kv:
+        return """  // This split's O / l and LSE (-inf: it saw no key), in fp32 for the combine kernel.
+  if (!row_valid) return;
+  const long part = split * ints[SPLIT_STRIDE] + (batch * ints[NHEADS] + head) * ints[MAX_SEQLEN_Q] + row;
+  const float inv_sum = row_sum > 0.0f ? 1.0f / row_sum : 0.0f;
+  for (int d = 0; d < D_FRAGS; ++d) {
+    const float2 o = o_frag[d].thread_elements() * inv_sum;
+    O_partial[part * HEAD_DIM + d * 8 + coord.x] = o.x;
+    O_partial[part * HEAD_DIM + d * 8 + coord.x + 1] = o.y;
+  }
+  if (coord.x == 0) LSE_partial[part] = row_sum > 0.0f ? (row_max + log2(row_sum)) * LN2 : -INFINITY;"""
+    return """  // O /= l, written once; LSE = (m + log2 l) ln 2. A row that saw no key gets O = 0 and LSE = +inf.
   if (!row_valid) return;
   const float inv_sum = row_sum > 0.0f ? 1.0f / row_sum : 0.0f;
-  for (int d = 0; d < D_FRAGS; ++d) {{
+  for (int d = 0; d < D_FRAGS; ++d) {
     const float2 o = o_frag[d].thread_elements() * inv_sum;
     const int col = d * 8 + coord.x;
     if (col < head_dim) o_seq[row * ints[O_ROW] + col] = input_t(o.x);
     if (col + 1 < head_dim) o_seq[row * ints[O_ROW] + col + 1] = input_t(o.y);
+  }
+  if (coord.x == 0) lse_seq[row] = row_sum > 0.0f ? (row_max + log2(row_sum)) * LN2 : INFINITY;"""
+
+
+def _combine_kernel(spec: ForwardSpec, params: str) -> str:
+    """Split-KV's second kernel, one thread per (query row, head, sequence): the splits' outputs weighted by
+    w_s = exp(LSE_s - max LSE), out = sum w_s O_s / sum w_s and LSE = max LSE + log sum w_s."""
+    return f"""
+kernel void {combine_name(spec)}(
+    {params},
+    uint3 position [[thread_position_in_grid]]) {{
+  const long batch = position.z, head = position.y, row = position.x;
+{_locate(spec)}
+  if (row >= seqlen_q) return;
+  const long num_splits = ints[NUM_SPLITS], split_stride = ints[SPLIT_STRIDE];
+  const long part = (batch * ints[NHEADS] + head) * ints[MAX_SEQLEN_Q] + row;  // this row in split 0
+  float top = -INFINITY;
+  for (long s = 0; s < num_splits; ++s) top = max(top, LSE_partial[part + s * split_stride]);
+  float weight[MAX_SPLITS];
+  float total = 0.0f;
+  for (long s = 0; s < num_splits; ++s) {{
+    weight[s] = top == -INFINITY ? 0.0f : exp(LSE_partial[part + s * split_stride] - top);
+    total += weight[s];
   }}
-  if (coord.x == 0) lse_seq[row] = row_sum > 0.0f ? (row_max + log2(row_sum)) * LN2 : INFINITY;
+  const float inv_total = total > 0.0f ? 1.0f / total : 0.0f;  // no split saw a key: O = 0, LSE = +inf
+  device input_t* o = O + o_start + head * ints[O_HEAD] + row * ints[O_ROW];
+  for (int c = 0; c < int(ints[HEAD_DIM_REAL]); ++c) {{
+    float sum = 0.0f;
+    for (long s = 0; s < num_splits; ++s) sum += weight[s] * O_partial[(part + s * split_stride) * HEAD_DIM + c];
+    o[c] = input_t(sum * inv_total);
+  }}
+  LSE[lse_start + head * ints[LSE_HEAD] + row] = total > 0.0f ? top + log(total) : INFINITY;
 }}
 """

@@ -31,13 +31,15 @@ FAMILIES = ("apple7", "apple9")  # apple8 shares apple7's tiles, apple10 apple9'
 DTYPES = ("half", "bfloat", "float")
 HEAD_DIMS = (32, 40, 64, 80, 96, 128, 160, 192, 224, 256)  # the dumped set
 REPORT_HEAD_DIMS = tuple(range(8, 257, 8))  # every padded head dim: the report covers the whole tile table
-FEATURES = (  # (varlen, masked, softcap, alibi, kv_cache)
-    (False, False, False, False, ""),
-    (False, True, False, False, ""),
-    (False, True, True, True, ""),
-    (True, True, False, False, ""),
-    (False, True, False, False, "dense"),
-    (False, False, False, False, "paged"),
+FEATURES = (  # (varlen, masked, softcap, alibi, kv_cache, split_kv)
+    (False, False, False, False, "", False),
+    (False, True, False, False, "", False),
+    (False, True, True, True, "", False),
+    (True, True, False, False, "", False),
+    (True, True, False, False, "", True),
+    (False, True, False, False, "dense", False),
+    (False, True, False, False, "dense", True),
+    (False, False, False, False, "paged", True),
 )
 REPORT_N = 4096
 DECODE_SHAPE = (32, 8, 128)  # (query heads, K/V heads, head dim) of the decode figure: a Llama-3-8B layer
@@ -46,30 +48,31 @@ DECODE_SHAPE = (32, 8, 128)  # (query heads, K/V heads, head dim) of the decode 
 def representative_specs() -> list[ForwardSpec]:
     return [
         ForwardSpec.for_call(dtype, d, family, varlen=varlen, masked=masked, softcap=softcap, alibi=alibi,
-                             kv_cache=kv_cache)
+                             kv_cache=kv_cache, split_kv=split_kv)
         for family in FAMILIES for dtype in DTYPES for d in HEAD_DIMS
-        for varlen, masked, softcap, alibi, kv_cache in FEATURES
+        for varlen, masked, softcap, alibi, kv_cache, split_kv in FEATURES
     ]
 
 
 def common_specs(family: str) -> list[ForwardSpec]:
     """What `cache warm` precompiles: fp16 and bf16 at d = 64 and 128, with and without a mask, padded and
-    varlen, and causal decoding from dense and paged kv caches (the shapes language models train and serve
-    with most)."""
+    varlen, and causal attention over dense and paged kv caches, split (decoding) and not (prefill): the
+    shapes language models train and serve with most."""
     return [
         ForwardSpec.for_call(dtype, d, family, varlen=varlen, masked=masked, softcap=False, alibi=False)
         for dtype in ("half", "bfloat") for d in (64, 128) for masked in (False, True) for varlen in (False, True)
     ] + [
-        ForwardSpec.for_call(dtype, d, family, varlen=False, masked=True, softcap=False, alibi=False, kv_cache=cache)
-        for dtype in ("half", "bfloat") for d in (64, 128) for cache in ("dense", "paged")
+        ForwardSpec.for_call(dtype, d, family, varlen=False, masked=True, softcap=False, alibi=False, kv_cache=cache,
+                             split_kv=split)
+        for dtype in ("half", "bfloat") for d in (64, 128) for cache in ("dense", "paged") for split in (False, True)
     ]
 
 
 def kernel_sources(spec: ForwardSpec) -> dict[str, str]:
-    """File name -> MSL of a spec's kernels: the forward, and the backward unless the spec reads a kv cache
-    (flash_attn_with_kvcache is inference only)."""
+    """File name -> MSL of a spec's kernels: the forward (with its combine kernel when split), and the backward
+    unless the spec is forward only (a kv cache: flash_attn_with_kvcache is inference only; a split)."""
     out = {f"{spec.name}.metal": forward_source(spec)}
-    if not spec.kv_cache:
+    if not spec.kv_cache and not spec.split_kv:
         out[f"{spec.name.replace('forward', 'backward')}.metal"] = backward_source(spec)
     return out
 

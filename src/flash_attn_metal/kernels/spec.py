@@ -31,6 +31,7 @@ class ForwardSpec:
     softcap: bool
     alibi: bool
     kv_cache: str = ""  # one of KV_CACHES; forward only (flash_attn_with_kvcache has no backward)
+    split_kv: bool = False  # keys split across threadgroups, merged by a combine kernel (forward only)
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHES or (self.kv_cache and self.varlen):
@@ -38,10 +39,10 @@ class ForwardSpec:
 
     @classmethod
     def for_call(cls, dtype: str, head_dim: int, family: str, *, varlen: bool, masked: bool, softcap: bool,
-                 alibi: bool, kv_cache: str = "") -> "ForwardSpec":
+                 alibi: bool, kv_cache: str = "", split_kv: bool = False) -> "ForwardSpec":
         d = padded_head_dim(head_dim)
         tiles = forward_tiles(family, d)
-        return cls(dtype, d, tiles.block_q, tiles.block_k, varlen, masked, softcap, alibi, kv_cache)
+        return cls(dtype, d, tiles.block_q, tiles.block_k, varlen, masked, softcap, alibi, kv_cache, split_kv)
 
     @property
     def tiles(self) -> Tiles:
@@ -51,5 +52,6 @@ class ForwardSpec:
     def name(self) -> str:
         features = "".join(f"_{f}" for f, on in (("varlen", self.varlen), ("masked", self.masked),
                                                    ("softcap", self.softcap), ("alibi", self.alibi),
-                                                   (f"{self.kv_cache}_cache", self.kv_cache)) if on)
+                                                   (f"{self.kv_cache}_cache", self.kv_cache),
+                                                   ("split", self.split_kv)) if on)
         return f"attention_forward_{self.dtype}_d{self.head_dim}_q{self.block_q}_k{self.block_k}{features}"

@@ -66,3 +66,19 @@ def packed_heads(seqlen_q: int, nheads: int, nheads_k: int, block_q: int) -> int
         return 1
     blocks = lambda rows: -(-rows // block_q)  # noqa: E731
     return group if blocks(seqlen_q * group) * nheads_k < blocks(seqlen_q) * nheads else 1
+
+
+MAX_SPLITS = 32  # key splits per query block; the combine kernel keeps one weight per split in registers
+THREADGROUPS_PER_CORE = 4  # what a split launch aims for: several resident threadgroups per GPU core
+MIN_KEY_BLOCKS_PER_SPLIT = 4  # fewer keys per split and the partial outputs cost more than the split saves
+
+
+def key_splits(threadgroups: int, key_blocks: int, gpu_cores: int, requested: int = 0) -> int:
+    """How many parts each query block's keys are split into (flash-decoding): each part runs as a threadgroup
+    of its own, and a combine kernel merges the parts' outputs through their LSE. `requested` > 0 asks for that
+    many (flash_attn_with_kvcache's num_splits; 1: never split); 0 splits only a launch of too few threadgroups
+    to occupy the GPU, such as decoding."""
+    if requested > 0:
+        return max(1, min(requested, key_blocks, MAX_SPLITS))
+    wanted = -(-THREADGROUPS_PER_CORE * gpu_cores // max(threadgroups, 1))
+    return max(1, min(wanted, key_blocks // MIN_KEY_BLOCKS_PER_SPLIT, MAX_SPLITS))

@@ -145,6 +145,18 @@ def gpu_family() -> str | None:
     return info.family if info is not None else NEWEST_FAMILY
 
 
+DEFAULT_GPU_CORES = 10  # the base M-series chips' count: assumed where the device does not say, and off a Mac
+
+
+def gpu_cores() -> int:
+    """The Metal device's GPU core count: as reported, else its chip's largest variant, else DEFAULT_GPU_CORES."""
+    info = detect()
+    if info is not None and info.gpu_cores:
+        return info.gpu_cores
+    figures = CHIPS.get(info.chip) if info is not None and info.chip else None
+    return figures.max_gpu_cores if figures is not None else DEFAULT_GPU_CORES
+
+
 def fp16_peak_tflops(device_name: str, gpu_cores: int | None = None) -> float | None:
     """Peak fp16 TFLOPS of that GPU (of the chip's largest variant when `gpu_cores` is None)."""
     return describe(device_name, gpu_cores, "").fp16_tflops
