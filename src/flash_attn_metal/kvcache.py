@@ -33,25 +33,14 @@ class CachedBatch:
     max_seqlen_k: int  # the most rows any sequence attends to
 
 
-class _Addresses:
-    """Maps (sequence, logical row) to cache coordinates, for a dense or a paged cache."""
-
-    def __init__(self, k_cache: Tensor, block_table: Tensor | None, cache_batch_idx: Tensor | None) -> None:
-        self.page = k_cache.shape[1]
-        self.slots = k_cache.shape[0]  # cache batch entries, or blocks when paged
-        self.table = block_table.long() if block_table is not None else None
-        self.index = cache_batch_idx.to(device=k_cache.device, dtype=torch.long) if cache_batch_idx is not None else None
-
-    def __call__(self, seq: Tensor, row: Tensor) -> tuple[Tensor, Tensor]:
-        if self.table is not None:
-            first, second, name = self.table[seq, row // self.page], row % self.page, "block_table"
-        elif self.index is not None:
-            first, second, name = self.index[seq], row, "cache_batch_idx"
-        else:
-            return seq, row
-        if first.numel() and not 0 <= int(first.min()) <= int(first.max()) < self.slots:
-            raise ValueError(f"{name} addresses cache entries outside 0..{self.slots - 1}")
-        return first, second
+def _address(layout: KVCache, seq: Tensor, row: Tensor, cache: Tensor, chosen: bool) -> tuple[Tensor, Tensor]:
+    """`layout.locate` for a cache, checked to stay inside its slots or blocks when the caller `chosen` them
+    (a block table or cache_batch_idx)."""
+    first, second = layout.locate(seq, row, cache.shape[1])
+    if chosen and first.numel() and not 0 <= int(first.min()) <= int(first.max()) < cache.shape[0]:
+        name = "block_table" if layout.paged else "cache_batch_idx"
+        raise ValueError(f"{name} addresses cache entries outside 0..{cache.shape[0] - 1}")
+    return first, second
 
 
 def prepare(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None, v: Tensor | None,
@@ -116,14 +105,23 @@ def prepare(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None, v: Te
             raise ValueError("rotary_cos/rotary_sin apply only when new k and v are appended")
         _check_rotary(rotary_cos, rotary_sin, q, max((s + max(new_len, q_positions) for s in seqlens), default=0))
 
-    address = _Addresses(k_cache, block_table, cache_batch_idx)
+    def int32(values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
+    if paged:
+        layout = KVCache(seqlens=int32(ends), leftpad=None, batch_idx=None, block_table=block_table)
+    else:
+        slots = (cache_batch_idx.to(device) if cache_batch_idx is not None
+                 else torch.arange(batch, dtype=torch.int32, device=device))
+        layout = KVCache(seqlens=int32(ends), leftpad=int32(leftpad), batch_idx=slots, block_table=None)
+    chosen = paged or cache_batch_idx is not None
     starts = torch.tensor(seqlens, dtype=torch.long, device=device)
     # Address (and so check) every row written and read before anything is written.
     new_seq, new_row = _rows(starts, torch.full((batch,), new_len, dtype=torch.long, device=device))
-    write_at = address(new_seq, new_row)
+    write_at = _address(layout, new_seq, new_row, k_cache, chosen)
     lengths_k = [e - lp for e, lp in zip(ends, leftpad)]
-    address(*_rows(torch.tensor(leftpad, dtype=torch.long, device=device),
-                   torch.tensor(lengths_k, dtype=torch.long, device=device)))
+    _address(layout, *_rows(torch.tensor(leftpad, dtype=torch.long, device=device),
+                            torch.tensor(lengths_k, dtype=torch.long, device=device)), k_cache, chosen)
 
     steps = torch.arange(max(new_len, seqlen_q), device=device)
     if k is not None:
@@ -136,14 +134,6 @@ def prepare(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None, v: Te
         positions = starts[:, None] + steps[None, :seqlen_q] if rotate_q_per_token else starts[:, None].expand(-1, seqlen_q)
         q = reference.rotary(q, rotary_cos, rotary_sin, positions, rotary_interleaved)
 
-    def int32(values: list[int]) -> Tensor:
-        return torch.tensor(values, dtype=torch.int32, device=device)
-
-    if paged:
-        layout = KVCache(seqlens=int32(ends), leftpad=None, batch_idx=None, block_table=block_table)
-    else:
-        slots = cache_batch_idx.to(device) if cache_batch_idx is not None else int32(list(range(batch)))
-        layout = KVCache(seqlens=int32(ends), leftpad=int32(leftpad), batch_idx=slots, block_table=None)
     return CachedBatch(q=q, layout=layout, max_seqlen_k=max(lengths_k, default=0))
 
 
@@ -161,9 +151,9 @@ def gather_paged(k: Tensor, v: Tensor, block_table: Tensor, cu_seqlens_k: Tensor
     if max(lengths, default=0) > block_table.shape[1] * k.shape[1]:
         raise ValueError(f"block_table has {block_table.shape[1]} blocks of {k.shape[1]} rows per sequence, too few "
                          f"for the longest sequence of cu_seqlens_k ({max(lengths)} tokens)")
-    rows = _rows(torch.zeros(len(lengths), dtype=torch.long, device=k.device),
-                 torch.tensor(lengths, dtype=torch.long, device=k.device))
-    at = _Addresses(k, block_table, None)(*rows)
+    counts = torch.tensor(lengths, dtype=torch.long, device=k.device)
+    layout = KVCache(seqlens=counts.int(), leftpad=None, batch_idx=None, block_table=block_table)
+    at = _address(layout, *_rows(torch.zeros_like(counts), counts), k, chosen=True)
     return k[at], v[at]
 
 

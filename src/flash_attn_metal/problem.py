@@ -29,6 +29,12 @@ class KVCache:
     def paged(self) -> bool:
         return self.block_table is not None
 
+    def locate(self, seq: torch.Tensor, row: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache coordinates (slot or block, row within it) of logical rows `row` of sequences `seq`."""
+        if self.paged:
+            return self.block_table.long()[seq, row // page_size], row % page_size
+        return self.batch_idx.long()[seq], row
+
 
 @dataclass(frozen=True)
 class AttentionProblem:

@@ -97,12 +97,8 @@ def attention(
 def _cache_rows(p: AttentionProblem, b: int) -> tuple[Tensor, Tensor]:
     """The keys and values sequence b of a kv-cache problem attends to, (rows, hk, d) each (see KVCache)."""
     c = p.kv_cache
-    end = int(c.seqlens[b])
-    if c.paged:
-        rows = torch.arange(end, device=p.k.device)
-        at = (c.block_table[b].long()[rows // p.k.shape[1]], rows % p.k.shape[1])
-    else:
-        at = (int(c.batch_idx[b]), slice(int(c.leftpad[b]), end))
+    rows = torch.arange(0 if c.paged else int(c.leftpad[b]), int(c.seqlens[b]), device=p.k.device)
+    at = c.locate(torch.full_like(rows, b), rows, p.k.shape[1])
     return p.k[at], p.v[at]
 
 

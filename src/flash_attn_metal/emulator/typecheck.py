@@ -33,6 +33,8 @@ from .errors import Diagnostic, MSLCompileError
 SHIM_PATH = Path(__file__).parent / "include" / "metal_typecheck.h"
 INCLUDE_DIR = "/metal-typecheck/include"  # never on disk: clang gets every file under it from memory
 SHIM_FILE = f"{INCLUDE_DIR}/metal_typecheck.h"
+CONSTANTS_PATH = SHIM_PATH.with_name("msl_constants.h")  # the math constants the shim shares with the runtime
+CONSTANTS_FILE = f"{INCLUDE_DIR}/msl_constants.h"
 # <metal_stdlib> and the sub-headers a kernel may name instead; each serves the library half of the shim.
 STDLIB_HEADERS = frozenset({
     "metal_stdlib", "metal_atomic", "metal_common", "metal_compute", "metal_geometric", "metal_integer",
@@ -118,8 +120,8 @@ class _Checker:
         self.lib = cindex.conf.lib
         self.index = _index_with_preambles_in_memory(cindex)
         stdlib = '#define METAL_TYPECHECK_STDLIB\n#include "metal_typecheck.h"\n'
-        self.headers = [(SHIM_FILE, SHIM_PATH.read_text())] + [(f"{INCLUDE_DIR}/{h}", stdlib)
-                                                                for h in sorted(STDLIB_HEADERS)]
+        self.headers = [(SHIM_FILE, SHIM_PATH.read_text()), (CONSTANTS_FILE, CONSTANTS_PATH.read_text())] + [
+            (f"{INCLUDE_DIR}/{h}", stdlib) for h in sorted(STDLIB_HEADERS)]
         self.units: dict[Any, Any] = {}  # "lex", and True/False: whether the source includes <metal_stdlib>
 
     def close(self) -> None:

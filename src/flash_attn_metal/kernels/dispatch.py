@@ -188,7 +188,7 @@ def backward(p: AttentionProblem, out: torch.Tensor, lse: torch.Tensor, dout: to
         dout = dout.contiguous()
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (p.q, p.k, p.v))
     row_sums = torch.empty_like(lse)  # D = rowsum(dO * O)
-    ints, floats = _launch_arguments(p, out.stride(), lse.stride(), packed_heads=1, splits=1)  # the forward's own
+    ints, floats = _launch_arguments(p, out.stride(), lse.stride(), packed_heads=1, splits=1)  # neither applies here
     for t in (dout, dq, dk, dv):
         ints += _strides(t.stride(), p.is_varlen)
     floats += [p.softmax_scale, 1.0 / p.softcap if p.softcap > 0 else 0.0]

@@ -13,18 +13,12 @@
 #define MSL_ISINF(x) __builtin_isinf(x)
 #endif
 
-// MSL's float constants (the spec's math constants section).
+// MSL's float constants (the spec's math constants section); the M_*_F ones are msl_constants.h.
 #define INFINITY (::msl::u2f(0x7f800000u))
 #define NAN (::msl::u2f(0x7fc00000u))
 #define MAXFLOAT 3.402823466e+38f
 #define HUGE_VALF INFINITY
-#define M_E_F 2.71828182845904523536f
-#define M_LOG2E_F 1.44269504088896340736f
-#define M_LOG10E_F 0.434294481903251827651f
-#define M_LN2_F 0.693147180559945309417f
-#define M_LN10_F 2.30258509299404568402f
-#define M_PI_F 3.14159265358979323846f
-#define M_SQRT2_F 1.41421356237309504880f
+#include "msl_constants.h"
 
 namespace metal {
 
