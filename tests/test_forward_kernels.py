@@ -487,3 +487,13 @@ def test_varlen_decoding_splits_ragged_sequences():
     out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 2, 700, causal=True, return_attn_probs=True)
     assert split_launches()
     assert_within_rule(out, lse, problem_of(q, k, v, causal=True, cu_q=cu_q, cu_k=cu_k, max_q=2, max_k=700))
+
+
+@pytest.mark.parametrize("case", [CacheCase("fp16", "paged", sq=2, page=7), CacheCase("bf16", "leftpad", sq=3, d=128, causal=True),
+                                  CacheCase("fp32", "dense", sq=6, softcap=8.0, alibi=True, causal=True)],
+                         ids=["paged", "leftpad-causal", "softcap-alibi"])
+def test_split_kv_over_kv_caches(case):
+    problem = dataclasses.replace(cache_problem(case, seed=9), num_splits=2)
+    out, lse = dispatch.forward(problem, "emulator")
+    assert split_launches()
+    assert_within_rule(out, lse, problem)
