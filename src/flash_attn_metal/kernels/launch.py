@@ -1,0 +1,43 @@
+"""A planned forward launch: the kernels with their packed arguments and grids, replayable on new tensors.
+
+dispatch.py plans one per call (and `fastpath` keeps it for repeated calls); any kernel family (the block
+forward, split-KV with its combine kernel, the decode kernels) describes its launch with this one class.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..runtime.backend import Kernel
+
+
+class ForwardLaunch:
+    """One forward call with everything but its tensors decided: the kernels, their packed arguments and grids.
+
+    Calling it on q, k, v (and the side buffers) of the shapes, strides, dtype and device it was planned for
+    allocates out (contiguous, as ops' fake allocates it), lse and any split-KV partial outputs, and encodes the
+    kernels in order. `steps` are (kernel, threads, group_size); a split-KV call has two, the forward writing
+    fp32 partials of `partial_rows` x `partial_cols` and the combine kernel merging them."""
+
+    __slots__ = ("steps", "ints", "floats", "lse_shape", "partial_rows", "partial_cols")
+
+    def __init__(self, steps: list[tuple[Kernel, list[int], list[int]]], ints: list[int], floats: list[float],
+                 lse_shape: tuple[int, ...], partial_rows: int = 0, partial_cols: int = 0) -> None:
+        self.steps, self.ints, self.floats, self.lse_shape = steps, ints, floats, lse_shape
+        self.partial_rows, self.partial_cols = partial_rows, partial_cols
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 extra: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = q.new_empty(self.lse_shape, dtype=torch.float32)
+        if self.partial_rows:
+            o_partial = q.new_empty((self.partial_rows, self.partial_cols), dtype=torch.float32)
+            lse_partial = q.new_empty((self.partial_rows,), dtype=torch.float32)
+            args = (q, k, v, o_partial, lse_partial, self.ints, self.floats, *extra, out, lse)
+        else:
+            args = (q, k, v, out, lse, self.ints, self.floats, *extra)
+        for kernel, threads, group_size in self.steps:
+            kernel(*args, threads=threads, group_size=group_size)
+        return out, lse
