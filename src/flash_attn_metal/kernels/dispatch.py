@@ -15,7 +15,7 @@ import math
 import torch
 
 from ..problem import AttentionProblem
-from ..runtime.backend import Backend, get_backend
+from ..runtime.backend import Backend, Kernel, get_backend
 from ..runtime.device import gpu_cores, gpu_family
 from .backward import backward_source
 from .backward import kernel_names as backward_kernel_names
