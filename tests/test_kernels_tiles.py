@@ -16,6 +16,7 @@ from flash_attn_metal.kernels.tiles import (
     THREADGROUP_MEMORY_LIMIT,
     THREADS_LIMIT,
     backward_threadgroup_bytes,
+    candidates,
     forward_threadgroup_bytes,
     forward_tiles,
 )
@@ -126,3 +127,18 @@ def test_key_splits_occupy_the_gpu_only_when_a_launch_is_too_small():
     assert key_splits(threadgroups=4096, key_blocks=256, gpu_cores=10) == 1  # prefill fills the GPU already
     assert key_splits(threadgroups=8, key_blocks=256, gpu_cores=10, requested=1) == 1  # num_splits=1: never
     assert key_splits(threadgroups=4096, key_blocks=3, gpu_cores=10, requested=7) == 3  # a block per split at least
+
+
+@pytest.mark.parametrize("kind", ["forward", "backward"])
+def test_candidates_fit_and_start_with_the_table(kind):
+    for family in FAMILIES:
+        for d in (64, 128, 256):
+            for dtype in ("half", "float"):
+                found = candidates(kind, family, dtype, d)
+                assert found[0] == forward_tiles(family, d)
+                assert len(set((t.block_q, t.block_k) for t in found)) == len(found)
+                size = forward_threadgroup_bytes if kind == "forward" else backward_threadgroup_bytes
+                assert all(size(t, d, dtype) <= THREADGROUP_MEMORY_LIMIT for t in found)
+    assert len(candidates(kind, "apple9", "half", 64)) > 1
+    with pytest.raises(ValueError, match="kind"):
+        candidates("sideways", "apple9", "half", 64)

@@ -47,6 +47,26 @@ def forward_tiles(family: str, head_dim: int) -> Tiles:
     return Tiles(16, block_k, "M3/M4+: 16 rows x 64 threads (MFA Apple9); BLOCK_K 64 to d=64, 32 to 128, then 16")
 
 
+KERNEL_KINDS = ("forward", "backward")  # what `candidates` and the tuner choose tiles for
+
+
+def candidates(kind: str, family: str, dtype: str, head_dim: int) -> list[Tiles]:
+    """Every tile choice a kernel of `kind` can be built with at this padded head dim and dtype on `family`
+    (within Apple's limits), the table's own choice first: what `python -m flash_attn_metal tune` times."""
+    if kind not in KERNEL_KINDS:
+        raise ValueError(f"kind must be one of {KERNEL_KINDS}, got {kind!r}")
+    chosen = forward_tiles(family, head_dim)
+    bytes_of = forward_threadgroup_bytes if kind == "forward" else backward_threadgroup_bytes
+    found = [chosen]
+    for block_q in (16, 32):
+        for block_k in (16, 32, 64):
+            tiles = Tiles(block_q, block_k, f"candidate: {block_q} rows, {block_k} keys per block")
+            if (block_q, block_k) != (chosen.block_q, chosen.block_k) and \
+                    bytes_of(tiles, head_dim, dtype) <= THREADGROUP_MEMORY_LIMIT:
+                found.append(tiles)
+    return found
+
+
 def forward_threadgroup_bytes(tiles: Tiles, head_dim: int, dtype: str) -> int:
     """One shared K/V tile in the input dtype."""
     return tiles.block_k * head_dim * DTYPE_BYTES[dtype]
