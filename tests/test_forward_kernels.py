@@ -359,7 +359,7 @@ def cache_problem(case: CacheCase, seed: int = 0) -> AttentionProblem:
     + (f"-w{c.window}" if c.window != (-1, -1) else "") + ("-softcap-alibi" if c.softcap else "") for c in CACHE_CASES])
 def test_kv_cache_attention_reads_the_cache_in_place(case: CacheCase):
     problem = cache_problem(case)
-    out, lse = dispatch.forward(problem, "emulator")
+    out, lse, _ = dispatch.forward(problem, "emulator")
     (name,) = flash_attn_metal.stats()["launches"]
     assert name.endswith("_paged_cache" if case.layout == "paged" else "_dense_cache")
     assert out.shape == problem.q.shape and lse.shape == (3, case.h, case.sq)
@@ -368,7 +368,7 @@ def test_kv_cache_attention_reads_the_cache_in_place(case: CacheCase):
 
 def test_a_paged_kernel_follows_the_block_table():
     problem = cache_problem(CacheCase("fp32", "paged", sq=2, page=8))
-    out, _ = dispatch.forward(problem, "emulator")
+    out, _, _ = dispatch.forward(problem, "emulator")
     table = problem.kv_cache.block_table
     order = torch.randperm(problem.k.shape[0])  # move every block, and the table with it: the same answer
     moved = dataclasses.replace(problem, k=problem.k[order.argsort()], v=problem.v[order.argsort()],
@@ -419,7 +419,7 @@ def test_kvcache_calls_append_and_attend_on_the_kernels(monkeypatch, layout):
                          ids=["leftpad", "paged"])
 def test_kv_cache_kernels_stay_in_bounds_in_the_debug_build(debug_emulator, case):
     problem = cache_problem(case, seed=3)
-    out, lse = dispatch.forward(problem, "emulator")
+    out, lse, _ = dispatch.forward(problem, "emulator")
     assert_within_rule(out, lse, problem)
 
 
@@ -429,7 +429,7 @@ def test_decode_launches_pack_the_gqa_group_into_one_query_block(h, hk, packed):
     launch = dispatch.forward_launch(problem, "emulator")
     assert launch.ints[forward_module.INT_ARGS.index("PACKED_HEADS")] == packed
     assert launch.steps[0][1][1] == h // packed  # threadgroups per sequence along the head axis
-    out, lse = launch(problem.q, problem.k, problem.v, dispatch.side_buffers(problem))
+    out, lse, _ = launch(problem.q, problem.k, problem.v, dispatch.side_buffers(problem))
     assert_within_rule(out, lse, problem)
 
 
@@ -448,7 +448,7 @@ def test_split_kv_matches_the_reference(splits, mask):
     window = (90, 0) if mask == "window" else (-1, -1)  # the early splits see no key at all
     problem = dataclasses.replace(problem_of(q, k, v, causal=mask == "causal", window=window, max_q=3, max_k=700),
                                   num_splits=splits)
-    out, lse = dispatch.forward(problem, "emulator")
+    out, lse, _ = dispatch.forward(problem, "emulator")
     assert split_launches()
     assert_within_rule(out, lse, problem)
 
@@ -494,6 +494,6 @@ def test_varlen_decoding_splits_ragged_sequences():
                          ids=["paged", "leftpad-causal", "softcap-alibi"])
 def test_split_kv_over_kv_caches(case):
     problem = dataclasses.replace(cache_problem(case, seed=9), num_splits=2)
-    out, lse = dispatch.forward(problem, "emulator")
+    out, lse, _ = dispatch.forward(problem, "emulator")
     assert split_launches()
     assert_within_rule(out, lse, problem)

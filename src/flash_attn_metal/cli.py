@@ -190,8 +190,8 @@ def _warm() -> None:
     from .runtime.device import NEWEST_FAMILY, gpu_family
 
     backend = get_backend("mps" if torch.backends.mps.is_available() else "emulator")
-    sources = [source for spec in common_specs(gpu_family() or NEWEST_FAMILY)
-               for source in kernel_sources(spec).values()]
+    family = gpu_family() or NEWEST_FAMILY
+    sources = [source for spec in common_specs(family) for source in kernel_sources(spec, family).values()]
     start = time.perf_counter()
     for i, source in enumerate(sources, 1):
         backend.compile(source)
@@ -208,7 +208,9 @@ def kernels(args: argparse.Namespace) -> int:
     if args.dump:
         written = report.dump(Path(args.dump))
         print(f"wrote {len(written)} kernels to {args.dump}")
-    if args.report or not args.dump:
+    if args.json:
+        print(report.format_json())
+    elif args.report or not args.dump:
         print(report.format_report())
     return 0
 
@@ -228,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("demo", help="forward and backward attention against the reference").set_defaults(run=demo)
     kernels_parser = commands.add_parser("kernels", help="dump the generated MSL, or report static figures")
     kernels_parser.add_argument("--dump", metavar="DIR", help="write a representative set of kernels as .metal files")
-    kernels_parser.add_argument("--report", action="store_true", help="threads, memory and traffic per configuration")
+    kernels_parser.add_argument("--report", action="store_true",
+                                help="static figures per configuration: threads, memory, registers, MMA share, traffic")
+    kernels_parser.add_argument("--json", action="store_true", help="the report as JSON, one record per kernel")
     kernels_parser.set_defaults(run=kernels)
     bench_parser = commands.add_parser("bench", help="time the kernels against SDPA (MPS; elsewhere the emulator)")
     bench_parser.add_argument("--out", default="bench-results", help="directory for bench.csv and bench.png")

@@ -86,7 +86,7 @@ def _attend(problem: AttentionProblem, return_attn_probs: bool, call_key: tuple 
     else:  # eager inference: no custom-op dispatch
         kernels = routing.kernels()
         launch = kernels.forward_launch(problem, backend)
-        out, lse = launch(problem.q, problem.k, problem.v, kernels.side_buffers(problem))
+        out, lse, _ = launch(problem.q, problem.k, problem.v, kernels.side_buffers(problem))
         if call_key is not None:
             fastpath.remember(call_key, launch)
     return _result(out, lse, probs, return_attn_probs)
@@ -103,7 +103,7 @@ def _padded(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, ali
     call_key = fastpath.key(q, k, v, window_size, dropout_p, softmax_scale, causal, softcap, alibi_slopes)
     launch = fastpath.get(call_key)
     if launch is not None:
-        out, lse = launch(q, k, v)
+        out, lse, _ = launch(q, k, v)
         return _result(out, lse, None, return_attn_probs)
     problem = _problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes)
     return _attend(problem, return_attn_probs, call_key)

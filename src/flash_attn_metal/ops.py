@@ -1,7 +1,9 @@
 """The kernels as PyTorch custom ops, so autograd and torch.compile see one opaque op each way:
 
-    torch.ops.flash_attn_metal.forward(q, k, v, ...) -> (out, lse)
-    torch.ops.flash_attn_metal.backward(dout, q, k, v, out, lse, ...) -> (dq, dk, dv)
+    torch.ops.flash_attn_metal.forward(q, k, v, ...) -> (out, lse, stats)
+    torch.ops.flash_attn_metal.backward(dout, q, k, v, out, stats, ...) -> (dq, dk, dv)
+
+`stats` are the forward's per-row statistics the backward recomputes P from (kernels/launch.py).
 
 `register_fake` gives shapes (outputs are allocated contiguous, as the kernels allocate them) and
 `register_autograd` connects the two. The backward is deterministic by construction (no atomics).
@@ -37,7 +39,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool,
             cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, backend: str,
             cache_seqlens: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
             cache_batch_idx: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
-            num_splits: int = 0) -> tuple[Tensor, Tensor]:
+            num_splits: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     from .kernels import dispatch
 
     problem = _problem(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
@@ -50,11 +52,13 @@ def forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool,
 def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
       max_seqlen_q, max_seqlen_k, backend, cache_seqlens=None, cache_leftpad=None, cache_batch_idx=None,
       block_table=None, num_splits=0):
-    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
+    lse_shape = _lse_shape(q, cu_seqlens_q)
+    return (q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32),
+            q.new_empty((*lse_shape, 2), dtype=torch.float32))
 
 
 @torch.library.custom_op("flash_attn_metal::backward", mutates_args=())
-def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, softmax_scale: float,
+def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor, softmax_scale: float,
              causal: bool, window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor],
              cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
              backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -62,11 +66,11 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
 
     problem = _problem(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
                        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return dispatch.backward(problem, out, lse, dout, backend)
+    return dispatch.backward(problem, out, stats, dout, backend)
 
 
 @backward.register_fake
-def _(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+def _(dout, q, k, v, out, stats, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -77,15 +81,15 @@ FORWARD_ONLY_PARAMS = 5  # forward's last: the kv cache (whose calls never need 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, *params = inputs
     params = params[:-FORWARD_ONLY_PARAMS]
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    out, lse, stats = output
+    ctx.save_for_backward(q, k, v, out, stats)
     ctx.params = params
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, stats)
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = backward(dout, q, k, v, out, lse, *ctx.params)
+def _backward(ctx, dout, _dlse, _dstats):
+    q, k, v, out, stats = ctx.saved_tensors
+    dq, dk, dv = backward(dout, q, k, v, out, stats, *ctx.params)
     return (dq, dk, dv) + (None,) * (len(ctx.params) + FORWARD_ONLY_PARAMS)
 
 
@@ -93,9 +97,11 @@ forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def run(problem: AttentionProblem, backend: str) -> tuple[Tensor, Tensor]:
+    """(out, lse) through the custom op."""
     p = problem
     c = p.kv_cache
     cache = (None,) * 4 if c is None else (c.seqlens, c.leftpad, c.batch_idx, c.block_table)
-    return forward(p.q, p.k, p.v, p.softmax_scale, p.causal, p.window_left, p.window_right, p.softcap,
-                   p.alibi_slopes, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, backend, *cache,
-                   p.num_splits)
+    out, lse, _ = forward(p.q, p.k, p.v, p.softmax_scale, p.causal, p.window_left, p.window_right, p.softcap,
+                          p.alibi_slopes, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, backend,
+                          *cache, p.num_splits)
+    return out, lse
