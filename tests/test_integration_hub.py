@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import flash_attn_metal
-from flash_attn_metal import cli, flash_attn_interface
+from flash_attn_metal import cli, flash_attn_interface, ops
 from flash_attn_metal.integrations import hub
 
 kernels = pytest.importorskip("kernels")
@@ -83,6 +83,9 @@ def test_get_local_kernel_gives_the_package_outputs(kernel):
         out = module.flash_attn_func(q, k, v, causal=True)
         outputs.append((out, *torch.autograd.grad(out.sum(), (q, k, v))))
     assert all(torch.equal(a, b) for a, b in zip(*outputs))
+    # Its torch ops are its own: registering the package's names again would replace the package's ops.
+    namespace = sys.modules[kernel.__name__ + ".flash_attn_metal.ops"].NAMESPACE
+    assert namespace != ops.NAMESPACE and getattr(torch.ops, namespace).forward is not None
     cu = torch.tensor([0, 5, 12], dtype=torch.int32)
     flat = [t.detach()[0] for t in (q, k, v)]
     assert torch.equal(kernel.flash_attn_varlen_func(*flat, cu, cu, 7, 7, causal=True),
