@@ -4,6 +4,7 @@ gives the package's outputs, runs where flash-attn-metal is not installed, and s
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -97,6 +98,25 @@ def test_get_local_kernel_gives_the_package_outputs(kernel):
     package = flash_attn_metal.flash_attn_with_kvcache(new[0], caches[2], caches[3], new[1], new[2], cache_seqlens=lens)
     assert torch.equal(ours, package) and torch.equal(caches[0], caches[2])
     assert not flash_attn_metal.stats()["fallbacks"]
+
+
+SINKS = "sinks" in inspect.signature(flash_attn_metal.flash_attn_func).parameters
+
+
+def test_the_functions_transformers_calls_declare_s_aux(kernel):
+    """transformers passes a hub kernel the sinks (s_aux) only where its functions declare them."""
+    for name in ("flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"):
+        parameters = inspect.signature(getattr(kernel, name)).parameters
+        assert "s_aux" in parameters and "window_size" in parameters and "softcap" in parameters
+    q = torch.randn(1, 4, 2, 32)
+    assert torch.equal(kernel.flash_attn_func(q, q, q, s_aux=None), flash_attn_metal.flash_attn_func(q, q, q))
+    sinks = torch.tensor([0.5, -1.0])
+    if SINKS:
+        assert torch.equal(kernel.flash_attn_func(q, q, q, s_aux=sinks),
+                           flash_attn_metal.flash_attn_func(q, q, q, sinks=sinks))
+    else:
+        with pytest.raises(NotImplementedError, match="sinks"):
+            kernel.flash_attn_func(q, q, q, s_aux=sinks)
 
 
 def test_the_build_runs_where_flash_attn_metal_is_not_installed(build):

@@ -4,7 +4,8 @@ It writes a pure-Python Metal build variant, as the `kernels` library loads it (
 
     DIR/build/torch-metal/
         metadata.json        id, name, version, license, backend {"type": "metal"}, python-depends, digest
-        __init__.py          the kernel's API: flash-attn's functions and its `flash_attn_interface` module
+        __init__.py          the kernel's API: flash-attn's functions and its `flash_attn_interface` module; the
+                             three that transformers calls also take its `s_aux` (attention sinks) keyword
         flash_attn_metal/    a copy of this package (kernel generator, runtime, emulator): the whole kernel, and
                              the compatibility directory named after the kernel that older `kernels` import
 
@@ -45,15 +46,43 @@ at run time (on MPS tensors; elsewhere through the Metal emulator with FLASH_ATT
 
 Written by `python -m flash_attn_metal export-hub`; the kernel is the package in {package}/."""
 
+import functools
+import inspect
+
+from . import {package}
+from .{package} import flash_attn_interface
 from .{package} import (
 {imports}
 )
-from .{package} import flash_attn_interface
+
+
+def _with_s_aux(function):
+    """`function` with transformers' `s_aux` keyword (per-head attention-sink logits, e.g. gpt-oss), passed on
+    as `sinks`: transformers hands a hub kernel the sinks only where its functions declare `s_aux`."""
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def call(*args, s_aux=None, **kwargs):
+        if s_aux is not None:
+            if "sinks" not in signature.parameters:
+                raise NotImplementedError("s_aux (attention sinks) needs the sinks= keyword, which this "
+                                          "flash-attn-metal build lacks")
+            kwargs["sinks"] = s_aux.float()
+        return function(*args, **kwargs)
+
+    s_aux = inspect.Parameter("s_aux", inspect.Parameter.KEYWORD_ONLY, default=None)
+    call.__signature__ = signature.replace(parameters=[*signature.parameters.values(), s_aux])
+    return call
+
+
+{wrapped}
 
 __all__ = [
 {names}
 ]
 '''
+# What transformers calls a hub kernel's attention through: these take its `s_aux` keyword.
+WITH_S_AUX = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
 
 
 def variant_dir(directory: Path) -> Path:
@@ -70,7 +99,9 @@ def export(directory: Path) -> Path:
     shutil.copytree(source, target / PACKAGE, ignore=shutil.ignore_patterns(*LEFT_OUT))
     names = EXPORTED + ["flash_attn_interface"]
     (target / "__init__.py").write_text(INIT.format(
-        version=__version__, package=PACKAGE, imports="\n".join(f"    {name}," for name in EXPORTED),
+        version=__version__, package=PACKAGE,
+        imports="\n".join(f"    {name}," for name in EXPORTED if name not in WITH_S_AUX),
+        wrapped="\n".join(f"{name} = _with_s_aux({PACKAGE}.{name})" for name in WITH_S_AUX),
         names="\n".join(f'    "{name}",' for name in names)))
     files = _digest(target)
     metadata = {
