@@ -10,7 +10,8 @@ import sys
 import pytest
 
 import flash_attn_metal
-from flash_attn_metal import bert_padding
+from flash_attn_metal import bert_padding, flash_attn_interface
+from flash_attn_metal.layers import rotary
 
 # Written down from flash-attn 2.8's flash_attn/flash_attn_interface.py.
 FLASH_ATTN_2_8 = {
@@ -36,6 +37,34 @@ FLASH_ATTN_2_8 = {
 }
 
 
+# flash-attn 2.8.3's private functions (flash_attn_interface.py), which libraries call directly; the varlen
+# forward's trailing num_splits is 2.8.4's.
+FLASH_ATTN_2_8_PRIVATE = {
+    "_flash_attn_forward": "(q, k, v, dropout_p, softmax_scale, causal, window_size_left, window_size_right, "
+    "softcap, alibi_slopes, return_softmax)",
+    "_flash_attn_backward": "(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal, "
+    "window_size_left, window_size_right, softcap, alibi_slopes, deterministic, rng_state=None)",
+    "_flash_attn_varlen_forward": "(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, "
+    "softmax_scale, causal, window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None, "
+    "return_softmax=False, block_table=None, leftpad_k=None, seqused_k=None, zero_tensors=False, num_splits=0)",
+    "_flash_attn_varlen_backward": "(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, "
+    "max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size_left, window_size_right, softcap, "
+    "alibi_slopes, deterministic, rng_state=None, zero_tensors=False)",
+    "_get_block_size_n": "(device, head_dim, is_dropout, is_causal)",
+}
+
+# flash-attn 2.8.3's flash_attn/layers/rotary.py.
+FLASH_ATTN_2_8_ROTARY = {
+    "apply_rotary_emb": "(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None, "
+    "max_seqlen=None)",
+    "apply_rotary_emb_qkv_": "(qkv, cos, sin, cos_k=None, sin_k=None, interleaved=False, seqlen_offsets=0, "
+    "num_heads_q=None)",
+    "apply_rotary_emb_kv_": "(kv, cos, sin, interleaved=False, seqlen_offsets=0)",
+    "apply_rotary_emb_torch": "(x, cos, sin, interleaved=False)",
+    "RotaryEmbedding": "(dim, base=10000.0, interleaved=False, scale_base=None, device=None)",
+}
+
+
 def plain(fn) -> str:
     """The signature without annotations, as flash-attn spells it."""
     sig = inspect.signature(fn)
@@ -46,6 +75,24 @@ def plain(fn) -> str:
 @pytest.mark.parametrize("name", sorted(FLASH_ATTN_2_8))
 def test_signature_matches_flash_attn(name):
     assert plain(getattr(flash_attn_metal, name)) == FLASH_ATTN_2_8[name]
+
+
+@pytest.mark.parametrize("name", sorted(FLASH_ATTN_2_8_PRIVATE))
+def test_private_signature_matches_flash_attn(name):
+    assert plain(getattr(flash_attn_interface, name)) == FLASH_ATTN_2_8_PRIVATE[name]
+
+
+@pytest.mark.parametrize("name", sorted(FLASH_ATTN_2_8_ROTARY))
+def test_rotary_signature_matches_flash_attn(name):
+    assert plain(getattr(rotary, name)) == FLASH_ATTN_2_8_ROTARY[name]
+
+
+def test_flash_attn_interface_serves_the_public_functions_and_the_wrapped_aliases():
+    assert all(getattr(flash_attn_interface, name) is getattr(flash_attn_metal, name) for name in FLASH_ATTN_2_8)
+    for name in ("forward", "backward", "varlen_forward", "varlen_backward"):
+        assert getattr(flash_attn_interface, f"_wrapped_flash_attn_{name}") is getattr(flash_attn_interface,
+                                                                                      f"_flash_attn_{name}")
+    assert all(hasattr(flash_attn_interface, name) for name in flash_attn_interface.__all__)
 
 
 def test_a_changed_default_would_be_caught():

@@ -1,4 +1,4 @@
-"""`python -m flash_attn_metal info | demo | kernels | cache`."""
+"""`python -m flash_attn_metal info | demo | kernels | cache | bench | export-hub`."""
 
 from __future__ import annotations
 
@@ -223,6 +223,17 @@ def bench(args: argparse.Namespace) -> int:
     return harness.main(Path(args.out), args.repeats)
 
 
+def export_hub(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .integrations import hub
+
+    target = hub.export(Path(args.dir))
+    print(f"wrote the kernels-hub build {target}")
+    print(f'load it with kernels.get_local_kernel(Path("{target}")), or LOCAL_KERNELS="<org>/<repo>={target}"')
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flash_attn_metal", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -241,5 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     cache_parser = commands.add_parser("cache", help="the compiled-kernel cache")
     cache_parser.add_argument("action", choices=["info", "clear", "warm"])
     cache_parser.set_defaults(run=cache)
+    hub_parser = commands.add_parser("export-hub", help="write a Hugging Face kernels-hub build to DIR/build/torch-metal")
+    hub_parser.add_argument("dir", metavar="DIR", help="the kernel repository's directory")
+    hub_parser.set_defaults(run=export_hub)
     args = parser.parse_args(argv)
     return args.run(args)

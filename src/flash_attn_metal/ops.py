@@ -18,6 +18,10 @@ from torch import Tensor
 
 from .problem import AttentionProblem, KVCache
 
+# The ops' namespace is the package's import name: a second copy of the package (the kernels-hub build, imported
+# under a name of its own) registers ops of its own instead of clashing with these.
+NAMESPACE = __name__.rpartition(".")[0].replace(".", "_")
+
 
 def _problem(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
              cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cache_seqlens=None, cache_leftpad=None,
@@ -33,7 +37,7 @@ def _lse_shape(q: Tensor, cu_seqlens_q: Optional[Tensor]) -> tuple[int, ...]:
     return (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], q.shape[2], q.shape[1])
 
 
-@torch.library.custom_op("flash_attn_metal::forward", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::forward", mutates_args=())
 def forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool, window_left: int,
             window_right: int, softcap: float, alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
             cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, backend: str,
@@ -57,7 +61,7 @@ def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_
             q.new_empty((*lse_shape, 2), dtype=torch.float32))
 
 
-@torch.library.custom_op("flash_attn_metal::backward", mutates_args=())
+@torch.library.custom_op(f"{NAMESPACE}::backward", mutates_args=())
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor, softmax_scale: float,
              causal: bool, window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor],
              cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,

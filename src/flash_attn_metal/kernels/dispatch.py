@@ -5,6 +5,7 @@
     forward_launch(problem, backend_name) -> ForwardLaunch  # the same launch, replayable on other tensors
     side_buffers(problem) -> [tensor]                       # what a launch takes after q, k, v
     backward(problem, out, stats, dout, backend_name) -> (dq, dk, dv)
+    stats_from_lse(lse) -> stats                            # for callers that kept only the LSE
 """
 
 from __future__ import annotations
@@ -183,6 +184,14 @@ def forward_launch(p: AttentionProblem, backend_name: str) -> ForwardLaunch:
 def forward(p: AttentionProblem, backend_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, lse, stats): stats are what `backward` reads (ForwardLaunch)."""
     return forward_launch(p, backend_name)(p.q, p.k, p.v, side_buffers(p))
+
+
+def stats_from_lse(lse: torch.Tensor) -> torch.Tensor:
+    """The backward's statistics (row maximum, log2 of the row sum; log2 units) that make P = exp(S - lse) from a
+    natural-log LSE alone: (lse log2 e, 0), and (0, 0) for rows that saw no key (lse = +inf). Exact statistics
+    come from the forward itself (ForwardLaunch); these lose log2 l's bits where |lse| is large."""
+    m = torch.where(torch.isinf(lse), 0.0, lse * LOG2E)
+    return torch.stack((m, torch.zeros_like(m)), dim=-1).float()
 
 
 def backward(p: AttentionProblem, out: torch.Tensor, stats: torch.Tensor, dout: torch.Tensor,
