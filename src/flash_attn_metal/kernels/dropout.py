@@ -210,14 +210,16 @@ def keep(seed: int, offset: int, p: float, nheads: int, batch: Tensor | int, hea
     batch, head, row, col = torch.broadcast_tensors(*(torch.as_tensor(t, dtype=torch.int64) for t in (batch, head, row, col)))
     words = _philox_words((_column_word(col), row >> 1, *_streams(offset, nheads, batch, head)), seed)
     word = words.gather(-1, _draw_word(row, col).unsqueeze(-1)).squeeze(-1)
-    return (word >> (DRAW_BITS * (col & 1))) & (DRAW_MAX - 1) >= threshold(p)
+    return ((word >> (DRAW_BITS * (col & 1))) & (DRAW_MAX - 1)) >= threshold(p)
 
 
 def keep_grid(seed: int, offset: int, p: float, nheads: int, batches: Sequence[int], rows: range, seqlen_k: int,
               device: torch.device | str = "cpu") -> Tensor:
-    """The keep bits of sequences `batches`, every query head, query rows `rows` and keys 0 .. seqlen_k - 1:
-    bool (len(batches), nheads, len(rows), seqlen_k). Each tile is evaluated once; equal to `keep` element by
-    element."""
+    """The keep bits of sequences `batches`, every query head, query rows `rows` (a range of step 1) and keys
+    0 .. seqlen_k - 1: bool (len(batches), nheads, len(rows), seqlen_k). Each tile is evaluated once; equal to
+    `keep` element by element."""
+    if rows.step != 1:
+        raise ValueError(f"rows must be consecutive, got {rows}")
     batch = torch.as_tensor(list(batches), dtype=torch.int64, device=device).view(-1, 1, 1, 1)
     head = torch.arange(nheads, device=device).view(1, -1, 1, 1)
     first_pair = rows.start >> 1
