@@ -8,6 +8,7 @@ eager inference call of the padded layout replays its remembered launch instead 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Union
 
 import torch
@@ -23,6 +24,7 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
+    "_get_block_size_n",  # upstream's tests import it to decode S_dmask
 ]
 
 
@@ -70,15 +72,18 @@ def _problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, al
 
 def _attend(problem: AttentionProblem, return_attn_probs: bool, call_key: tuple | None = None):
     """Run the problem on the backend routing chooses; flash-attn's return value (out, or out, lse, S_dmask).
-    When the kernels run an eager call that has a `fastpath` key, its launch is remembered under that key."""
+    When the kernels run an eager call that has a `fastpath` key, its launch is remembered under that key.
+    A dropout call draws its mask's (seed, offset) here, once; its backward reuses them."""
+    if problem.dropout_p > 0:
+        from .kernels import dropout  # only for dropout: importing the package stays light
+
+        problem = dataclasses.replace(problem, dropout_rng=dropout.draw_seed_offset())
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (problem.q, problem.k, problem.v))
     needs_probs = return_attn_probs and problem.dropout_p > 0  # flash-attn's S_dmask is empty without dropout
     backend = routing.choose(problem, needs_grad, needs_probs)
-    probs = None
     if backend is None:
-        out, lse, *rest = reference.attention(problem, return_probs=needs_probs)
+        out, lse = reference.attention(problem)
         lse = lse.detach()  # as in flash-attn, only out carries a gradient
-        probs = rest[0].detach() if rest else None
     elif needs_grad or torch.compiler.is_compiling():
         from . import ops  # custom ops: autograd and torch.compile see the kernels as single ops
 
@@ -89,7 +94,11 @@ def _attend(problem: AttentionProblem, return_attn_probs: bool, call_key: tuple 
         out, lse, _ = launch(problem.q, problem.k, problem.v, kernels.side_buffers(problem))
         if call_key is not None:
             fastpath.remember(call_key, launch)
-    return _result(out, lse, probs, return_attn_probs)
+    if not needs_probs:
+        return _result(out, lse, None, return_attn_probs)
+    from . import s_dmask
+
+    return _result(out, lse, s_dmask.build(problem), return_attn_probs)
 
 
 def _result(out: torch.Tensor, lse: torch.Tensor, probs: torch.Tensor | None, return_attn_probs: bool):
@@ -200,3 +209,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     with torch.no_grad():  # flash_attn_with_kvcache has no backward
         out, lse, _ = _attend(problem, return_attn_probs=True)
     return (out, lse) if return_softmax_lse else out
+
+
+def _get_block_size_n(device, head_dim, is_dropout, is_causal):
+    """flash-attn's helper for decoding S_dmask: the keys per block of its running max (s_dmask.py)."""
+    from . import s_dmask
+
+    return s_dmask.block_size_n(head_dim, is_dropout, is_causal)

@@ -62,6 +62,7 @@ class AttentionProblem:
     max_seqlen_k: int = 0
     kv_cache: KVCache | None = None
     num_splits: int = 0  # key splits of the forward (flash_attn_with_kvcache's knob); 0: the kernels choose
+    dropout_rng: tuple[int, int] | None = None  # dropout's (seed, offset), drawn per call (kernels/dropout.py)
 
     @property
     def is_varlen(self) -> bool:

@@ -10,11 +10,12 @@ Options (keyword-only, on both):
 - `upcast=True` computes in fp32 (the "truth"); `upcast=False` computes in the inputs' dtype, which with
   `reorder_ops=True` (scale K instead of the scores) is the "plain low-precision PyTorch" baseline of the
   upstream tolerance rule: |ours - fp32| <= 2 x |baseline - fp32| (+ a small slack), 3 x for gradients;
-- `return_probs=True` also returns flash-attn's S_dmask: the attention probabilities, shaped
-  (b, h, round128(max_seqlen_q), round128(max_seqlen_k)), negative where dropout dropped them;
+- `return_probs=True` also returns the attention probabilities (softmax before dropout), shaped like S_dmask
+  (b, h, round128(max_seqlen_q), round128(max_seqlen_k)), negative where dropout dropped them (flash-attn's
+  S_dmask itself is s_dmask.py's);
 - `dropout_mask` (bool, True = kept, laid out like S_dmask: (b, h, >= seqlen_q, >= seqlen_k)) replaces the
-  random dropout draw, so a kernel's dropout pattern can be checked; otherwise the pattern is drawn with
-  `generator`.
+  random dropout draw, so a kernel's dropout pattern can be checked; otherwise the pattern is the kernels' own
+  (kernels/dropout.py) for the problem's `dropout_rng` (seed, offset), drawn from `generator` when unset.
 
 Semantics (flash-attn 2.8):
 - scores = q @ k^T * softmax_scale; with softcap > 0, scores = softcap * tanh(scores / softcap);
@@ -37,7 +38,7 @@ backward (activation checkpointing) instead of keeping its score matrix.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -61,7 +62,11 @@ def attention(
 ) -> tuple[Tensor, ...]:
     """(out, lse), or (out, lse, probs) with `return_probs`. See the module docstring."""
     p = problem
-    options = _Options(p, upcast, reorder_ops, return_probs, dropout_mask, generator)
+    if p.dropout_p > 0 and dropout_mask is None and p.dropout_rng is None:
+        from .kernels import dropout  # imported on first use: importing the package stays light
+
+        p = replace(p, dropout_rng=dropout.draw_seed_offset(generator))
+    options = _Options(p, upcast, reorder_ops, return_probs, dropout_mask)
     if p.kv_cache is not None:
         outs, lses, all_probs = [], [], []
         for b in range(p.batch):
@@ -163,7 +168,6 @@ class _Options:
     reorder_ops: bool
     return_probs: bool
     dropout_mask: Tensor | None
-    generator: torch.Generator | None
 
 
 def _padded(q: Tensor, k: Tensor, v: Tensor, batch_index: int | None, o: _Options):
@@ -183,8 +187,7 @@ def _padded(q: Tensor, k: Tensor, v: Tensor, batch_index: int | None, o: _Option
     outs, lses, all_probs = [], [], []
     for start in range(0, sq, chunk):
         rows = torch.arange(start, min(sq, start + chunk), device=q.device)
-        keep = _dropout_keep(o, batch_index, (b, h, len(rows), sk), start, q.device)
-        args = (q[:, start : start + chunk], kg, vg, rows, sq, slopes, keep, o)
+        args = (q[:, start : start + chunk], kg, vg, rows, sq, slopes, batch_index, start, o)
         if needs_grad and not o.return_probs:
             out, lse, _ = checkpoint(_chunk_forward, *args, use_reentrant=False)
         else:
@@ -214,12 +217,14 @@ def _no_keys(q: Tensor, k: Tensor, v: Tensor, needs_grad: bool, return_probs: bo
 
 
 def _chunk_forward(q: Tensor, kg: Tensor, vg: Tensor, rows: Tensor, sq: int, slopes: Tensor | None,
-                   keep: Tensor | None, o: _Options):
-    """One chunk of query rows `rows` (of sq): out (b, c, h, d) in the compute dtype, lse (b, h, c) fp32,
-    and the signed probabilities (b, h, c, sk) with `o.return_probs`."""
+                   batch_index: int | None, first_row: int, o: _Options):
+    """One chunk of query rows `rows` = first_row, first_row + 1, ... (of sq): out (b, c, h, d) in the compute
+    dtype, lse (b, h, c) fp32, and the signed probabilities (b, h, c, sk) with `o.return_probs`. The dropout
+    mask is generated here, so a checkpointed chunk regenerates it instead of keeping it."""
     p = o.p
     b, c, h, d = q.shape
     hk, sk = kg.shape[1], kg.shape[-1]
+    keep = _dropout_keep(o, batch_index, b, range(first_row, first_row + c), sk, q.device)
     group = h // hk
     qg = q.to(kg.dtype).reshape(b, c, hk, group, d).permute(0, 2, 3, 1, 4)  # (b, hk, group, c, d)
     if o.reorder_ops:
@@ -252,16 +257,19 @@ def _chunk_forward(q: Tensor, kg: Tensor, vg: Tensor, rows: Tensor, sq: int, slo
     return out, lse, signed.reshape(b, h, c, sk)
 
 
-def _dropout_keep(o: _Options, batch_index: int | None, shape: tuple[int, int, int, int], start: int,
+def _dropout_keep(o: _Options, batch_index: int | None, b: int, rows: range, sk: int,
                   device: torch.device) -> Tensor | None:
-    """The kept-probability mask (b, h, c, sk) of the chunk starting at query row `start`, or None."""
-    if o.p.dropout_p <= 0:
+    """The kept-probability mask (b, h, len(rows), sk) of the query rows `rows`, or None."""
+    p = o.p
+    if p.dropout_p <= 0:
         return None
     if o.dropout_mask is None:
-        return torch.rand(shape, device=device, generator=o.generator) >= o.p.dropout_p
-    b, _, c, sk = shape
+        from .kernels import dropout
+
+        batches = range(b) if batch_index is None else [batch_index]
+        return dropout.keep_grid(*p.dropout_rng, p.dropout_p, p.nheads, batches, rows, sk, device)
     mask = o.dropout_mask if batch_index is None else o.dropout_mask[batch_index : batch_index + 1]
-    return mask[:b, :, start : start + c, :sk].to(device=device, dtype=torch.bool)
+    return mask[:b, :, rows.start : rows.stop, :sk].to(device=device, dtype=torch.bool)
 
 
 def _alibi_slopes(p: AttentionProblem, b: int, batch_index: int | None, device: torch.device) -> Tensor | None:
