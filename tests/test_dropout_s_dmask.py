@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from flash_attn_metal import flash_attn_func, flash_attn_varlen_func, s_dmask
-from flash_attn_metal.interface import _get_block_size_n
+from flash_attn_metal.flash_attn_interface import _get_block_size_n
 from flash_attn_metal.kernels import dropout
 
 

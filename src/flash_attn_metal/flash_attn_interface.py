@@ -67,15 +67,10 @@ _SOFTMAX_D_ROUNDING = 128
 
 
 def _get_block_size_n(device, head_dim: int, is_dropout: bool, is_causal: bool) -> int:
-    """Keys per block of the forward kernel at this head dim on this machine's GPU family (flash-attn's tests
-    use it to read S_dmask block by block)."""
-    from .kernels.spec import padded_head_dim
-    from .kernels.tiles import forward_tiles
-    from .runtime.device import NEWEST_FAMILY, gpu_family
+    """flash-attn's helper for decoding S_dmask: the keys per block of its running max (s_dmask.py)."""
+    from . import s_dmask
 
-    if not 1 <= head_dim <= validation.MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be between 1 and {validation.MAX_HEAD_DIM}, got {head_dim}")
-    return forward_tiles(gpu_family() or NEWEST_FAMILY, padded_head_dim(head_dim)).block_k
+    return s_dmask.block_size_n(head_dim, is_dropout, is_causal)
 
 
 def _rng_state(device: torch.device) -> Tensor:

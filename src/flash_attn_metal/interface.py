@@ -24,7 +24,6 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
-    "_get_block_size_n",  # upstream's tests import it to decode S_dmask
 ]
 
 
@@ -209,10 +208,3 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     with torch.no_grad():  # flash_attn_with_kvcache has no backward
         out, lse, _ = _attend(problem, return_attn_probs=True)
     return (out, lse) if return_softmax_lse else out
-
-
-def _get_block_size_n(device, head_dim, is_dropout, is_causal):
-    """flash-attn's helper for decoding S_dmask: the keys per block of its running max (s_dmask.py)."""
-    from . import s_dmask
-
-    return s_dmask.block_size_n(head_dim, is_dropout, is_causal)
