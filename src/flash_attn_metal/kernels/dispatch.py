@@ -17,6 +17,7 @@ import torch
 from ..problem import AttentionProblem
 from ..runtime.backend import Backend, Kernel, get_backend
 from ..runtime.device import gpu_cores, gpu_family
+from . import decode
 from .backward import backward_source
 from .backward import kernel_names as backward_kernel_names
 from .forward import FLOAT_ARGS, INT_ARGS, combine_name, forward_source
@@ -126,6 +127,9 @@ def _backward_kernels(spec: ForwardSpec, backend: Backend):
 
 
 def forward_launch(p: AttentionProblem, backend_name: str) -> ForwardLaunch:
+    launch = decode.plan(p, _backend(p, backend_name))  # short queries: the vector kernels
+    if launch is not None:
+        return launch
     tiles = _spec(p).tiles
     packed = packed_heads(p.max_seqlen_q, p.nheads, p.nheads_k, tiles.block_q)
     query_blocks = -(-p.max_seqlen_q * packed // tiles.block_q)
