@@ -327,9 +327,9 @@ def key_loop(spec: DecodeSpec) -> str:
                 "see this key")
         visible = """
         if (edge) {
-          const int diagonal = (first + row) / kv_group + shift;
-          visible = visible && (window_left < 0 || key >= diagonal - window_left) &&
-                    (window_right < 0 || key <= diagonal + window_right);
+          const int facing = (first + row) / kv_group + shift;  // the key facing this row's query row
+          visible = visible && (window_left < 0 || key >= facing - window_left) &&
+                    (window_right < 0 || key <= facing + window_right);
         }"""
     else:
         edge = visible = ""
