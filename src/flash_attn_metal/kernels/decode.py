@@ -66,7 +66,8 @@ INT_ARGS = (
     # Key splits per row block (1: none) and the partial outputs' layout (decode_combine.py).
     "NUM_SPLITS", "NHEADS", "MAX_SEQLEN_Q", "SPLIT_STRIDE",
 )
-# SCORE_SCALE multiplies q once (softmax_scale * log2(e), or softmax_scale / softcap before the tanh);
+# SCORE_SCALE multiplies q.k (softmax_scale * log2(e), or softmax_scale / softcap before the tanh), as in the block
+# kernels, so the backward recomputes the same scores from the LSE;
 # SOFTCAP_LOG2 = softcap * log2(e) multiplies the tanh.
 FLOAT_ARGS = ("SCORE_SCALE", "SOFTCAP_LOG2")
 
@@ -361,7 +362,7 @@ def key_loop(spec: DecodeSpec) -> str:
         const int row = g + r;
         bool visible = row < active;{visible}
         if (!visible) continue;
-        float s = scores[r];
+        float s = scores[r] * score_scale;  // log2 units
 {transform}        if (s > row_max[row]) {{  // a new maximum: rescale what this SIMD group summed so far
           const float correction = exp2(row_max[row] - s);
           row_sum[row] *= correction;
@@ -405,7 +406,7 @@ inline void decode_attention(
   const int active = clamp(packed_rows - first, 0, ROWS);  // this SIMD group's rows that exist
   const int head_dim = int(ints[HEAD_DIM_REAL]);
 
-  // q scaled into log2 units (or by 1/softcap), the accumulators, and each row's running maximum and sum.
+  // q, the accumulators, and each row's running maximum and sum (of scores in log2 units).
   float_vec q[ROWS][CHUNKS], o[ROWS][CHUNKS];
   float row_max[ROWS], row_sum[ROWS];{_alibi_declarations(spec)}
   #pragma clang loop unroll(full)
@@ -415,13 +416,13 @@ inline void decode_attention(
                                   + long(kv_head * kv_group + packed % kv_group) * ints[Q_HEAD];
     #pragma clang loop unroll(full)
     for (int c = 0; c < CHUNKS; ++c) {{
-      q[r][c] = r < active ? load_vec(q_row, c * LANE_SPAN + lane * VEC, head_dim) * floats[SCORE_SCALE]
-                           : float_vec(0.0f);
+      q[r][c] = r < active ? load_vec(q_row, c * LANE_SPAN + lane * VEC, head_dim) : float_vec(0.0f);
       o[r][c] = float_vec(0.0f);
     }}
     row_max[r] = FINITE_MIN;
     row_sum[r] = 0.0f;{alibi_setup}
-  }}{"" if not spec.softcap else chr(10) + "  const float softcap_log2 = floats[SOFTCAP_LOG2];"}
+  }}
+  const float score_scale = floats[SCORE_SCALE];{"" if not spec.softcap else chr(10) + "  const float softcap_log2 = floats[SOFTCAP_LOG2];"}
 
   int key_begin = 0, key_end = seqlen_k;
 {_key_range(spec)}
@@ -663,8 +664,13 @@ def _kernels(spec: DecodeSpec, backend: Backend) -> tuple[Kernel, Kernel, Kernel
 
 def plan(p: AttentionProblem, backend: Backend) -> ForwardLaunch | None:
     """The vector path's launch for a forward call of at most MAX_QUERY_ROWS query rows per sequence, or None
-    (the block forward runs it): more rows, no rows, or a K/V cache whose in-loop offsets outgrow 32 bits."""
+    (the block forward runs it): more rows, no rows, a K/V cache whose in-loop offsets outgrow 32 bits, or a call
+    that may be differentiated (q, k or v requires grad): the block backward recomputes P from the LSE with the
+    block kernels' score arithmetic, so its forward stays on them too (another summation order moves P off 1.0
+    by an ulp where the reference is exact)."""
     if not 0 < p.max_seqlen_q <= MAX_QUERY_ROWS or p.batch == 0 or not _offsets_fit(p):
+        return None
+    if p.q.requires_grad or p.k.requires_grad or p.v.requires_grad:
         return None
     spec = spec_for(p)
     geo = geometry(spec, p.batch, p.max_seqlen_q, p.nheads, p.nheads_k, p.max_seqlen_k, gpu_cores(), p.num_splits)
