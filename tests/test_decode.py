@@ -14,7 +14,7 @@ import torch
 import flash_attn_metal
 from flash_attn_metal import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from flash_attn_metal.emulator import typecheck
-from flash_attn_metal.kernels import decode, decode_combine, decode_report, dispatch
+from flash_attn_metal.kernels import decode, decode_combine, decode_kernel, decode_report, dispatch
 from flash_attn_metal.problem import AttentionProblem, KVCache
 from flash_attn_metal.runtime import get_backend
 from test_forward_kernels import assert_within_rule, problem_of, varlen_inputs
@@ -169,10 +169,10 @@ def test_calls_that_may_be_differentiated_stay_on_the_block_kernels():
 def test_a_gqa_group_of_16_with_8_query_rows_spreads_over_row_groups_and_blocks():
     problem = cache_problem(d=256, sq=8, h=16, hk=1, ends=(60, 33), seed=13)  # 128 (row, head) pairs, 4 per SIMD group
     launch = dispatch.forward_launch(problem, "emulator")
-    ints = dict(zip(decode.INT_ARGS, launch.ints))
-    assert ints["ROW_GROUPS"] == decode.SIMDGROUPS and ints["KV_GROUP"] == 16
-    row_blocks = launch.steps[0][1][0] // decode.THREADS // ints["NUM_SPLITS"]
-    assert row_blocks == 128 // (4 * decode.SIMDGROUPS)
+    ints = dict(zip(decode_kernel.INT_ARGS, launch.ints))
+    assert ints["ROW_GROUPS"] == decode_kernel.SIMDGROUPS and ints["KV_GROUP"] == 16
+    row_blocks = launch.steps[0][1][0] // decode_kernel.THREADS // ints["NUM_SPLITS"]
+    assert row_blocks == 128 // (4 * decode_kernel.SIMDGROUPS)
     run_and_check(problem)
 
 
@@ -180,14 +180,14 @@ def test_a_gqa_group_of_16_with_8_query_rows_spreads_over_row_groups_and_blocks(
 def test_num_splits_is_honoured(requested, expected):
     problem = cache_problem(num_splits=requested, ends=(300, 150), seed=requested)
     launch = dispatch.forward_launch(problem, "emulator")
-    assert launch.ints[decode.INT_ARGS.index("NUM_SPLITS")] == expected
+    assert launch.ints[decode_kernel.INT_ARGS.index("NUM_SPLITS")] == expected
     assert len(launch.steps) == (1 if expected == 1 else 2)
     run_and_check(problem)
     assert any(name.endswith("_combine") for name in launched()) == (expected > 1)
 
 
 def test_auto_splits_fill_the_gpu_but_keep_partials_small():
-    spec = decode.DecodeSpec.for_call("half", 128)
+    spec = decode_kernel.DecodeSpec.for_call("half", 128)
     keys = decode.min_split_keys(4, spec)
     assert 4 * 2 * 4 * (128 + 1) <= decode.PARTIAL_SHARE * keys * 2 * 128 * 2  # the partials' share holds
     assert decode.key_splits(8, 4096, 4, spec, cores=32) == min(16, 4096 // keys)  # 4 x 32 cores / 8 groups
@@ -237,8 +237,8 @@ def test_combine_kernel_merges_the_documented_partial_layout():
     its formula says. This is the contract the block forward's split-KV relies on."""
     torch.manual_seed(18)
     b, sq, h, d, splits = 2, 3, 5, 40, 6
-    spec = decode.DecodeSpec.for_call("float", d)
-    library = get_backend("emulator").compile(decode.decode_source(spec))
+    spec = decode_kernel.DecodeSpec.for_call("float", d)
+    library = get_backend("emulator").compile(decode_kernel.decode_source(spec))
     rows = b * h * sq
     o_partial = torch.randn(splits, rows, spec.head_dim)
     lse_partial = torch.randn(splits, rows) * 3
@@ -246,7 +246,7 @@ def test_combine_kernel_merges_the_documented_partial_layout():
     lse_partial[:, 7] = -torch.finfo(torch.float32).max  # a row that saw nothing at all
     q = torch.zeros(b, sq, h, d)
     out, lse = torch.full_like(q, float("nan")), torch.full((b, h, sq), float("nan"))
-    ints = dict.fromkeys(decode.INT_ARGS, 0) | dict(SEQLEN_Q=sq, HEAD_DIM_REAL=d, KV_GROUP=1, O_BATCH=sq * h * d,
+    ints = dict.fromkeys(decode_kernel.INT_ARGS, 0) | dict(SEQLEN_Q=sq, HEAD_DIM_REAL=d, KV_GROUP=1, O_BATCH=sq * h * d,
                                                     O_ROW=h * d, O_HEAD=d, LSE_BATCH=h * sq, LSE_HEAD=sq,
                                                     NUM_SPLITS=splits, NHEADS=h, MAX_SEQLEN_Q=sq, SPLIT_STRIDE=rows)
     threads, group = decode_combine.combine_grid(sq, h, b)
@@ -297,8 +297,8 @@ def test_report_records_carry_the_issue_fields_and_meet_the_targets():
     assert len(records) == len(decode_report.FAMILIES) * len(decode_report.DTYPES) * len(decode_report.HEAD_DIMS)
     for r in records:
         assert r["kernel"] == "decode" and r["head_dim"] in (64, 128, 256)
-        assert r["registers_per_thread"] <= decode.REGISTER_BUDGET and r["int64_ops_per_key_block"] == 0
-        assert r["threads"] == decode.THREADS and 0 < r["threadgroup_bytes"] <= 32 * 1024
+        assert r["registers_per_thread"] <= decode_kernel.REGISTER_BUDGET and r["int64_ops_per_key_block"] == 0
+        assert r["threads"] == decode_kernel.THREADS and 0 < r["threadgroup_bytes"] <= 32 * 1024
         assert [t["cache_rows"] for t in r["decode_traffic"]] == [4096, 32768, 131072]
         for t in r["decode_traffic"]:
             assert t["io_bound_bytes_per_token"] <= t["bytes_per_token"] <= 1.05 * t["io_bound_bytes_per_token"]
@@ -326,5 +326,5 @@ def test_every_decode_spec_stays_within_the_register_budget():
     for d in range(8, 257, 8):
         for alibi in (False, True):
             for cache in ("", "paged"):
-                spec = decode.DecodeSpec.for_call("half", d, masked=True, softcap=True, alibi=alibi, kv_cache=cache)
-                assert decode.registers_per_thread(spec) <= decode.REGISTER_BUDGET and spec.rows >= decode.REDUCE
+                spec = decode_kernel.DecodeSpec.for_call("half", d, masked=True, softcap=True, alibi=alibi, kv_cache=cache)
+                assert decode_kernel.registers_per_thread(spec) <= decode_kernel.REGISTER_BUDGET and spec.rows >= decode_kernel.REDUCE

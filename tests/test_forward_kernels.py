@@ -24,7 +24,7 @@ from flash_attn_metal import (
     flash_attn_with_kvcache,
 )
 from flash_attn_metal.emulator import KernelExecutionError
-from flash_attn_metal.kernels import decode, dispatch
+from flash_attn_metal.kernels import decode_kernel, dispatch
 from flash_attn_metal.problem import AttentionProblem, KVCache
 from flash_attn_metal.reference import attention
 
@@ -427,7 +427,7 @@ def test_decode_launches_serve_the_gqa_group_in_one_threadgroup(h, hk):
     problem = cache_problem(CacheCase("fp16", "dense", h=h, hk=hk, causal=True))
     launch = dispatch.forward_launch(problem, "emulator")
     kernel, threads, group_size = launch.steps[0]
-    assert kernel.name.startswith("attention_decode") and launch.ints[decode.INT_ARGS.index("KV_GROUP")] == h // hk
+    assert kernel.name.startswith("attention_decode") and launch.ints[decode_kernel.INT_ARGS.index("KV_GROUP")] == h // hk
     assert threads[1] == hk and threads[0] == group_size[0]  # one threadgroup per K/V head and sequence
     out, lse = launch(problem.q, problem.k, problem.v, dispatch.side_buffers(problem))
     assert_within_rule(out, lse, problem)

@@ -17,8 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..runtime.device import CHIPS, ChipFigures, family_from_name
-from . import decode
-from .decode import DecodeSpec, Geometry
+from . import decode, decode_kernel
+from .decode import Geometry
+from .decode_kernel import DecodeSpec
 from .tiles import DTYPE_BYTES
 
 FAMILIES = ("apple7", "apple9")  # apple8 chips run apple7's figures here, apple10 apple9's (the kernels are the same)
@@ -79,7 +80,7 @@ def token_traffic(spec: DecodeSpec, cache_rows: int, head_dim: int, cores: int, 
 def int64_ops_per_key_block(spec: DecodeSpec) -> int:
     """64-bit integer types in the key loop's MSL, whose body each SIMD group runs once per key: a proxy for
     64-bit integer operations there (the target is none)."""
-    return len(decode.INT64_TYPES.findall(decode.key_loop(spec)))
+    return len(decode_kernel.INT64_TYPES.findall(decode_kernel.key_loop(spec)))
 
 
 def report_records() -> list[dict]:
@@ -105,9 +106,9 @@ def report_records() -> list[dict]:
                     "kernel": "decode", "family": family, "dtype": dtype, "head_dim": d,
                     "model": f"{LLAMA_3_8B.name}: {LLAMA_3_8B.layers} layers, {LLAMA_3_8B.nheads} query heads, "
                              f"{LLAMA_3_8B.nheads_k} K/V heads; one token of one sequence, dense cache, causal",
-                    "vec": spec.vec, "rows_per_simdgroup": spec.rows, "threads": decode.THREADS,
+                    "vec": spec.vec, "rows_per_simdgroup": spec.rows, "threads": decode_kernel.THREADS,
                     "threadgroup_bytes": spec.threadgroup_bytes,
-                    "registers_per_thread": decode.registers_per_thread(spec),
+                    "registers_per_thread": decode_kernel.registers_per_thread(spec),
                     "int64_ops_per_key_block": int64_ops_per_key_block(spec),
                     "decode_traffic": traffic,
                 })
@@ -153,7 +154,7 @@ def common_specs() -> list[DecodeSpec]:
 
 
 def kernel_sources(spec: DecodeSpec) -> dict[str, str]:
-    return {f"{spec.name}.metal": decode.decode_source(spec)}
+    return {f"{spec.name}.metal": decode_kernel.decode_source(spec)}
 
 
 def sources() -> dict[str, str]:
