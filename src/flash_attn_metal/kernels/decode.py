@@ -75,6 +75,7 @@ def min_split_keys(rows: int, spec: DecodeSpec) -> int:
 
 
 def spec_for(p: AttentionProblem) -> DecodeSpec:
+    """The decode kernel a call runs: its dtype, padded head dim, load width and features."""
     left, right = _windows(p)
     cache = "" if p.kv_cache is None else "paged" if p.kv_cache.paged else "dense"
     d = padded_head_dim(p.head_dim)
@@ -83,8 +84,9 @@ def spec_for(p: AttentionProblem) -> DecodeSpec:
 
 
 @functools.lru_cache(maxsize=1024)
-def _cached_spec(*fields) -> DecodeSpec:
-    return DecodeSpec(*fields)
+def _cached_spec(dtype: str, head_dim: int, vec: int, varlen: bool, masked: bool, softcap: bool, alibi: bool,
+                 kv_cache: str) -> DecodeSpec:
+    return DecodeSpec(dtype, head_dim, vec, varlen, masked, softcap, alibi, kv_cache)
 
 
 def load_width(p: AttentionProblem, head_dim: int) -> int:

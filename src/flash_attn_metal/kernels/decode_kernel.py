@@ -42,7 +42,7 @@ PAGED_SCALARS = 6  # block-table pointer (64-bit), slot, row in page, page size,
 MASKED_SCALARS = 5  # rows' common key range (2), window left and right, the diagonal's shift
 INT64_TYPES = re.compile(r"\b(long|ulong|int64_t|uint64_t|size_t|ptrdiff_t)\b")
 
-# Run-time integer arguments, in the order `plan` packs them into the `ints` buffer.
+# Run-time integer arguments, in the order decode.plan packs them into the `ints` buffer.
 INT_ARGS = (
     "SEQLEN_Q", "SEQLEN_K", "HEAD_DIM_REAL", "KV_GROUP",
     "Q_BATCH", "Q_ROW", "Q_HEAD", "K_BATCH", "K_ROW", "K_HEAD", "V_BATCH", "V_ROW", "V_HEAD",
