@@ -185,6 +185,7 @@ def cache(args: argparse.Namespace) -> int:
 
 def _warm() -> None:
     """Compile the common kernel variants through this machine's backend, filling both cache tiers."""
+    from .kernels import decode_report
     from .kernels.report import common_specs, kernel_sources
     from .runtime import get_backend
     from .runtime.device import NEWEST_FAMILY, gpu_family
@@ -192,6 +193,7 @@ def _warm() -> None:
     backend = get_backend("mps" if torch.backends.mps.is_available() else "emulator")
     family = gpu_family() or NEWEST_FAMILY
     sources = [source for spec in common_specs(family) for source in kernel_sources(spec, family).values()]
+    sources += [source for spec in decode_report.common_specs() for source in decode_report.kernel_sources(spec).values()]
     start = time.perf_counter()
     for i, source in enumerate(sources, 1):
         backend.compile(source)

@@ -20,9 +20,10 @@ import torch
 from ..problem import AttentionProblem
 from ..runtime.backend import Backend, Kernel, get_backend
 from ..runtime.device import gpu_cores, gpu_family
+from . import decode, decode_combine
 from .backward import PREPROCESS_ROWS, backward_source
 from .backward import kernel_names as backward_kernel_names
-from .forward import COMBINE_ROWS, FLOAT_ARGS, INT_ARGS, combine_name, forward_source
+from .forward import FLOAT_ARGS, INT_ARGS, combine_name, forward_source
 from .launch import ForwardLaunch
 from .msl import side_buffer_names
 from .spec import MAX_VEC, MSL_TYPES, BackwardSpec, ForwardSpec
@@ -161,6 +162,9 @@ def _backward_kernels(spec: BackwardSpec, backend: Backend) -> tuple[Kernel, ...
 
 
 def forward_launch(p: AttentionProblem, backend_name: str) -> ForwardLaunch:
+    launch = decode.plan(p, _backend(p, backend_name))  # short queries: the vector kernels
+    if launch is not None:
+        return launch
     tiles = _spec(p).tiles
     packed = packed_heads(p.max_seqlen_q, p.nheads, p.nheads_k, tiles.block_q)
     query_blocks = -(-p.max_seqlen_q * packed // tiles.block_q)
@@ -175,8 +179,7 @@ def forward_launch(p: AttentionProblem, backend_name: str) -> ForwardLaunch:
     steps = [(kernels[0], [query_blocks * splits * tiles.threads, head_groups, p.batch], [tiles.threads, 1, 1])]
     if splits == 1:
         return ForwardLaunch(steps, ints, floats, lse_shape)
-    rows = -(-p.max_seqlen_q // COMBINE_ROWS)  # a SIMD group per (query row, head)
-    steps.append((kernels[1], [rows * 32 * COMBINE_ROWS, p.nheads, p.batch], [32 * COMBINE_ROWS, 1, 1]))
+    steps.append((kernels[1], *decode_combine.combine_grid(p.max_seqlen_q, p.nheads, p.batch)))
     return ForwardLaunch(steps, ints, floats, lse_shape, partial_rows=splits * p.batch * p.nheads * p.max_seqlen_q,
                          partial_cols=spec.head_dim)
 

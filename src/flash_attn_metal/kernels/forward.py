@@ -11,7 +11,7 @@ are (query row, head) pairs of one K/V head's group; with split-KV, one share of
         online softmax: m' = max(m, rowmax S), P = exp2(S - m'), l = l exp2(m - m') + rowsum P, O *= exp2(m - m')
         O += P V
     O /= l, written once in the input dtype; LSE = (m + log2 l) ln 2; the backward's statistics (m, log2 l)
-    (split-KV: both in fp32 per split, and a combine kernel merges the splits)
+    (split-KV: O and the LSE in fp32 per split, and decode_combine.py's kernel merges the splits)
 
 This is MLX's steel attention forward (threadgroup tiles padded by 16 bytes, K stored transposed, V loaded
 before the softmax, every fragment in fp32) with the block loaders and register choices of kernels/tiles.py.
@@ -31,8 +31,9 @@ from .msl import (
     parameter_list,
     side_buffer_names,
 )
+from . import decode_combine
 from .spec import ForwardSpec
-from .tiles import MAX_SPLITS, row_stride, threadgroup_bytes
+from .tiles import row_stride, threadgroup_bytes
 
 # Run-time integer arguments, in the order dispatch.py packs them into the `ints` buffer.
 INT_ARGS = (
@@ -48,14 +49,13 @@ INT_ARGS = (
 # Run-time float arguments: SCORE_SCALE multiplies q.k (softmax_scale * log2(e), or softmax_scale / softcap
 # before the tanh); SOFTCAP_LOG2 = softcap * log2(e) multiplies the tanh.
 FLOAT_ARGS = ("SCORE_SCALE", "SOFTCAP_LOG2")
-COMBINE_ROWS = 4  # split-KV combine: one SIMD group per (query row, head), four per threadgroup
 
 
 def buffer_names(spec: ForwardSpec) -> list[str]:
-    """The kernel's buffers in [[buffer(i)]] order. A split-KV forward writes fp32 partial outputs and statistics,
-    and its combine kernel (same buffers) merges them into O, LSE and STATS."""
+    """The kernel's buffers in [[buffer(i)]] order. A split-KV forward writes fp32 partial outputs and log2 LSEs in
+    decode_combine.py's layout, and the combine kernel there (same buffers) merges them into O, LSE and STATS."""
     if spec.split_kv:
-        return ["Q", "K", "V", "O_partial", "STATS_partial", "ints", "floats", *side_buffer_names(spec), "O", "LSE",
+        return ["Q", "K", "V", "O_partial", "LSE_partial", "ints", "floats", *side_buffer_names(spec), "O", "LSE",
                 "STATS"]
     return ["Q", "K", "V", "O", "LSE", "STATS", "ints", "floats", *side_buffer_names(spec)]
 
@@ -71,7 +71,7 @@ def forward_source(spec: ForwardSpec) -> str:
         "Q": f"device const {t}* Q", "K": f"device const {t}* K", "V": f"device const {t}* V",
         "O": f"device {t}* O", "LSE": "device float* LSE", "STATS": "device float2* STATS",
         "ints": "constant long* ints", "floats": "constant float* floats",
-        "O_partial": "device float* O_partial", "STATS_partial": "device float2* STATS_partial",
+        "O_partial": "device float* O_partial", "LSE_partial": "device float* LSE_partial",
     }
     params = parameter_list(declarations, buffer_names(spec))
     enums = f"enum IntArg {{ {', '.join(INT_ARGS)} }};\nenum FloatArg {{ {', '.join(FLOAT_ARGS)} }};"
@@ -89,7 +89,6 @@ constant constexpr int LD_KT = {row_stride(tiles.block_k, t)};  // K^T: [HEAD_DI
 constant constexpr int LD_V = {row_stride(spec.head_dim, t)};  // V: [BLOCK_K][LD_V]
 constant constexpr int KV_TILE = {max(spec.head_dim * row_stride(tiles.block_k, t), tiles.block_k * row_stride(spec.head_dim, t))};  // one tile holds K^T, then V
 constant constexpr int SMEM_VECTORS = {-(-smem // 16)};  // threadgroup memory in 16-byte units
-constant constexpr int MAX_SPLITS = {MAX_SPLITS};  // split-KV: the most key splits per query block
 
 {_kernel(spec, params)}{_combine_kernel(spec, params) if spec.split_kv else ""}"""
     return finish_header(text, spec.vec)
@@ -311,7 +310,7 @@ void {spec.name}(
 
 def _epilogue(spec: ForwardSpec) -> str:
     if spec.split_kv:
-        return """  // This split's O / l and statistics (MASKED, 0: it saw no key), in fp32 for the combine kernel.
+        return """  // This split's O / l and its LSE in log2 units (MASKED: it saw no key), in decode_combine.py's layout.
   if (!row_valid) return;
   const long part = split * ints[SPLIT_STRIDE] + (batch * ints[NHEADS] + head) * ints[MAX_SEQLEN_Q] + row;
   const float inv_sum = row_sum > 0.0f ? 1.0f / row_sum : 0.0f;
@@ -319,7 +318,7 @@ def _epilogue(spec: ForwardSpec) -> str:
   """ + UNROLL + """
   for (int d = 0; d < D_FRAGS; ++d)
     *reinterpret_cast<device float2*>(o_part + d * 8 + coord.x) = o_frag[d].thread_elements() * inv_sum;
-  if (coord.x == 0) STATS_partial[part] = row_sum > 0.0f ? float2(row_max, log2(row_sum)) : float2(MASKED, 0.0f);"""
+  if (coord.x == 0) LSE_partial[part] = row_sum > 0.0f ? row_max + log2(row_sum) : MASKED;"""
     return """  // O /= l, written once. A row that saw no key gets O = 0, LSE = +inf and statistics (0, 0).
   if (!row_valid) return;
   const float inv_sum = row_sum > 0.0f ? 1.0f / row_sum : 0.0f;
@@ -344,52 +343,5 @@ def _epilogue(spec: ForwardSpec) -> str:
 
 
 def _combine_kernel(spec: ForwardSpec, params: str) -> str:
-    """Split-KV's second kernel: one SIMD group per (query row, head, sequence), lanes across the head dim. With
-    m = max_s m_s and w_s = exp2(m_s - m + log2 l_s): out = sum_s w_s O_s / sum_s w_s, and the merged statistics are
-    (m, log2 sum_s w_s)."""
-    return f"""
-{kernel_attribute(32 * COMBINE_ROWS)}
-void {combine_name(spec)}(
-    {params},
-    uint3 group [[threadgroup_position_in_grid]],
-    ushort sg [[simdgroup_index_in_threadgroup]],
-    ushort lane [[thread_index_in_simdgroup]]) {{
-  const uint batch = group.z;
-  const int head = int(group.y), row = int(group.x) * {COMBINE_ROWS} + sg;
-{_locate(spec)}
-  if (row >= seqlen_q) return;  // whole SIMD groups leave together
-  const int num_splits = int(ints[NUM_SPLITS]), head_dim = int(ints[HEAD_DIM_REAL]);
-  const long split_stride = ints[SPLIT_STRIDE];
-  const long part = (batch * ints[NHEADS] + head) * ints[MAX_SEQLEN_Q] + row;  // this row in split 0
-  float top = MASKED;
-  for (int s = 0; s < num_splits; ++s) top = max(top, STATS_partial[part + s * split_stride].x);
-  constexpr int PER_LANE = (HEAD_DIM + 31) / 32;  // head-dim columns per lane
-  float acc[PER_LANE];
-  {UNROLL}
-  for (int i = 0; i < PER_LANE; ++i) acc[i] = 0.0f;
-  float total = 0.0f;
-  for (int s = 0; s < num_splits; ++s) {{
-    const float2 stats = STATS_partial[part + s * split_stride];
-    const float w = stats.x > MASKED ? exp2(stats.x - top + stats.y) : 0.0f;  // a split that saw no key weighs 0
-    total += w;
-    device const float* o_part = O_partial + (part + s * split_stride) * HEAD_DIM;
-    {UNROLL}
-    for (int i = 0; i < PER_LANE; ++i) {{
-      const int c = i * 32 + lane;
-      if (c < HEAD_DIM) acc[i] += w * o_part[c];
-    }}
-  }}
-  const float inv_total = total > 0.0f ? 1.0f / total : 0.0f;  // no split saw a key: O = 0, LSE = +inf
-  device input_t* o = O + o_start + head * ints[O_HEAD] + row * ints[O_ROW];
-  {UNROLL}
-  for (int i = 0; i < PER_LANE; ++i) {{
-    const int c = i * 32 + lane;
-    if (c < head_dim) o[c] = input_t(acc[i] * inv_total);
-  }}
-  if (lane == 0) {{
-    const long at = lse_start + head * ints[LSE_HEAD] + row;
-    LSE[at] = total > 0.0f ? (top + log2(total)) * LN2 : as_type<float>(INF_BITS);
-    STATS[at] = total > 0.0f ? float2(top, log2(total)) : float2(0.0f);
-  }}
-}}
-"""
+    """Split-KV's second kernel, shared with the decode kernels (decode_combine.py)."""
+    return decode_combine.combine_kernel(combine_name(spec), params, _locate(spec), spec.head_dim)

@@ -20,7 +20,7 @@ class ForwardLaunch:
     allocates out (contiguous, as ops' fake allocates it), lse, the backward's statistics (lse's shape + (2,): the
     row maximum and log2 of the row sum, in log2 units) and any split-KV partial outputs, and encodes the kernels in
     order. `steps` are (kernel, threads, group_size); a split-KV call has two, the forward writing fp32 partials of
-    `partial_rows` x `partial_cols` and the combine kernel merging them."""
+    `partial_rows` x `partial_cols` in decode_combine.py's layout and the combine kernel merging them."""
 
     __slots__ = ("steps", "ints", "floats", "lse_shape", "partial_rows", "partial_cols")
 
@@ -37,8 +37,8 @@ class ForwardLaunch:
         stats = q.new_empty((*self.lse_shape, 2), dtype=torch.float32)
         if self.partial_rows:
             o_partial = q.new_empty((self.partial_rows, self.partial_cols), dtype=torch.float32)
-            stats_partial = q.new_empty((self.partial_rows, 2), dtype=torch.float32)
-            args = (q, k, v, o_partial, stats_partial, self.ints, self.floats, *extra, out, lse, stats)
+            lse_partial = q.new_empty((self.partial_rows,), dtype=torch.float32)
+            args = (q, k, v, o_partial, lse_partial, self.ints, self.floats, *extra, out, lse, stats)
         else:
             args = (q, k, v, out, lse, stats, self.ints, self.floats, *extra)
         for kernel, threads, group_size in self.steps:

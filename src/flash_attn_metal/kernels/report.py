@@ -21,6 +21,7 @@ import functools
 import json
 from pathlib import Path
 
+from . import decode_report
 from .backward import backward_source
 from .backward import kernel_names as backward_kernel_names
 from .cost import int64_ops_in_hot_loop, mlx_threadgroup_bytes_per_mma, registers, step_cost
@@ -32,7 +33,6 @@ from .tiles import (
     THREADS_LIMIT,
     TILE_TABLES,
     Tiles,
-    packed_heads,
     threadgroup_bytes,
 )
 
@@ -52,7 +52,6 @@ FEATURES = (  # (varlen, masked, softcap, alibi, kv_cache, split_kv)
     (False, False, False, False, "paged", True),
 )
 REPORT_N = 4096
-DECODE_SHAPE = (32, 8, 128)  # (query heads, K/V heads, head dim) of the decode figure: a Llama-3-8B layer
 TARGETS = {"registers_per_thread": 128, "int64_ops_per_key_block": 0, "threadgroup_bytes": THREADGROUP_MEMORY_LIMIT,
            "threads": THREADS_LIMIT}
 
@@ -97,9 +96,9 @@ def kernel_sources(spec: ForwardSpec, family: str = "apple9") -> dict[str, str]:
 
 
 def sources() -> dict[str, str]:
-    """File name -> MSL for the kernels of every representative spec."""
-    return {name: source for family in FAMILIES for spec in representative_specs((family,))
-            for name, source in kernel_sources(spec, family).items()}
+    """File name -> MSL for the kernels of every representative spec, the decode kernels' too."""
+    return {**{name: source for family in FAMILIES for spec in representative_specs((family,))
+               for name, source in kernel_sources(spec, family).items()}, **decode_report.sources()}
 
 
 def dump(directory: Path) -> list[Path]:
@@ -166,8 +165,10 @@ def record(family: str, dtype: str, head_dim: int, kernel: str) -> dict:
 
 
 def report_records() -> list[dict]:
+    """The block kernels' records, then the decode kernels' (decode_report.py: their traffic per token against the
+    I/O bound in place of an MMA share)."""
     return [record(family, dtype, d, kernel) for family in FAMILIES for dtype in DTYPES for d in REPORT_HEAD_DIMS
-            for kernel in KERNELS]
+            for kernel in KERNELS] + decode_report.report_records()
 
 
 def mma_share_target(kernel: str, head_dim: int) -> float | None:
@@ -192,17 +193,6 @@ def missed_targets(records: list[dict]) -> list[str]:
     return missed
 
 
-def decode_traffic(cached_rows: int, nheads: int, nheads_k: int, head_dim: int, elem_bytes: int,
-                   block_q: int) -> tuple[int, int]:
-    """(kernel, bound): device bytes one decode step (one query row) of one sequence reads from a kv cache of
-    `cached_rows` rows. Every forward threadgroup reads its K/V head's rows once, in place; GQA packing puts a
-    group's query heads in one threadgroup. The bound reads each K/V row once."""
-    per_head = 2 * cached_rows * head_dim * elem_bytes
-    packed = packed_heads(1, nheads, nheads_k, block_q)
-    threadgroups = nheads // packed * -(-packed // block_q)
-    return per_head * threadgroups, per_head * nheads_k
-
-
 def format_json() -> str:
     return json.dumps(report_records(), indent=1)
 
@@ -218,6 +208,8 @@ def format_report() -> str:
         "throughputs), threadgroup bytes per MMA, and the forward's device traffic against FlashAttention's.",
         "No Apple GPU timing is implied.", "", header, "-" * len(header)]
     for r in report_records():
+        if r["kernel"] == "decode":
+            continue  # decode_report.format_report() below
         traffic = (f"{r['bytes_per_n']:>7} N + {r['bytes_per_n2']:>5.1f} N^2" if r["kernel"] == "forward" else "")
         mb = (f"{r['bytes_at_n'] / 1e6:>10.1f} {r['fa_bytes_at_n'] / 1e6:>7.1f}" if r["kernel"] == "forward" else "")
         stationary = r["stationary"] + (", split" if r["split"] else "")
@@ -225,13 +217,7 @@ def format_report() -> str:
                      f"{r['block_k']:>4} {r['threads']:>4} {stationary:<11} {r['threadgroup_bytes']:>8} "
                      f"{r['registers_per_thread']:>4} {r['int64_ops_per_key_block']:>3} {r['mma_share']:>9.3f} "
                      f"{r['threadgroup_bytes_per_mma']:>8.1f} {traffic:>22} {mb}")
-    h, hk, d = DECODE_SHAPE
-    for family in FAMILIES:
-        block_q = TILE_TABLES["forward"](family, "half", d).block_q
-        kernel, bound = decode_traffic(REPORT_N, h, hk, d, DTYPE_BYTES["half"], block_q)
-        lines.append(f"{family}: kv-cache decode, one step of one sequence over {REPORT_N} cached rows (h={h}, "
-                     f"hk={hk}, d={d}, half), read in place with GQA packing: {kernel / 1e6:.1f} MB (bound "
-                     f"{bound / 1e6:.1f} MB)")
+    lines += ["", decode_report.format_report(), ""]
     lines.append(f"threadgroup bytes per MMA of MLX's steel attention forward (fp16, d=64; measured at 83% of an M3 "
                  f"Max) through the same model: {mlx_threadgroup_bytes_per_mma():.1f}")
     missed = missed_targets(report_records())

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from . import decode_combine
+
 THREADGROUP_MEMORY_LIMIT = 32 * 1024  # bytes, Apple7/8/9 (Metal feature set tables)
 THREADS_LIMIT = 1024
 SIMD_WIDTH = 32
@@ -183,7 +185,7 @@ def packed_heads(seqlen_q: int, nheads: int, nheads_k: int, block_q: int) -> int
     return group if blocks(seqlen_q * group) * nheads_k < blocks(seqlen_q) * nheads else 1
 
 
-MAX_SPLITS = 32  # key splits per query block; the combine kernel keeps one weight per split in registers
+MAX_SPLITS = decode_combine.MAX_SPLITS  # key splits per query block: the combine kernel holds one per SIMD lane
 THREADGROUPS_PER_CORE = 4  # what a split launch aims for: several resident threadgroups per GPU core
 MIN_KEY_BLOCKS_PER_SPLIT = 4  # fewer keys per split and the partial outputs cost more than the split saves
 
