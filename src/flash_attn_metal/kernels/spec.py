@@ -10,6 +10,7 @@ import functools
 from dataclasses import dataclass
 
 from .tiles import Tiles, forward_tiles
+from .tuning import current
 
 MSL_TYPES = {"float16": "half", "bfloat16": "bfloat", "float32": "float"}
 KV_CACHES = ("", "dense", "paged")  # K/V laid out like q; a kv cache with a slot per sequence; a paged kv cache
@@ -41,7 +42,7 @@ class ForwardSpec:
     def for_call(cls, dtype: str, head_dim: int, family: str, *, varlen: bool, masked: bool, softcap: bool,
                  alibi: bool, kv_cache: str = "", split_kv: bool = False) -> "ForwardSpec":
         d = padded_head_dim(head_dim)
-        tiles = forward_tiles(family, d)
+        tiles = current("forward", family, dtype, d, masked) or forward_tiles(family, d)
         return cls(dtype, d, tiles.block_q, tiles.block_k, varlen, masked, softcap, alibi, kv_cache, split_kv)
 
     @property
