@@ -322,24 +322,30 @@ def tune(args: argparse.Namespace) -> int:
     return 1 if unverified else 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+def _integer(text: str, expected: str, ok) -> int:
+    """An argparse type: `text` as an int for which ok(value) holds, else an error saying what was expected."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}" if value is None else
+                                         f"must be {expected}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _integer(text, "a positive integer", lambda v: v >= 1)
 
 
 def _head_dim(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 256:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 256, got {value}")
-    return value
+    return _integer(text, "between 1 and 256", lambda v: 1 <= v <= 256)
 
 
 def _tuned_head_dim(text: str) -> int:
     from .kernels.tuning import HEAD_DIM_BUCKETS
 
-    value = int(text)
+    value = _integer(text, "an integer", lambda v: True)
     if value not in HEAD_DIM_BUCKETS:
         raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, HEAD_DIM_BUCKETS))} (a head dim uses "
                                          f"the smallest of these at least as large), got {value}")
