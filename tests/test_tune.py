@@ -185,3 +185,16 @@ def test_cli_rejects_a_head_dim_that_is_not_a_bucket(capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert main(["tune", "--dry-run", "--head-dims", "32", "--kinds", "forward"]) == 0
+
+
+def test_cli_tunes_stores_and_reports_each_key(capsys, monkeypatch, emulator_table):
+    fast = (32, 32)
+    monkeypatch.setattr(tune, "device_timer", lambda device: timer_favouring(fast))
+    assert main(["tune", "--kinds", "forward", "--dtypes", "fp16", "--head-dims", "32", "--causal", "yes"]) == 0
+    out = capsys.readouterr().out
+    assert "No Metal GPU: every candidate is checked in the CPU emulator" in out
+    assert "[1/1] forward/apple10/half/d32/causal: [block_q=32 block_k=32] 1.000 ms, built-in 2.000 ms" in out
+    assert "stored 1 winners" in out
+    assert tuning.current("forward", FAMILY, "half", 32, True).block_k == 32
+    assert main(["tune", "--clear"]) == 0 and "removed tuned table" in capsys.readouterr().out
+    assert not emulator_table.exists()

@@ -38,8 +38,7 @@ def _environment(**values: str) -> Iterator[None]:
 def _kernels_here() -> dict[str, str]:
     """The settings under which a command runs the kernels on this machine, strictly (a fallback raises): MPS
     tensors on a Mac, CPU tensors in the emulator elsewhere."""
-    strict = {settings.STRICT: "1"}
-    return strict if torch.backends.mps.is_available() else {**strict, settings.BACKEND: "emulator"}
+    return {settings.STRICT: "1", settings.BACKEND: "mps" if torch.backends.mps.is_available() else "emulator"}
 
 
 def _alias_line() -> str:
@@ -241,8 +240,6 @@ def _warm() -> None:
 
 
 def kernels(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .kernels import report
 
     if args.dump:
@@ -253,15 +250,21 @@ def kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+CAUSAL = {"both": (False, True), "yes": (True,), "no": (False,)}  # --causal
+DTYPES = ("fp16", "bf16", "fp32")  # --dtypes
+
+
 def bench(args: argparse.Namespace) -> int:
     from . import bench as harness
 
     sizes = {field: tuple(value) if isinstance(value, list) else value
-             for field in ("seqlens", "head_dims", "dtypes", "heads", "batch") if (value := getattr(args, field)) is not None}
+             for field in ("seqlens", "head_dims", "dtypes", "heads", "batch")
+             if (value := getattr(args, field)) is not None}
     if args.causal is not None:
-        sizes["causal"] = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+        sizes["causal"] = CAUSAL[args.causal]
     with _environment(**_kernels_here()):
-        return harness.main(Path(args.out), args.repeats, sizes, show_table=args.table, kernel_report=args.kernel_report)
+        return harness.main(Path(args.out), args.repeats, sizes, show_table=args.table,
+                            kernel_report=args.kernel_report)
 
 
 def selftest(args: argparse.Namespace) -> int:
@@ -273,21 +276,22 @@ def selftest(args: argparse.Namespace) -> int:
 
 def tune(args: argparse.Namespace) -> int:
     from . import tune as tuner
+    from .bench import DTYPES as TORCH_DTYPES
     from .kernels import tuning
-    from .runtime.device import NEWEST_FAMILY, gpu_family
+    from .kernels.spec import MSL_TYPES
+    from .runtime.device import gpu_family
 
     if args.clear:
         removed = tuning.clear()
         print(f"{'removed' if removed else 'there was no'} tuned table {tuning.table_path()}; the built-in tiles apply")
         return 0
     mps = torch.backends.mps.is_available()
-    family = gpu_family() if mps else NEWEST_FAMILY
+    family = gpu_family()  # off a Mac: the newest family, whose tiles the emulator runs
     if family is None:
         print("this GPU is not Apple silicon: the kernels do not run here, so there is nothing to tune")
         return 1
-    causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
-    dtypes = [{"fp16": "half", "bf16": "bfloat", "fp32": "float"}[d] for d in args.dtypes]
-    todo = tuner.keys(args.kinds or list(tuner.KINDS), family, dtypes, args.head_dims, causal)
+    dtypes = [MSL_TYPES[str(TORCH_DTYPES[d]).removeprefix("torch.")] for d in args.dtypes]
+    todo = tuner.keys(args.kinds or list(tuner.KINDS), family, dtypes, args.head_dims, CAUSAL[args.causal])
     if args.dry_run:
         total = 0
         for kind, dtype, d, c in todo:
@@ -383,11 +387,10 @@ def _parser() -> argparse.ArgumentParser:
                     "machine's table (keyed by chip, OS and package version), which the kernels then use.")
     tune_parser.add_argument("--dry-run", action="store_true", help="list the candidates without running anything")
     tune_parser.add_argument("--kinds", nargs="+", choices=list(KINDS), help="kernel kinds (default: all)")
-    tune_parser.add_argument("--dtypes", nargs="+", choices=("fp16", "bf16", "fp32"), default=["fp16", "bf16", "fp32"],
-                             help="default: all three")
+    tune_parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES), help="default: all three")
     tune_parser.add_argument("--head-dims", nargs="+", type=_tuned_head_dim, default=list(HEAD_DIM_BUCKETS),
                              metavar="D", help=f"head-dim buckets (default: {' '.join(map(str, HEAD_DIM_BUCKETS))})")
-    tune_parser.add_argument("--causal", choices=("both", "yes", "no"), default="both", help="default: both")
+    tune_parser.add_argument("--causal", choices=list(CAUSAL), default="both", help="default: both")
     tune_parser.add_argument("--clear", action="store_true", help="delete this machine's table (back to the built-in "
                                                                   "tiles)")
     tune_parser.set_defaults(run=tune)
@@ -403,11 +406,11 @@ def _parser() -> argparse.ArgumentParser:
                               help="default: 512 to 16384 on a Mac, 128 256 in the emulator")
     bench_parser.add_argument("--head-dims", nargs="+", type=_head_dim, metavar="D",
                               help="default: 64 128 256 on a Mac, 64 in the emulator")
-    bench_parser.add_argument("--dtypes", nargs="+", choices=("fp16", "bf16", "fp32"),
+    bench_parser.add_argument("--dtypes", nargs="+", choices=DTYPES,
                               help="default: fp16 bf16 on a Mac, fp16 in the emulator")
     bench_parser.add_argument("--heads", type=_positive_int, help="attention heads (default: 16)")
     bench_parser.add_argument("--batch", type=_positive_int, help="sequences per batch (default: 1)")
-    bench_parser.add_argument("--causal", choices=("both", "yes", "no"), help="default: both")
+    bench_parser.add_argument("--causal", choices=list(CAUSAL), help="default: both")
     bench_parser.add_argument("--table", action="store_true", help="print the full results table at the end")
     bench_parser.add_argument("--kernel-report", action="store_true",
                               help="first print the static kernel report (threads, memory, traffic)")
