@@ -3,6 +3,7 @@ winner is stored per machine and version, and the kernels use it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import warnings
@@ -71,19 +72,15 @@ def test_every_candidate_is_checked_and_the_fastest_is_stored_and_used(emulator_
 def test_a_candidate_the_kernels_get_wrong_is_rejected_even_when_fastest(monkeypatch):
     broken = Tiles(16, 12, "keys per block not a multiple of 8: the kernel reads past its fragments")
     good = forward_tiles(FAMILY, 32)
-    kind = tune.KINDS["forward"]
-    monkeypatch.setitem(tune.KINDS, "forward", tune.KernelKind("forward", lambda f, dt, d: [good, broken],
-                                                               kind.workload, kind.overrides))
+    monkeypatch.setitem(tuning.KINDS, "forward", tuning.TunedKind(Tiles, lambda f, dt, d: [good, broken]))
     outcome = tune.tune_one("forward", FAMILY, "cpu", "half", 32, False, timer_favouring((16, 12)))
     assert outcome.trials[1].seconds is None and "out" in outcome.trials[1].error
     assert outcome.trials[0].error is None and outcome.winner.tiles == good
 
 
 def test_the_backward_kind_checks_gradients_under_each_candidate(monkeypatch):
-    kind = tune.KINDS["backward"]
     two = candidates("backward", FAMILY, "half", 32)[:2]
-    monkeypatch.setitem(tune.KINDS, "backward", tune.KernelKind("backward", lambda f, dt, d: two, kind.workload,
-                                                                kind.overrides))
+    monkeypatch.setitem(tuning.KINDS, "backward", tuning.TunedKind(Tiles, lambda f, dt, d: two))
     seen = []
     outcome = tune.tune_one("backward", FAMILY, "cpu", "half", 32, True,
                             lambda step: seen.append(launched_tiles(step)) or 1e-3)
@@ -91,8 +88,8 @@ def test_the_backward_kind_checks_gradients_under_each_candidate(monkeypatch):
     assert seen == [{(t.block_q, t.block_k)} for t in two]  # the timed backward ran each candidate's kernels
 
 
-def fake_kind(check_error: dict[int, str | None], raises: int | None = None) -> tune.KernelKind:
-    """A kernel kind of three candidates (block_q 8, 16, 32) whose check fails or raises for the ones named."""
+def register_fake_kind(monkeypatch, check_error: dict[int, str | None], raises: int | None = None) -> None:
+    """A kernel kind "fake" of three candidates (block_q 8, 16, 32) whose check fails or raises for the ones named."""
     def workload(device, dtype, head_dim, causal):
         def check():
             block_q = tuning.current("fake", FAMILY, dtype, head_dim, causal).block_q
@@ -102,11 +99,13 @@ def fake_kind(check_error: dict[int, str | None], raises: int | None = None) -> 
 
         return tune.Workload(check, lambda: lambda: tuning.current("fake", FAMILY, dtype, head_dim, causal))
 
-    return tune.KernelKind("fake", lambda f, dt, d: [Tiles(q, 8, "") for q in (8, 16, 32)], workload, ("fake",))
+    three = [Tiles(q, 8, "") for q in (8, 16, 32)]
+    monkeypatch.setitem(tuning.KINDS, "fake", tuning.TunedKind(Tiles, lambda f, dt, d: three))
+    monkeypatch.setitem(tune.KINDS, "fake", tune.KernelKind("fake", workload, ("fake",)))
 
 
 def test_a_failed_check_or_error_rejects_a_candidate_and_the_rest_compete(monkeypatch):
-    monkeypatch.setitem(tune.KINDS, "fake", fake_kind({16: "out 1e-1 (bound 1e-3)"}, raises=32))
+    register_fake_kind(monkeypatch, {16: "out 1e-1 (bound 1e-3)"}, raises=32)
     by_speed = lambda step: {8: 3.0, 16: 1.0, 32: 2.0}[step().block_q]  # noqa: E731
     outcome = tune.tune_one("fake", FAMILY, "cpu", "half", 64, False, by_speed)
     assert [t.seconds for t in outcome.trials] == [3.0, None, None]
@@ -116,10 +115,10 @@ def test_a_failed_check_or_error_rejects_a_candidate_and_the_rest_compete(monkey
 
 
 def test_nothing_is_stored_when_no_candidate_passes(monkeypatch, emulator_table):
-    monkeypatch.setitem(tune.KINDS, "fake", fake_kind({8: "wrong", 16: "wrong", 32: "wrong"}))
+    register_fake_kind(monkeypatch, {8: "wrong", 16: "wrong", 32: "wrong"})
     (outcome,) = tune.run([("fake", "half", 64, False)], FAMILY, "cpu", lambda step: 1.0, lambda *a: None)
     assert outcome.winner is None and not emulator_table.exists()
-    monkeypatch.setitem(tune.KINDS, "fake", fake_kind({}))
+    register_fake_kind(monkeypatch, {})
     tune.run([("fake", "half", 64, False)], FAMILY, "cpu", lambda step: 1.0, lambda *a: None)
     assert emulator_table.exists()
 
@@ -198,3 +197,30 @@ def test_cli_tunes_stores_and_reports_each_key(capsys, monkeypatch, emulator_tab
     assert tuning.current("forward", FAMILY, "half", 32, True).block_k == 32
     assert main(["tune", "--clear"]) == 0 and "removed tuned table" in capsys.readouterr().out
     assert not emulator_table.exists()
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitTiles:  # a kernel family's own tile type
+    splits: int
+    rows: int = 8
+
+
+def test_a_kernel_family_registers_its_own_tile_type(monkeypatch, emulator_table):
+    monkeypatch.setattr(tuning, "KINDS", dict(tuning.KINDS))  # registrations undone after the test
+    tuning.register("decode", SplitTiles, lambda family, dtype, d: [SplitTiles(1), SplitTiles(4), SplitTiles(8, 16)])
+    key = tuning.entry_key("decode", FAMILY, "half", 128, True)
+    tuning.store({key: SplitTiles(8, 16)})
+    assert json.loads(emulator_table.read_text())["winners"][key]["tiles"] == {"splits": 8, "rows": 16}
+    assert tuning.current("decode", FAMILY, "half", 128, True) == SplitTiles(8, 16)
+    monkeypatch.delitem(tuning.KINDS, "decode")  # a process that has not registered the family ignores its entries
+    tuning._changed(emulator_table)
+    assert tuning.current("decode", FAMILY, "half", 128, True) is None and tuning.stored() == {}
+
+
+def test_forward_candidates_fit_the_backward_kernels_built_from_the_same_spec():
+    from flash_attn_metal.kernels.tiles import THREADGROUP_MEMORY_LIMIT, backward_threadgroup_bytes
+
+    found = tuning.KINDS["forward"].candidates(FAMILY, "float", 128)
+    assert found[0] == forward_tiles(FAMILY, 128)
+    assert all(backward_threadgroup_bytes(t, 128, "float") <= THREADGROUP_MEMORY_LIMIT for t in found)
+    assert len(found) < len(candidates("forward", FAMILY, "float", 128))  # 64 fp32 keys fit the forward alone

@@ -1,8 +1,8 @@
 """`python -m flash_attn_metal tune`: time the generator's candidate tiles on this machine and keep the fastest
 verified one per (kernel kind, GPU family, dtype, head-dim bucket, causal).
 
-Each kernel kind registers a `KernelKind`: its candidates (the built-in table's choice first), and a workload
-that checks one candidate against the reference and times it. For every key the tuner runs each candidate
+Each kernel kind registers its tile type and candidates with `kernels/tuning.py` (the built-in table's choice
+first) and, here, a `KernelKind`: a workload that checks one candidate against the reference and times it. For every key the tuner runs each candidate
 under `tuning.trying(...)`: first the check (the upstream tolerance rule against the CPU reference; a candidate
 that fails it, or fails to compile or launch, is rejected and never timed), then the timer. The fastest verified
 candidate is stored in this machine's table (`kernels/tuning.py`), which the kernels use from then on.
@@ -18,13 +18,11 @@ import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
-from .kernels import tiles as tile_table
 from .kernels import tuning
-from .kernels.tiles import Tiles
 from .problem import AttentionProblem
 from .selftest.report import describe_error
 from .verify import GRADIENT_FACTOR, OUTPUT_FACTOR, compare, compare_lse, references
@@ -46,10 +44,12 @@ class Workload:
 
 @dataclass(frozen=True)
 class KernelKind:
-    name: str
-    candidates: Callable[[str, str, int], list[Tiles]]  # (family, MSL dtype, head dim) -> tiles, the table's first
+    name: str  # a kind registered with kernels/tuning.py, which holds its candidates
     workload: Callable[[str, str, int, bool], Workload]  # (device, MSL dtype, head dim, causal)
     overrides: tuple[str, ...]  # the `tuning.current` kinds a trial's tiles stand in for
+
+    def candidates(self, family: str, dtype: str, head_dim: int) -> list:
+        return tuning.KINDS[self.name].candidates(family, dtype, head_dim)
 
 
 KINDS: dict[str, KernelKind] = {}
@@ -61,7 +61,7 @@ def register(kind: KernelKind) -> None:
 
 @dataclass(frozen=True)
 class Trial:
-    tiles: Tiles
+    tiles: Any  # the kind's tile type
     seconds: float | None  # None: rejected
     error: str | None  # why it was rejected
 
@@ -89,11 +89,11 @@ def keys(kinds: Iterable[str], family: str, dtypes: Iterable[str], head_dims: It
 
 def tune_one(kind: str, family: str, device: str, dtype: str, head_dim: int, causal: bool, timer: Timer) -> Outcome:
     """Check and time every candidate of one key; stores nothing."""
-    spec = KINDS[kind]
-    workload = spec.workload(device, dtype, head_dim, causal)
+    registered = KINDS[kind]
+    workload = registered.workload(device, dtype, head_dim, causal)
     trials = []
-    for tiles in spec.candidates(family, dtype, head_dim):
-        with tuning.trying({name: tiles for name in spec.overrides}):
+    for tiles in registered.candidates(family, dtype, head_dim):
+        with tuning.trying({name: tiles for name in registered.overrides}):
             try:
                 error = workload.check()
                 seconds = timer(workload.make_step()) if error is None else None
@@ -140,8 +140,8 @@ def device_timer(device: str, repeats: int = TIMED_REPEATS) -> Timer:
     return timer
 
 
-def describe_tiles(tiles: Tiles) -> str:
-    """The tile fields but the reason, as `name=value` pairs (whatever fields Tiles has)."""
+def describe_tiles(tiles: Any) -> str:
+    """The tile fields but a reason, as `name=value` pairs (whatever fields the tile type has)."""
     return " ".join(f"{k}={v}" for k, v in dataclasses.asdict(tiles).items() if k != "reason")
 
 
@@ -205,9 +205,7 @@ def _backward_workload(device: str, dtype: str, head_dim: int, causal: bool) -> 
     return Workload(check, make_step)
 
 
-register(KernelKind("forward", lambda f, dt, d: tile_table.candidates("forward", f, dt, d), _forward_workload,
-                    overrides=("forward",)))
+register(KernelKind("forward", _forward_workload, overrides=("forward",)))
 # Today the backward kernels are built from the forward's spec (kernels/dispatch.py), so a backward trial's tiles
 # stand in for both; its check and timing cover the backward kernels.
-register(KernelKind("backward", lambda f, dt, d: tile_table.candidates("backward", f, dt, d), _backward_workload,
-                    overrides=("forward", "backward")))
+register(KernelKind("backward", _backward_workload, overrides=("forward", "backward")))

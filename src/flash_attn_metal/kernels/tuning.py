@@ -1,10 +1,12 @@
 """Tile choices measured on this machine: the winners `python -m flash_attn_metal tune` stored, and the override
 the tuner times its candidates under.
 
-    current(kind, family, dtype, head_dim, causal) -> Tiles | None
+    current(kind, family, dtype, head_dim, causal) -> tiles | None
         inside `trying(...)` the trial's tiles; else this machine's stored winner; else None (the built-in table)
     describe() -> str                   which table is in force (for `info`)
     store(winners, ...) / table_path()  what the tuner writes, and where
+    register(kind, tiles_type, candidates)   a kernel family's tile type and candidates (forward and backward
+                                             are registered here; `tune.py` registers how to check and time one)
 
 One JSON file per machine under `cache_dir()/tuning/`, named after the chip (or "emulator" off a Mac), the OS
 version and the package version: a new macOS (a new Metal compiler) or a new package (new kernels) starts from
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -26,19 +29,43 @@ import re
 import tempfile
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from .._version import __version__
 from ..runtime.cache import cache_dir
-from .tiles import Tiles, candidates
+from .tiles import THREADGROUP_MEMORY_LIMIT, Tiles, backward_threadgroup_bytes, candidates
+
+
+@dataclass(frozen=True)
+class TunedKind:
+    tiles_type: type  # a frozen dataclass: stored as dataclasses.asdict, read back as tiles_type(**fields)
+    candidates: Callable[[str, str, int], list[Any]]  # (family, MSL dtype, head dim) -> tiles, the built-in first
+
+
+def _forward_candidates(family: str, dtype: str, head_dim: int) -> list[Tiles]:
+    """The forward's candidates that also fit the backward kernels: today those are built from the forward's spec
+    (kernels/dispatch.py), so a forward winner sets the backward's tiles too."""
+    return [t for t in candidates("forward", family, dtype, head_dim)
+            if backward_threadgroup_bytes(t, head_dim, dtype) <= THREADGROUP_MEMORY_LIMIT]
+
+
+KINDS: dict[str, TunedKind] = {"forward": TunedKind(Tiles, _forward_candidates),
+                               "backward": TunedKind(Tiles, functools.partial(candidates, "backward"))}
+
+
+def register(kind: str, tiles_type: type, candidates: Callable[[str, str, int], list[Any]]) -> None:
+    """Make a kernel family's tiles tunable: `tune` times its candidates, `current` serves its winners."""
+    KINDS[kind] = TunedKind(tiles_type, candidates)
+
 
 HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 256)  # the head dims `tune` measures; common models' d is one
 FORMAT = 1  # the file layout below; a file of another format is ignored
 
-_trial: contextvars.ContextVar[Mapping[str, Tiles] | None] = contextvars.ContextVar("flash_attn_metal_trial",
+_trial: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar("flash_attn_metal_trial",
                                                                                      default=None)
-_loaded: dict[Path, tuple[float, dict[str, Tiles]]] = {}  # path -> (mtime, winners)
+_loaded: dict[Path, tuple[float, dict[str, Any]]] = {}  # path -> (mtime, winners)
 _lock = threading.Lock()
 _warned: set[str] = set()
 
@@ -75,7 +102,7 @@ def table_path() -> Path:
 
 
 @contextlib.contextmanager
-def trying(tiles: Mapping[str, Tiles]) -> Iterator[None]:
+def trying(tiles: Mapping[str, Any]) -> Iterator[None]:
     """Inside, `current(kind, ...)` is `tiles[kind]` for each kind given, whatever the other arguments: the tuner
     runs one workload at a time under the candidate it is measuring."""
     token = _trial.set(dict(tiles))
@@ -87,26 +114,26 @@ def trying(tiles: Mapping[str, Tiles]) -> Iterator[None]:
         _forget_chosen_tiles()
 
 
-def current(kind: str, family: str, dtype: str, head_dim: int, causal: bool) -> Tiles | None:
+def current(kind: str, family: str, dtype: str, head_dim: int, causal: bool) -> Any | None:
     """The tiles to use instead of the built-in table's, or None to use the table."""
     trial = _trial.get()
     if trial is not None and kind in trial:
         return trial[kind]
-    if head_dim > HEAD_DIM_BUCKETS[-1]:
+    if head_dim > HEAD_DIM_BUCKETS[-1] or kind not in KINDS:
         return None
     b = bucket(head_dim)
     tiles = _winners().get(entry_key(kind, family, dtype, b, causal))
-    if tiles is None or tiles not in candidates(kind, family, dtype, b):
+    if tiles is None or tiles not in KINDS[kind].candidates(family, dtype, b):
         return None
     return tiles
 
 
-def stored() -> dict[str, Tiles]:
+def stored() -> dict[str, Any]:
     """This machine's stored winners by entry key (empty when there is no table)."""
     return dict(_winners())
 
 
-def store(winners: Mapping[str, Tiles], measurements: Mapping[str, dict] | None = None) -> Path:
+def store(winners: Mapping[str, Any], measurements: Mapping[str, dict] | None = None) -> Path:
     """Merge `winners` (entry key -> tiles) into this machine's table, with optional per-entry measurements
     (JSON-able: times, candidates tried); written atomically. Returns the table's path."""
     path = table_path()
@@ -145,8 +172,8 @@ def describe() -> str:
     return f"tuned on this machine: {len(winners)} winners in {table_path()}, the built-in table elsewhere"
 
 
-def _winners() -> dict[str, Tiles]:
-    """The table's winners, read once per change of the file."""
+def _winners() -> dict[str, Any]:
+    """The table's winners of the registered kinds, read once per change of the file."""
     path = table_path()
     try:
         mtime = path.stat().st_mtime
@@ -157,10 +184,13 @@ def _winners() -> dict[str, Tiles]:
         if hit is not None and hit[0] == mtime:
             return hit[1]
     document = _read(path)
-    winners: dict[str, Tiles] = {}
+    winners: dict[str, Any] = {}
     for key, entry in (document or {}).get("winners", {}).items():
+        kind = KINDS.get(key.split("/")[0])
+        if kind is None:
+            continue  # a kernel family this process has not registered (yet)
         try:
-            winners[key] = Tiles(**entry["tiles"])
+            winners[key] = kind.tiles_type(**entry["tiles"])
         except (TypeError, KeyError):
             _warn_once(f"flash-attn-metal: ignoring the tuned entry {key} in {path} (written for other kernels); "
                        "run `python -m flash_attn_metal tune` again")
