@@ -13,7 +13,7 @@ import torch
 
 from emulator_support import DEVICES
 from flash_attn_metal.emulator import compile_shader
-from flash_attn_metal.selftest.conformance import (  # the kernels and their expected results, shared with selftest
+from flash_attn_metal.selftest.conformance import (  # noqa: F401  (kernels shared with selftest)
     ATOMICS,
     BARRIERS,
     BINDING,

@@ -28,7 +28,8 @@ def test_pyproject_reads_without_deprecation_warnings():
 
 
 def test_the_old_license_table_would_warn(tmp_path):
-    old = (ROOT / "pyproject.toml").read_text().replace('license = "BSD-3-Clause"', 'license = { text = "BSD-3-Clause" }')
+    old = (ROOT / "pyproject.toml").read_text().replace('license = "BSD-3-Clause"',
+                                                         'license = { text = "BSD-3-Clause" }')
     assert 'license = { text' in old
     (tmp_path / "pyproject.toml").write_text(old)
     (tmp_path / "README.md").write_text("readme")

@@ -2,10 +2,11 @@
 verified one per (kernel kind, GPU family, dtype, head-dim bucket, causal).
 
 Each kernel kind registers its tile type and candidates with `kernels/tuning.py` (the built-in table's choice
-first) and, here, a `KernelKind`: a workload that checks one candidate against the reference and times it. For every key the tuner runs each candidate
-under `tuning.trying(...)`: first the check (the upstream tolerance rule against the CPU reference; a candidate
-that fails it, or fails to compile or launch, is rejected and never timed), then the timer. The fastest verified
-candidate is stored in this machine's table (`kernels/tuning.py`), which the kernels use from then on.
+first) and, here, a `KernelKind`: a workload that checks one candidate against the reference and times it. For
+every key the tuner runs each candidate under `tuning.trying(...)`: first the check (the upstream tolerance rule
+against the CPU reference; a candidate that fails it, or fails to compile or launch, is rejected and never
+timed), then the timer. The fastest verified candidate is stored in this machine's table (`kernels/tuning.py`),
+which the kernels use from then on.
 
 On a Mac the workloads run on MPS tensors; elsewhere on CPU tensors in the emulator, whose timings say nothing
 about Apple GPUs (there the tuner is tested with a fake timer). Run it under FLASH_ATTN_METAL_STRICT=1 (the CLI
@@ -172,8 +173,8 @@ def _forward_workload(device: str, dtype: str, head_dim: int, causal: bool) -> W
 
     def check() -> str | None:
         out, lse, _ = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
-        failed = [c for c in (compare("out", out, exact.out, low.out, factor=OUTPUT_FACTOR), compare_lse(lse, exact.lse))
-                  if not c.ok]
+        checks = (compare("out", out, exact.out, low.out, factor=OUTPUT_FACTOR), compare_lse(lse, exact.lse))
+        failed = [c for c in checks if not c.ok]
         return "; ".join(map(str, failed)) or None
 
     def make_step() -> Callable[[], object]:

@@ -52,8 +52,9 @@ def to_cpu(problem: AttentionProblem) -> AttentionProblem:
     cache = problem.kv_cache
     if cache is not None:
         cache = KVCache(cpu(cache.seqlens), cpu(cache.leftpad), cpu(cache.batch_idx), cpu(cache.block_table))
-    return replace(problem, q=cpu(problem.q), k=cpu(problem.k), v=cpu(problem.v), alibi_slopes=cpu(problem.alibi_slopes),
-                   cu_seqlens_q=cpu(problem.cu_seqlens_q), cu_seqlens_k=cpu(problem.cu_seqlens_k), kv_cache=cache)
+    return replace(problem, q=cpu(problem.q), k=cpu(problem.k), v=cpu(problem.v),
+                   alibi_slopes=cpu(problem.alibi_slopes), cu_seqlens_q=cpu(problem.cu_seqlens_q),
+                   cu_seqlens_k=cpu(problem.cu_seqlens_k), kv_cache=cache)
 
 
 def references(problem: AttentionProblem, dout: torch.Tensor | None = None) -> tuple[Result, Result]:

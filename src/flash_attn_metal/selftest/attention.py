@@ -67,7 +67,8 @@ def grid(quick: bool) -> list[AttentionCase]:
         for d in HEAD_DIMS:
             cases += [A(func, dtype, d, mask, True) for mask in ("none", "causal")]
         cases += [A(func, dtype, 128, mask, True) for mask in ("local", "softcap", "alibi")]
-        cases += [A(kvcache, dtype, 128, mask, cache=c) for mask in ("local", "softcap", "alibi") for c in ("dense", "paged")]
+        cases += [A(kvcache, dtype, 128, mask, cache=c) for mask in ("local", "softcap", "alibi")
+                  for c in ("dense", "paged")]
     return cases
 
 
@@ -162,8 +163,8 @@ def _kvcache(case: AttentionCase, device: str, randn, options: dict) -> list[Com
         zeros = torch.zeros(b, dtype=torch.int32, device=device)
         cache = KVCache(seqlens + NEW_TOKENS, zeros, torch.arange(b, dtype=torch.int32, device=device), None)
     reset_stats()
-    out, lse = flash_attn_metal.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens, **layout,
-                                                 **options, return_softmax_lse=True)
+    out, lse = flash_attn_metal.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens,
+                                                        **layout, **options, return_softmax_lse=True)
     if not stats()["launches"]:
         raise RuntimeError("the kernels did not run: the call fell back to the PyTorch reference")
     window = options.get("window_size", (-1, -1))
