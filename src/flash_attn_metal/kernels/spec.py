@@ -12,6 +12,7 @@ import functools
 from dataclasses import dataclass
 
 from .tiles import Tiles, dkdv_tiles, dq_tiles, forward_tiles
+from .tuning import current
 
 MSL_TYPES = {"float16": "half", "bfloat16": "bfloat", "float32": "float"}
 KV_CACHES = ("", "dense", "paged")  # K/V laid out like q; a kv cache with a slot per sequence; a paged kv cache
@@ -59,8 +60,9 @@ class ForwardSpec:
                  wide: bool = False) -> "ForwardSpec":
         """The spec for a real head dim: padded, with the widest load that divides it (at most `vec`)."""
         d = padded_head_dim(head_dim)
-        return cls(dtype, d, forward_tiles(family, dtype, d), varlen, masked, softcap, alibi, kv_cache, split_kv,
-                   load_width(head_dim, vec), d != head_dim, wide)
+        tiles = current("forward", family, dtype, d, masked) or forward_tiles(family, dtype, d)  # a tuned winner first
+        return cls(dtype, d, tiles, varlen, masked, softcap, alibi, kv_cache, split_kv, load_width(head_dim, vec),
+                   d != head_dim, wide)
 
     @property
     def block_q(self) -> int:
@@ -97,8 +99,9 @@ class BackwardSpec:
     def of(cls, forward: ForwardSpec, family: str) -> "BackwardSpec":
         if forward.kv_cache or forward.split_kv:
             raise ValueError("kv-cache and split-KV specs are forward only")
-        d, t = forward.head_dim, forward.dtype
-        return cls(forward, dq_tiles(family, t, d), dkdv_tiles(family, t, d))
+        d, t, masked = forward.head_dim, forward.dtype, forward.masked
+        return cls(forward, current("dq", family, t, d, masked) or dq_tiles(family, t, d),
+                   current("dkdv", family, t, d, masked) or dkdv_tiles(family, t, d))
 
     @functools.cached_property
     def name(self) -> str:
