@@ -115,7 +115,7 @@ def test_bench_runs_the_sizes_asked_for_in_the_emulator_with_a_line_per_configur
     assert "EMULATOR timings" in result.stdout
     assert re.search(r"^\[1/1\] float16 N=32 d=32 causal: forward [\d.]+ ms \(SDPA [\d.]+ ms, [\d.]+x\); backward",
                      result.stdout, re.MULTILINE)
-    assert "FA B_r" not in result.stdout and "vs SDPA" not in result.stdout  # no report or table unasked
+    assert "FA MB" not in result.stdout and "vs SDPA" not in result.stdout  # no report or table unasked
     rows = (tmp_path / "bench.csv").read_text().splitlines()
     assert rows[0].startswith("device,impl,mode,dtype,seqlen")
     assert len(rows) == 1 + 3 * 3  # one configuration x modes x implementations
@@ -128,7 +128,7 @@ def test_bench_prints_the_table_on_request_and_says_when_there_is_no_plot(tmp_pa
     assert main([*BENCH, "--out", str(tmp_path), "--table", "--kernel-report"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^impl +mode +dtype .* vs SDPA", out, re.MULTILINE)
-    assert "FA B_r" in out  # the static kernel report, asked for
+    assert "FA MB" in out  # the static kernel report, asked for
     assert out.rstrip().endswith("no plot: matplotlib is not installed (pip install 'flash-attn-metal[bench]')")
     assert "FLASH_ATTN_METAL_BACKEND" not in os.environ  # the emulator setting was for the run only
 

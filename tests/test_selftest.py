@@ -43,8 +43,8 @@ def test_a_wrong_kernel_result_fails_its_check_and_the_exit_status(monkeypatch, 
     original = launch.ForwardLaunch.__call__
 
     def off_by_a_little(self, *args, **kwargs):
-        out, lse = original(self, *args, **kwargs)
-        return out + 0.01, lse
+        out, lse, stats = original(self, *args, **kwargs)
+        return out + 0.01, lse, stats
 
     monkeypatch.setattr(launch.ForwardLaunch, "__call__", off_by_a_little)
     lines = []

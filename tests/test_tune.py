@@ -70,10 +70,19 @@ def test_every_candidate_is_checked_and_the_fastest_is_stored_and_used(emulator_
 
 
 def test_a_candidate_the_kernels_get_wrong_is_rejected_even_when_fastest(monkeypatch):
-    broken = Tiles(16, 12, "keys per block not a multiple of 8: the kernel reads past its fragments")
+    from flash_attn_metal.kernels import dispatch, forward
+
+    broken = Tiles(16, 16, reason="its kernel's output is scaled by 1.01 (below)")
     good = forward_tiles(FAMILY, "half", 32)
+    generate = forward.forward_source
+
+    def sabotaged(spec):
+        source = generate(spec)
+        return source.replace("* inv_sum;", "* inv_sum * 1.01f;") if spec.tiles == broken else source
+
+    monkeypatch.setattr(dispatch, "forward_source", sabotaged)
     monkeypatch.setitem(tuning.KINDS, "forward", tuning.TunedKind(Tiles, lambda f, dt, d: [good, broken]))
-    outcome = tune.tune_one("forward", FAMILY, "cpu", "half", 32, False, timer_favouring((16, 12)))
+    outcome = tune.tune_one("forward", FAMILY, "cpu", "half", 32, False, timer_favouring((16, 16)))
     assert outcome.trials[1].seconds is None and "out" in outcome.trials[1].error
     assert outcome.trials[0].error is None and outcome.winner.tiles == good
 
@@ -109,7 +118,7 @@ def register_fake_kind(monkeypatch, check_error: dict[int, str | None], raises: 
 
         return tune.Workload(check, lambda: lambda: tuning.current("fake", FAMILY, dtype, head_dim, causal))
 
-    three = [Tiles(q, 8, "") for q in (8, 16, 32)]
+    three = [Tiles(q, 8) for q in (8, 16, 32)]
     monkeypatch.setitem(tuning.KINDS, "fake", tuning.TunedKind(Tiles, lambda f, dt, d: three))
     monkeypatch.setitem(tune.KINDS, "fake", tune.KernelKind("fake", workload, ("fake",)))
 
@@ -148,7 +157,7 @@ def test_a_stored_winner_applies_to_its_bucket_and_not_past_it():
 
 def test_a_stale_or_damaged_table_is_ignored(emulator_table):
     key = tuning.entry_key("forward", FAMILY, "float", 256, False)
-    oversized = Tiles(32, 64, "64 fp32 keys at d=256: 64 KiB of threadgroup memory")
+    oversized = Tiles(32, 64, "threadgroup", reason="64 fp32 keys at d=256: past 32 KiB of threadgroup memory")
     assert oversized not in candidates("forward", FAMILY, "float", 256)
     tuning.store({key: oversized})
     assert tuning.stored()[key] == oversized and tuning.current("forward", FAMILY, "float", 256, False) is None
@@ -173,7 +182,7 @@ def test_the_table_is_per_chip_os_and_version(monkeypatch, tmp_path):
 
 
 def test_clear_returns_to_the_built_in_table(emulator_table):
-    tuning.store({tuning.entry_key("forward", FAMILY, "half", 32, True): Tiles(32, 16, "")})
+    tuning.store({tuning.entry_key("forward", FAMILY, "half", 32, True): Tiles(32, 16)})
     assert tuning.clear() and not emulator_table.exists()
     assert tuning.current("forward", FAMILY, "half", 32, True) is None
     assert not tuning.clear()
@@ -199,14 +208,15 @@ def test_cli_rejects_a_head_dim_that_is_not_a_bucket(capsys):
 
 
 def test_cli_tunes_stores_and_reports_each_key(capsys, monkeypatch, emulator_table):
-    fast = (32, 32)
+    fast = (16, 64)
     monkeypatch.setattr(tune, "device_timer", lambda device: timer_favouring(fast))
     assert main(["tune", "--kinds", "forward", "--dtypes", "fp16", "--head-dims", "32", "--causal", "yes"]) == 0
     out = capsys.readouterr().out
     assert "No Metal GPU: every candidate is checked in the CPU emulator" in out
-    assert "[1/1] forward/apple10/half/d32/causal: [block_q=32 block_k=32] 1.000 ms, built-in 2.000 ms" in out
+    assert ("[1/1] forward/apple10/half/d32/causal: [block_q=16 block_k=64 stationary=registers split=False] 1.000 ms, "
+            "built-in 2.000 ms") in out
     assert "stored 1 winners" in out
-    assert tuning.current("forward", FAMILY, "half", 32, True).block_k == 32
+    assert tuning.current("forward", FAMILY, "half", 32, True).block_k == 64
     assert main(["tune", "--clear"]) == 0 and "removed tuned table" in capsys.readouterr().out
     assert not emulator_table.exists()
 

@@ -62,6 +62,16 @@ def _spec(p: AttentionProblem, split_kv: bool = False) -> ForwardSpec:
                         any(_span(t) >= WIDE_ELEMENTS for t in tensors))
 
 
+def forget_tiles() -> None:
+    """Drop the specs chosen so far and the launches remembered with them (kernels/tuning.py calls this when the
+    tuned table or a trial changes the tiles)."""
+    from .. import fastpath
+
+    _cached_spec.cache_clear()
+    _backward_spec.cache_clear()
+    fastpath.clear()
+
+
 WIDE_ELEMENTS = 1 << 32  # a tensor spanning this many elements needs 64-bit offsets (ForwardSpec.wide)
 
 

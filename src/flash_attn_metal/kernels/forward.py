@@ -132,6 +132,9 @@ def _load_block(spec: ForwardSpec, matrix: str, checked: str) -> str:
 
 
 def _stage_q(spec: ForwardSpec) -> str:
+    if spec.tiles.stationary == "device":
+        return """  // Q, read from device memory (and the caches) at every block.
+  const index_t q_row = index_t(row) * uint(ints[Q_ROW]);"""
     if spec.tiles.stationary == "registers":
         return """  // Q, in registers for the whole kernel.
   simdgroup_float8x8 q_frag[D_FRAGS];
@@ -155,6 +158,10 @@ def _q_fragment(spec: ForwardSpec) -> tuple[str, str]:
     """(MSL reading fragment d of Q at the start of each d iteration, the expression naming it)."""
     if spec.tiles.stationary == "registers":
         return "", "q_frag[d]"
+    if spec.tiles.stationary == "device":
+        return """      simdgroup_float8x8 q_d;
+      q_d.thread_elements() = row_valid ? device_pair(q_seq, q_row, d * 8 + coord.x, head_dim) : float2(0.0f);
+""", "q_d"
     return """      simdgroup_float8x8 q_d;
       q_d.thread_elements() = tile_pair<LD_Q>(q_tile, sg * 8, d * 8, coord);
 """, "q_d"

@@ -183,7 +183,7 @@ def _winners() -> dict[str, Any]:
             continue  # a kernel family this process has not registered (yet)
         try:
             winners[key] = kind.tiles_type(**entry["tiles"])
-        except (TypeError, KeyError):
+        except (TypeError, KeyError, ValueError):  # fields this version does not have, or values it refuses
             _warn_once(f"flash-attn-metal: ignoring the tuned entry {key} in {path} (written for other kernels); "
                        "run `python -m flash_attn_metal tune` again")
     with _lock:
@@ -219,10 +219,7 @@ def _changed(path: Path) -> None:
 
 
 def _forget_chosen_tiles() -> None:
-    """Drop what the dispatcher derived from earlier tile choices (its per-call spec cache and the fast path's
-    remembered launches), so a new table or trial takes effect at the next call."""
-    from .. import fastpath
+    """Drop what was derived from earlier tile choices, so a new table or trial takes effect at the next call."""
     from . import dispatch
 
-    dispatch._cached_spec.cache_clear()
-    fastpath.clear()
+    dispatch.forget_tiles()
