@@ -104,8 +104,6 @@ def plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, 
     batch = _broadcast(q.shape[:-3], k.shape[:-3], v.shape[:-3])
     if batch is None:
         return "query, key and value have batch dimensions that do not broadcast"
-    if batch != tuple(q.shape[:-3]):
-        return "key or value broadcasts query's batch dimensions to more"  # torch.compile may not see this
     if enable_gqa and not hq == hk == hv:
         if hq % hk or hq % hv:
             return "enable_gqa with head counts that do not divide"
