@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import flash_attn_metal
-from flash_attn_metal import scaled_dot_product_attention
+from flash_attn_metal import routing, scaled_dot_product_attention
 from flash_attn_metal.sdpa import TORCH, plan
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -32,7 +32,8 @@ SLACK = {"out": 1e-5, "grad": 1e-4}
 
 
 @pytest.fixture(autouse=True)
-def clean_stats():
+def fresh(monkeypatch):
+    monkeypatch.setattr(routing, "_warned", set())  # each reason warns once per process
     flash_attn_metal.reset_stats()
 
 

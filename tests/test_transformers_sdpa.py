@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import flash_attn_metal
-from flash_attn_metal import patch_sdpa
+from flash_attn_metal import patch_sdpa, routing
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,6 +25,7 @@ PENDING = pytest.mark.xfail(strict=True, reason="kernel support pending (lead)",
 @pytest.fixture(autouse=True)
 def emulator(monkeypatch):
     monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
+    monkeypatch.setattr(routing, "_warned", set())  # each reason warns once per process
     flash_attn_metal.reset_stats()
 
 
