@@ -100,7 +100,8 @@ def test_top_left_causal_is_torchs_is_causal():
     torch.manual_seed(4)
     q, k, v = torch.randn(1, 7, 2, 16), torch.randn(1, 11, 2, 16), torch.randn(1, 11, 2, 16)
     out, _ = attention(problem(q, k, v, causal=True, top_left=True))
-    torch_out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True)
+    views = (t.transpose(1, 2) for t in (q, k, v))
+    torch_out = torch.nn.functional.scaled_dot_product_attention(*views, is_causal=True)
     assert torch.allclose(out, torch_out.transpose(1, 2), atol=1e-5)
 
 
@@ -112,7 +113,8 @@ SINK_CASES = [dict(), dict(causal=True), dict(window=(3, 0)), dict(causal=True, 
 def test_sinks_forward_and_gradients_match_naive(case, sq, sk):
     torch.manual_seed(5)
     case = dict(case)
-    q, k, v = (torch.randn(2, n, h, 16, dtype=torch.float64, requires_grad=True) for n, h in ((sq, 4), (sk, 2), (sk, 2)))
+    q, k, v = (torch.randn(2, n, h, 16, dtype=torch.float64, requires_grad=True)
+               for n, h in ((sq, 4), (sk, 2), (sk, 2)))
     sinks = torch.randn(4, dtype=torch.float64, requires_grad=True)
     mask = (torch.rand(2, 4, sq, sk) > 0.4) if case.pop("mask", False) else None
     leaves = [t.detach().float().requires_grad_() for t in (q, k, v, sinks)]

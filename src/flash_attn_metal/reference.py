@@ -31,8 +31,8 @@ Semantics (flash-attn 2.8):
   is -inf); in varlen, query rows past cu_seqlens_q[-1] belong to no sequence and get the same;
 - dropout drops probabilities with probability p and scales the rest by 1/(1-p); lse is taken before it;
 - GQA/MQA: query head h reads kv head h // (nheads / nheads_k);
-- lse is the natural-log logsumexp of the (scaled, softcapped, biased, masked) scores and the sink, fp32, (b, h, sq) padded or
-  (h, total_q) varlen; out has q's dtype and shape;
+- lse is the natural-log logsumexp of the (scaled, softcapped, biased, masked) scores and the sink, fp32,
+  (b, h, sq) padded or (h, total_q) varlen; out has q's dtype and shape;
 - NaN or inf in the inputs propagates as the arithmetic above makes it.
 
 Memory stays O(chunk x sk): queries are processed in chunks, and under autograd each chunk is recomputed in
@@ -220,7 +220,7 @@ def _no_keys(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, needs_grad: 
         out = torch.where(never, q, out) + torch.where(never, others, 0.0).to(q.dtype)
     lse = torch.full((b, h, sq), math.inf, dtype=torch.float32, device=q.device)
     if sinks is not None:
-        lse = sinks.detach().float().view(1, h, 1).expand(b, h, sq).masked_fill(sinks.isneginf().view(1, h, 1), math.inf)
+        lse = sinks.detach().float().masked_fill(sinks.isneginf(), math.inf).view(1, h, 1).expand(b, h, sq)
     probs = q.new_zeros((b, h, _round128(sq), _round128(k.shape[1]))) if return_probs else None
     return out, lse, probs
 
@@ -241,7 +241,7 @@ def _chunk_forward(q: Tensor, kg: Tensor, vg: Tensor, rows: Tensor, sq: int, slo
     if p.softcap > 0:
         scores = torch.tanh(scores / p.softcap) * p.softcap
     cols = torch.arange(sk, device=q.device)
-    shifted = rows[:, None] + (0 if p.top_left else sk - sq)  # the diagonal windows and ALiBi are measured from
+    shifted = rows[:, None] + (0 if p.top_left else sk - sq)  # each query's key on the diagonal
     if slopes is not None:  # an fp32 bias (distances overflow fp16), as upstream's reference adds it
         distance = (shifted - cols[None, :]).abs().to(torch.float32)
         scores = scores - slopes.view(b, hk, group, 1, 1) * distance
