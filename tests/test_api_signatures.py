@@ -1,5 +1,6 @@
 """The public functions keep flash-attn 2.8's signatures exactly: names, order, defaults (transformers
-inspects them, and upstream tests pass dropout_p positionally)."""
+inspects them, and upstream tests pass dropout_p positionally), with one extension only at the end: keyword-only
+`sinks=None`. The SDPA drop-in keeps torch's calling convention."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import flash_attn_metal
 from flash_attn_metal import bert_padding, flash_attn_interface
@@ -64,6 +66,15 @@ FLASH_ATTN_2_8_ROTARY = {
     "RotaryEmbedding": "(dim, base=10000.0, interleaved=False, scale_base=None, device=None)",
 }
 
+EXTENSION = ", *, sinks=None)"  # after flash-attn 2.8's parameters; keyword-only, so no positional call changes
+
+# torch.nn.functional.scaled_dot_product_attention: 3 to 6 positional arguments, then scale and enable_gqa by keyword.
+TORCH_SDPA = "(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False"
+
+
+def extended(upstream: str) -> str:
+    return upstream.removesuffix(")") + EXTENSION
+
 
 def plain(fn) -> str:
     """The signature without annotations, as flash-attn spells it."""
@@ -74,7 +85,7 @@ def plain(fn) -> str:
 
 @pytest.mark.parametrize("name", sorted(FLASH_ATTN_2_8))
 def test_signature_matches_flash_attn(name):
-    assert plain(getattr(flash_attn_metal, name)) == FLASH_ATTN_2_8[name]
+    assert plain(getattr(flash_attn_metal, name)) == extended(FLASH_ATTN_2_8[name])
 
 
 @pytest.mark.parametrize("name", sorted(FLASH_ATTN_2_8_PRIVATE))
@@ -96,11 +107,34 @@ def test_flash_attn_interface_serves_the_public_functions_and_the_wrapped_aliase
 
 
 def test_a_changed_default_would_be_caught():
+
+def test_a_changed_default_or_a_misplaced_extension_would_be_caught():
     def drifted(q, k, v, dropout_p=0.1, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                alibi_slopes=None, deterministic=False, return_attn_probs=False, *, sinks=None):
         pass
 
-    assert plain(drifted) != FLASH_ATTN_2_8["flash_attn_func"]
+    def sinks_in_the_middle(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, sinks=None,
+                            window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                            return_attn_probs=False):
+        pass
+
+    def sinks_positional(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                         alibi_slopes=None, deterministic=False, return_attn_probs=False, sinks=None):
+        pass
+
+    for fn in (drifted, sinks_in_the_middle, sinks_positional):
+        assert plain(fn) != extended(FLASH_ATTN_2_8["flash_attn_func"])
+    assert plain(flash_attn_metal.flash_attn_func) == extended(FLASH_ATTN_2_8["flash_attn_func"])
+
+
+def test_sdpa_keeps_torchs_calling_convention(monkeypatch):
+    assert plain(flash_attn_metal.scaled_dot_product_attention) == TORCH_SDPA + ", sinks=None)"
+    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "reference")
+    q = torch.randn(1, 1, 2, 8)
+    for sdpa in (torch.nn.functional.scaled_dot_product_attention, flash_attn_metal.scaled_dot_product_attention):
+        sdpa(q, q, q, None, 0.0, False, scale=0.5, enable_gqa=False)
+        with pytest.raises(TypeError):
+            sdpa(q, q, q, None, 0.0, False, 0.5)  # scale is keyword-only in torch
 
 
 def test_bert_padding_signatures():
@@ -111,7 +145,8 @@ def test_bert_padding_signatures():
 
 def test_the_package_exports_the_flash_attn_surface():
     assert set(FLASH_ATTN_2_8) <= set(flash_attn_metal.__all__)
-    assert {"bert_padding", "stats", "reset_stats", "__version__"} <= set(flash_attn_metal.__all__)
+    assert {"bert_padding", "stats", "reset_stats", "__version__", "scaled_dot_product_attention", "patch_sdpa",
+            "patch_sdpa_globally"} <= set(flash_attn_metal.__all__)
     assert all(hasattr(flash_attn_metal, name) for name in flash_attn_metal.__all__)
     assert isinstance(flash_attn_metal.stats(), dict)
 

@@ -7,6 +7,10 @@
 
 `register_fake` gives shapes (outputs are allocated contiguous, as the kernels allocate them) and
 `register_autograd` connects the two. The backward is deterministic by construction (no atomics).
+
+Sinks need nothing of the backward kernels: the forward's lse includes them, so P = exp(S - lse) and
+dS = P * (dP - D) with D = rowsum(dO * O) hold unchanged, and their own gradient is an O(N) sum here
+(`sink_gradient`). Masks take no gradient.
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ NAMESPACE = __name__.rpartition(".")[0].replace(".", "_")
 
 
 def _problem(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cache_seqlens=None, cache_leftpad=None,
-             cache_batch_idx=None, block_table=None, num_splits=0) -> AttentionProblem:
+             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask=None, sinks=None, top_left=False,
+             cache_seqlens=None, cache_leftpad=None, cache_batch_idx=None, block_table=None,
+             num_splits=0) -> AttentionProblem:
     kv_cache = None if cache_seqlens is None else KVCache(cache_seqlens, cache_leftpad, cache_batch_idx, block_table)
     return AttentionProblem(q=q, k=k, v=v, softmax_scale=softmax_scale, causal=causal, window_left=window_left,
                             window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=0.0,
                             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                            max_seqlen_k=max_seqlen_k, kv_cache=kv_cache, num_splits=num_splits)
+                            max_seqlen_k=max_seqlen_k, kv_cache=kv_cache, num_splits=num_splits,
+                            attn_mask=attn_mask, sinks=sinks, top_left=top_left)
 
 
 def _lse_shape(q: Tensor, cu_seqlens_q: Optional[Tensor]) -> tuple[int, ...]:
@@ -41,21 +47,22 @@ def _lse_shape(q: Tensor, cu_seqlens_q: Optional[Tensor]) -> tuple[int, ...]:
 def forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool, window_left: int,
             window_right: int, softcap: float, alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
             cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, backend: str,
+            attn_mask: Optional[Tensor] = None, sinks: Optional[Tensor] = None, top_left: bool = False,
             cache_seqlens: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
             cache_batch_idx: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
             num_splits: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     from .kernels import dispatch
 
     problem = _problem(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cache_seqlens, cache_leftpad,
-                       cache_batch_idx, block_table, num_splits)
+                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, sinks, top_left,
+                       cache_seqlens, cache_leftpad, cache_batch_idx, block_table, num_splits)
     return dispatch.forward(problem, backend)
 
 
 @forward.register_fake
 def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-      max_seqlen_q, max_seqlen_k, backend, cache_seqlens=None, cache_leftpad=None, cache_batch_idx=None,
-      block_table=None, num_splits=0):
+      max_seqlen_q, max_seqlen_k, backend, attn_mask=None, sinks=None, top_left=False, cache_seqlens=None,
+      cache_leftpad=None, cache_batch_idx=None, block_table=None, num_splits=0):
     lse_shape = _lse_shape(q, cu_seqlens_q)
     return (q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32),
             q.new_empty((*lse_shape, 2), dtype=torch.float32))
@@ -65,36 +72,56 @@ def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor, softmax_scale: float,
              causal: bool, window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor],
              cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
-             backend: str) -> tuple[Tensor, Tensor, Tensor]:
+             backend: str, attn_mask: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
+             top_left: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     from .kernels import dispatch
 
     problem = _problem(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, sinks, top_left)
     return dispatch.backward(problem, out, stats, dout, backend)
 
 
 @backward.register_fake
 def _(dout, q, k, v, out, stats, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-      cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend):
+      cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend, attn_mask=None, sinks=None, top_left=False):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 FORWARD_ONLY_PARAMS = 5  # forward's last: the kv cache (whose calls never need autograd) and num_splits
+# The parameters after q, k, v that forward and backward share, in their order.
+SHARED_PARAMS = ("softmax_scale", "causal", "window_left", "window_right", "softcap", "alibi_slopes", "cu_seqlens_q",
+                 "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "backend", "attn_mask", "sinks", "top_left")
+
+
+def sink_gradient(sinks: Tensor, out: Tensor, dout: Tensor, lse: Tensor, varlen: bool) -> Tensor:
+    """d loss / d sinks = -sum over rows of p_sink * D, with p_sink = exp(sink - lse) each row's sink
+    probability and D = rowsum(dO * O); lse is (b, h, sq), or (h, total_q) for varlen."""
+    row_sums = (dout.float() * out.float()).sum(-1)  # (b, sq, h) or (total_q, h)
+    row_sums = row_sums.t() if varlen else row_sums.transpose(1, 2)
+    logits = sinks.view(-1, 1) if varlen else sinks.view(1, -1, 1)
+    p_sink = torch.exp(logits - lse)  # 0 where lse = +inf
+    return -(p_sink * row_sums).sum(dim=1 if varlen else (0, 2))
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, *params = inputs
     params = params[:-FORWARD_ONLY_PARAMS]
+    assert len(params) == len(SHARED_PARAMS)
     out, lse, stats = output
-    ctx.save_for_backward(q, k, v, out, stats)
+    ctx.save_for_backward(q, k, v, out, lse, stats)
     ctx.params = params
     ctx.mark_non_differentiable(lse, stats)
 
 
 def _backward(ctx, dout, _dlse, _dstats):
-    q, k, v, out, stats = ctx.saved_tensors
+    q, k, v, out, lse, stats = ctx.saved_tensors
     dq, dk, dv = backward(dout, q, k, v, out, stats, *ctx.params)
-    return (dq, dk, dv) + (None,) * (len(ctx.params) + FORWARD_ONLY_PARAMS)
+    grads = [None] * (len(ctx.params) + FORWARD_ONLY_PARAMS)
+    named = dict(zip(SHARED_PARAMS, ctx.params))
+    if named["sinks"] is not None:
+        varlen = named["cu_seqlens_q"] is not None
+        grads[SHARED_PARAMS.index("sinks")] = sink_gradient(named["sinks"], out, dout, lse, varlen)
+    return (dq, dk, dv, *grads)
 
 
 forward.register_autograd(_backward, setup_context=_setup_context)
@@ -107,5 +134,5 @@ def run(problem: AttentionProblem, backend: str) -> tuple[Tensor, Tensor]:
     cache = (None,) * 4 if c is None else (c.seqlens, c.leftpad, c.batch_idx, c.block_table)
     out, lse, _ = forward(p.q, p.k, p.v, p.softmax_scale, p.causal, p.window_left, p.window_right, p.softcap,
                           p.alibi_slopes, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, backend,
-                          *cache, p.num_splits)
+                          p.attn_mask, p.sinks, p.top_left, *cache, p.num_splits)
     return out, lse

@@ -22,13 +22,18 @@ Semantics (flash-attn 2.8):
 - ALiBi adds -slope * |i + sk - sq - j| (slopes (h,) or (b, h), fp32);
 - causal and local masks are aligned bottom-right: query i keeps key j iff
   i + sk - sq - window_left <= j <= i + sk - sq + window_right (a window side of -1 is unbounded; causal
-  sets window_right = 0), with sq and sk each sequence's own lengths;
-- a fully masked row (or seqlen_k == 0) gives out = 0 and lse = +inf; in varlen, query rows past
-  cu_seqlens_q[-1] belong to no sequence and get the same;
+  sets window_right = 0), with sq and sk each sequence's own lengths; `top_left` drops the sk - sq offset
+  from both the windows and ALiBi (torch SDPA's is_causal);
+- `attn_mask` (padded layout, torch SDPA's): a bool mask removes the keys where it is False, a float mask is
+  added to the scores;
+- `sinks` (h,) join each row's softmax denominator: p_ij = exp(s_ij - lse_i) with
+  lse_i = log(exp(sink_h) + sum_j exp(s_ij)); they carry no value and get a gradient;
+- a fully masked row (or seqlen_k == 0) gives out = 0 and lse = +inf (lse = sink_h with sinks, +inf where that
+  is -inf); in varlen, query rows past cu_seqlens_q[-1] belong to no sequence and get the same;
 - dropout drops probabilities with probability p and scales the rest by 1/(1-p); lse is taken before it;
 - GQA/MQA: query head h reads kv head h // (nheads / nheads_k);
-- lse is the natural-log logsumexp of the (scaled, softcapped, biased) scores, fp32, (b, h, sq) padded or
-  (h, total_q) varlen; out has q's dtype and shape;
+- lse is the natural-log logsumexp of the (scaled, softcapped, biased, masked) scores and the sink, fp32,
+  (b, h, sq) padded or (h, total_q) varlen; out has q's dtype and shape;
 - NaN or inf in the inputs propagates as the arithmetic above makes it.
 
 Memory stays O(chunk x sk): queries are processed in chunks, and under autograd each chunk is recomputed in
@@ -62,6 +67,8 @@ def attention(
 ) -> tuple[Tensor, ...]:
     """(out, lse), or (out, lse, probs) with `return_probs`. See the module docstring."""
     p = problem
+    if p.attn_mask is not None and (p.is_varlen or p.kv_cache is not None):
+        raise ValueError("attn_mask applies to the padded layout only")
     if p.dropout_p > 0 and dropout_mask is None and p.dropout_rng is None:
         from .kernels import dropout  # imported on first use: importing the package stays light
 
@@ -175,9 +182,10 @@ def _padded(q: Tensor, k: Tensor, v: Tensor, batch_index: int | None, o: _Option
     `batch_index` is the sequence's index in a varlen call (ALiBi slopes and the dropout mask are per batch)."""
     b, sq, h, d = q.shape
     sk = k.shape[1]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    sinks = o.p.sinks
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, sinks) if t is not None)
     if sk == 0 or sq == 0:
-        return _no_keys(q, k, v, needs_grad, o.return_probs)
+        return _no_keys(q, k, v, sinks, needs_grad, o.return_probs)
     compute = torch.float32 if o.upcast else q.dtype
     slopes = _alibi_slopes(o.p, b, batch_index, q.device)
     # (b, hk, 1, d, sk) and (b, hk, 1, sk, d): broadcast over each kv head's group of query heads.
@@ -187,7 +195,8 @@ def _padded(q: Tensor, k: Tensor, v: Tensor, batch_index: int | None, o: _Option
     outs, lses, all_probs = [], [], []
     for start in range(0, sq, chunk):
         rows = torch.arange(start, min(sq, start + chunk), device=q.device)
-        args = (q[:, start : start + chunk], kg, vg, rows, sq, slopes, batch_index, start, o)
+        mask = None if o.p.attn_mask is None else o.p.attn_mask[:, :, start : start + chunk]
+        args = (q[:, start : start + chunk], kg, vg, rows, sq, slopes, batch_index, start, mask, sinks, o)
         if needs_grad and not o.return_probs:
             out, lse, _ = checkpoint(_chunk_forward, *args, use_reentrant=False)
         else:
@@ -204,23 +213,28 @@ def _padded(q: Tensor, k: Tensor, v: Tensor, batch_index: int | None, o: _Option
     return out, lse, probs
 
 
-def _no_keys(q: Tensor, k: Tensor, v: Tensor, needs_grad: bool, return_probs: bool):
-    """seqlen_k == 0 or seqlen_q == 0: out = 0 and lse = +inf (flash-attn's `out.zero_()`)."""
+def _no_keys(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, needs_grad: bool, return_probs: bool):
+    """seqlen_k == 0 or seqlen_q == 0: out = 0 and lse = +inf, or each head's sink (flash-attn's `out.zero_()`)."""
     b, sq, h, _ = q.shape
     out = q.new_zeros(q.shape)
     if needs_grad:  # stay in the graph with zero gradients (where() passes none to the unselected side)
         never = torch.zeros((), dtype=torch.bool, device=q.device)
-        out = torch.where(never, q, out) + torch.where(never, k.sum() + v.sum(), 0.0).to(q.dtype)
+        others = k.sum() + v.sum() + (0.0 if sinks is None else sinks.sum())
+        out = torch.where(never, q, out) + torch.where(never, others, 0.0).to(q.dtype)
     lse = torch.full((b, h, sq), math.inf, dtype=torch.float32, device=q.device)
+    if sinks is not None:
+        lse = sinks.detach().float().masked_fill(sinks.isneginf(), math.inf).view(1, h, 1).expand(b, h, sq)
     probs = q.new_zeros((b, h, _round128(sq), _round128(k.shape[1]))) if return_probs else None
     return out, lse, probs
 
 
 def _chunk_forward(q: Tensor, kg: Tensor, vg: Tensor, rows: Tensor, sq: int, slopes: Tensor | None,
-                   batch_index: int | None, first_row: int, o: _Options):
+                   batch_index: int | None, first_row: int, mask: Tensor | None, sinks: Tensor | None,
+                   o: _Options):
     """One chunk of query rows `rows` = first_row, first_row + 1, ... (of sq): out (b, c, h, d) in the compute
-    dtype, lse (b, h, c) fp32, and the signed probabilities (b, h, c, sk) with `o.return_probs`. The dropout
-    mask is generated here, so a checkpointed chunk regenerates it instead of keeping it."""
+    dtype, lse (b, h, c) fp32, and the signed probabilities (b, h, c, sk) with `o.return_probs`. `mask` is
+    attn_mask's (b, h, c, sk). The dropout mask is generated here, so a checkpointed chunk regenerates it instead
+    of keeping it."""
     p = o.p
     b, c, h, d = q.shape
     hk, sk = kg.shape[1], kg.shape[-1]
@@ -234,7 +248,7 @@ def _chunk_forward(q: Tensor, kg: Tensor, vg: Tensor, rows: Tensor, sq: int, slo
     if p.softcap > 0:
         scores = torch.tanh(scores / p.softcap) * p.softcap
     cols = torch.arange(sk, device=q.device)
-    shifted = rows[:, None] + (sk - sq)  # bottom-right alignment
+    shifted = rows[:, None] + (0 if p.top_left else sk - sq)  # each query's key on the diagonal
     if slopes is not None:  # an fp32 bias (distances overflow fp16), as upstream's reference adds it
         distance = (shifted - cols[None, :]).abs().to(torch.float32)
         scores = scores - slopes.view(b, hk, group, 1, 1) * distance
@@ -245,8 +259,11 @@ def _chunk_forward(q: Tensor, kg: Tensor, vg: Tensor, rows: Tensor, sq: int, slo
         if p.window_right >= 0:
             allowed &= cols[None, :] <= shifted + p.window_right
         scores = scores.masked_fill(~allowed, -math.inf)
-    lse = torch.logsumexp(scores.float(), dim=-1)  # -inf where fully masked
-    empty = torch.isneginf(lse)
+    if mask is not None:
+        mask = mask.reshape(b, hk, group, c, sk)
+        scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
+    lse = _logsumexp(scores.float(), None if sinks is None else sinks.float().view(1, hk, group, 1))
+    empty = torch.isneginf(lse)  # no key and no sink: out = 0
     probs = torch.exp(scores.float() - lse.masked_fill(empty, 0.0).unsqueeze(-1)).to(vg.dtype)
     kept = probs if keep is None else probs * keep.view(b, hk, group, c, sk) / (1.0 - p.dropout_p)
     out = (kept @ vg).permute(0, 3, 1, 2, 4).reshape(b, c, h, d)
@@ -255,6 +272,18 @@ def _chunk_forward(q: Tensor, kg: Tensor, vg: Tensor, rows: Tensor, sq: int, slo
         return out, lse, None
     signed = probs if keep is None else torch.where(keep.view_as(probs), probs, -probs)
     return out, lse, signed.reshape(b, h, c, sk)
+
+
+def _logsumexp(scores: Tensor, sinks: Tensor | None) -> Tensor:
+    """log(exp(sink) + sum_j exp(scores_j)) over the last dim, -inf where every term is -inf, with finite
+    gradients there (torch's logsumexp and logaddexp give NaN gradients for all -inf inputs)."""
+    empty = torch.isneginf(scores.amax(dim=-1))
+    lse = torch.logsumexp(scores.masked_fill(empty.unsqueeze(-1), 0.0), dim=-1).masked_fill(empty, -math.inf)
+    if sinks is None:
+        return lse
+    sinks = sinks.expand_as(lse)
+    none = empty & torch.isneginf(sinks)
+    return torch.logaddexp(lse.masked_fill(none, 0.0), sinks.masked_fill(none, 0.0)).masked_fill(none, -math.inf)
 
 
 def _dropout_keep(o: _Options, batch_index: int | None, b: int, rows: range, sk: int,

@@ -43,6 +43,13 @@ def unsupported_reason(problem: AttentionProblem, needs_grad: bool) -> str | Non
         return "the Metal device is not Apple silicon (the kernels need simdgroup_matrix: Apple7/M1 or newer)"
     if problem.dropout_p > 0:
         return "dropout runs on the PyTorch reference"
+    # Until the generated kernels read them (the problem carries them; reference.py defines their semantics):
+    if problem.attn_mask is not None:
+        return "the kernels do not read attention masks (attn_mask) yet"
+    if problem.sinks is not None:
+        return "the kernels do not read attention sinks yet"
+    if problem.top_left_matters:
+        return "the kernels align causal/local masks and ALiBi bottom-right only (top-left is pending)"
     return None
 
 
