@@ -106,8 +106,6 @@ def test_flash_attn_interface_serves_the_public_functions_and_the_wrapped_aliase
     assert all(hasattr(flash_attn_interface, name) for name in flash_attn_interface.__all__)
 
 
-def test_a_changed_default_would_be_caught():
-
 def test_a_changed_default_or_a_misplaced_extension_would_be_caught():
     def drifted(q, k, v, dropout_p=0.1, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                 alibi_slopes=None, deterministic=False, return_attn_probs=False, *, sinks=None):
