@@ -176,6 +176,8 @@ def plan(p: AttentionProblem, backend: Backend) -> ForwardLaunch | None:
         return None
     if p.q.requires_grad or p.k.requires_grad or p.v.requires_grad:
         return None
+    if p.attn_mask is not None or p.top_left_matters or p.dropout_p > 0 or p.sinks is not None:
+        return None  # the block forward has these
     spec = spec_for(p)
     geo = geometry(spec, p.batch, p.max_seqlen_q, p.nheads, p.nheads_k, p.max_seqlen_k, gpu_cores(), p.num_splits)
     lse_shape = (p.nheads, p.q.shape[0]) if p.is_varlen else (p.batch, p.nheads, p.q.shape[1])
