@@ -98,10 +98,12 @@ def test_varlen_sinks():
 
 
 @pytest.mark.parametrize("splits", [1, 4])
-def test_kvcache_sinks(splits):
-    """Unsplit, the forward starts at the sink; split over keys, the combine kernel adds it once."""
+@pytest.mark.parametrize("sq, path", [(3, "attention_decode"), (12, "attention_forward")])
+def test_kvcache_sinks(sq, path, splits):
+    """The decode kernels (short queries) and the block forward: unsplit, each row's softmax starts at (or, in
+    decode, ends with) its sink; split over keys, the combine kernel adds it once."""
     torch.manual_seed(2)
-    q = torch.randn(2, 3, 4, 32)
+    q = torch.randn(2, sq, 4, 32)
     k_cache, v_cache = torch.randn(2, 40, 2, 32), torch.randn(2, 40, 2, 32)
     sinks = torch.randn(4)
     seqlens = torch.tensor([17, 40], dtype=torch.int32)
@@ -112,10 +114,12 @@ def test_kvcache_sinks(splits):
 
     def make_problem(q, sinks):
         return AttentionProblem(q=q, k=k_cache, v=v_cache, softmax_scale=32**-0.5, causal=True, window_left=-1,
-                                window_right=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0, max_seqlen_q=3,
+                                window_right=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0, max_seqlen_q=sq,
                                 max_seqlen_k=40, sinks=sinks,
                                 kv_cache=KVCache(seqlens, torch.zeros(2, dtype=torch.int32),
                                                  torch.arange(2, dtype=torch.int32), None))
 
     check([q, sinks], run, make_problem, grads=False)
-    assert any(name.endswith("_combine") for name in flash_attn_metal.stats()["launches"]) == (splits > 1)
+    launched = flash_attn_metal.stats()["launches"]
+    assert all(name.startswith(path) for name in launched)
+    assert any(name.endswith("_combine") for name in launched) == (splits > 1)

@@ -85,14 +85,12 @@ constant constexpr int ROW_PAD = {ROW_PAD_BYTES // elem};  // threadgroup tile r
 constant constexpr bool RAGGED = {"true" if spec.ragged else "false"};  // the real head dim is below HEAD_DIM: columns are checked
 constant constexpr float MASKED = -3.40282347e+38f;  // -FLT_MAX: a masked score, below every finite score
 constant constexpr uint INF_BITS = 0x7f800000u;  // +inf, written only as a final LSE
-constant constexpr uint NEG_INF_BITS = 0xff800000u;  // -inf, recognised by its bits in a float mask or a sink
-constant constexpr float INPUT_LIMIT = 1.0e38f;  // float masks and sinks are clamped here: * LOG2E stays finite
 constant constexpr float LN2 = 0.69314718055994531f;
 constant constexpr float LOG2E = 1.44269504088896341f;
 
 {enums}
 
-{_HELPERS}{_PAGED_LOADER if spec.kv_cache == "paged" else ""}{_LOGITS if spec.mask or spec.sinks else ""}{dropout.MSL if spec.dropout else ""}"""
+{_HELPERS}{_PAGED_LOADER if spec.kv_cache == "paged" else ""}{SINK_HELPERS if spec.mask or spec.sinks else ""}{MASK_HELPERS if spec.mask else ""}{dropout.MSL if spec.dropout else ""}"""
 
 
 _HELPERS = """// (column, row) of the first of the two elements this lane holds in an 8x8 simdgroup_matrix (Apple's layout).
@@ -159,22 +157,27 @@ inline void load_block(threadgroup input_t* tile, device const input_t* src, ind
 """.replace("UNROLL", UNROLL)
 
 # Float masks and sinks are logits in natural-log units, read as the kernels' log2-unit scores; -inf (by its bits,
-# which fast math cannot fold) means "masked" or "no sink".
-_LOGITS = """
+# which fast math cannot fold) means "masked" or "no sink". SINK_HELPERS serves every kernel family (the decode
+# kernels' too); MASK_HELPERS needs MASKED.
+SINK_HELPERS = """
+constant constexpr uint NEG_INF_BITS = 0xff800000u;  // -inf, recognised by its bits in a float mask or a sink
+constant constexpr float INPUT_LIMIT = 1.0e38f;  // float masks and sinks are clamped here: * log2(e) stays finite
+
+// A sink logit in log2 units, and whether there is one (a -inf sink adds nothing).
+inline float sink_log2(float sink) { return clamp(sink, -INPUT_LIMIT, INPUT_LIMIT) * M_LOG2E_F; }
+inline bool has_sink(float sink) { return as_type<uint>(sink) != NEG_INF_BITS; }
+"""
+MASK_HELPERS = """
 // A score (log2 units) under an attention mask's element: a float mask is added (a -inf one removes the element),
 // a bool mask keeps the element where it is True. `visible` turns false where the mask removes it.
 inline float masked_score(float s, float m, thread bool& visible) {
   if (as_type<uint>(m) == NEG_INF_BITS) visible = false;
-  return s + clamp(m, -INPUT_LIMIT, INPUT_LIMIT) * LOG2E;
+  return s + clamp(m, -INPUT_LIMIT, INPUT_LIMIT) * M_LOG2E_F;
 }
 inline float masked_score(float s, bool m, thread bool& visible) {
   visible = visible && m;
   return s;
 }
-
-// A sink logit in log2 units, and whether there is one (a -inf sink adds nothing).
-inline float sink_log2(float sink) { return clamp(sink, -INPUT_LIMIT, INPUT_LIMIT) * LOG2E; }
-inline bool has_sink(float sink) { return as_type<uint>(sink) != NEG_INF_BITS; }
 """
 
 # For paged kv caches: a key block may span pages (any page size works); row r of the sequence sits in block
