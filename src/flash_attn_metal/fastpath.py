@@ -45,7 +45,8 @@ def key(q: object, k: object, v: object, window_size: object, *scalars: object) 
         return None
     environ = os.environ
     return (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device, v.shape, v.stride(),
-            v.dtype, v.device, options, types, environ.get(settings.BACKEND), environ.get(settings.EMULATOR_DEBUG))
+            v.dtype, v.device, options, types, environ.get(settings.BACKEND), environ.get(settings.EMULATOR_DEBUG),
+            environ.get(settings.EMULATOR_FAST_MATH))
 
 
 def get(call_key: tuple | None) -> Any:

@@ -32,8 +32,8 @@ _ERRORS = {
 _modules: MemoryCache = MemoryCache()
 
 
-def _module(translation: Translation, debug: bool) -> "cupy.RawModule":
-    options = NVRTC_OPTIONS + (("-DMSL_DEBUG",) if debug else ())
+def _module(translation: Translation, debug: bool, fast_math: bool) -> "cupy.RawModule":
+    options = NVRTC_OPTIONS + (("-DMSL_DEBUG",) if debug else ()) + (("--use_fast_math",) if fast_math else ())
     key = cache_key(source=translation.cpp, headers=_headers_digest(), options=options)
 
     def build() -> "cupy.RawModule":
@@ -57,9 +57,9 @@ def _device_values(b: Bound, device: torch.device) -> tuple[int, int, object]:
 class CudaLibrary(Library):
     device_type = "cuda"
 
-    def __init__(self, translation: Translation, debug: bool) -> None:
+    def __init__(self, translation: Translation, debug: bool, fast_math: bool = False) -> None:
         super().__init__(translation.kernels)
-        self._module = _module(translation, debug)
+        self._module = _module(translation, debug, fast_math)
 
     def _threadgroup_bytes(self, name: str) -> int:
         out = cupy.zeros(1, dtype=cupy.uint64)

@@ -14,7 +14,6 @@
 
 namespace msl_sys {
 extern "C" {
-void* malloc(size_t);
 int snprintf(char*, size_t, const char*, ...);
 }
 }  // namespace msl_sys
@@ -106,9 +105,14 @@ struct Group {
 
 inline thread_local Group* group;
 inline thread_local Thread* current;
-inline thread_local char* stacks[MAX_THREADS];
-inline thread_local Thread thread_pool[MAX_THREADS];
-inline thread_local char arena_pool[32768] __attribute__((aligned(64)));
+
+// The memory a launch runs in, owned by the host: one per OS thread that runs threadgroups, shared by every
+// library, so that nothing stays behind when the thread ends. The fiber stacks follow it.
+struct Workspace {
+  alignas(64) char arena[32768];
+  Thread threads[MAX_THREADS];
+};
+constexpr size_t WORKSPACE_HEADER_BYTES = (sizeof(Workspace) + 63) & ~(size_t)63;
 
 inline void push_ready(Thread* t) {
   t->state = READY;
@@ -222,7 +226,7 @@ inline void describe_deadlock() {
   group->failed = true;
 }
 
-inline void run_group(Group& g) {
+inline void run_group(Group& g, char* stacks) {
   group = &g;
   g.alive = g.count;
   g.barrier_arrived = 0;
@@ -236,7 +240,6 @@ inline void run_group(Group& g) {
     sg.waiting = 0;
   }
   for (int i = 0; i < g.count; ++i) {
-    if (!stacks[i]) stacks[i] = (char*)msl_sys::malloc(FIBER_STACK_BYTES);
     Thread& t = g.threads[i];
     t.index_in_threadgroup = (uint)i;
     t.position_in_threadgroup = uint3((uint)i % g.size.x, ((uint)i / g.size.x) % g.size.y, (uint)i / (g.size.x * g.size.y));
@@ -244,7 +247,7 @@ inline void run_group(Group& g) {
     t.simdgroup = (uint)i / SIMD_WIDTH;
     t.arg = nullptr;
     g.simdgroups[t.simdgroup].lanes[t.lane] = &t;
-    ulong top = ((ulong)(stacks[i] + FIBER_STACK_BYTES)) & ~(ulong)15;
+    ulong top = ((ulong)(stacks + (i + 1) * FIBER_STACK_BYTES)) & ~(ulong)15;
     void** frame = (void**)(top - MSL_FRAME_WORDS * sizeof(void*));
     for (int w = 0; w < MSL_FRAME_WORDS; ++w) frame[w] = nullptr;
     frame[MSL_FRAME_ENTRY_SLOT] = (void*)&msl_fiber_entry;
@@ -259,38 +262,42 @@ inline void run_group(Group& g) {
   if (!g.failed && g.alive > 0) describe_deadlock();
 }
 
-// Run threadgroups [first, last) of the grid (linear index, x fastest). Returns 0, or 1 with `error` set.
-inline int launch(const Launch* L, uint first, uint last, char* error, int error_len,
+// Run threadgroups [first, last) of the grid (linear index, x fastest) in `workspace`, which has a fiber stack for
+// every thread of a threadgroup. Returns 0, or 1 with `error` set.
+inline int launch(const Launch* L, uint first, uint last, char* error, int error_len, void* workspace,
                   void (*body)(const Launch*), ulong threadgroup_bytes, const char* kernel) {
-  static_assert(sizeof(arena_pool) >= 32768, "Apple GPUs give a threadgroup 32 KiB");
-  Group* g = (Group*)msl_sys::malloc(sizeof(Group));
-  g->launch = L;
-  g->kernel = kernel;
-  g->body = body;
-  g->threads = thread_pool;
-  g->arena = arena_pool;
-  g->threads_per_grid = uint3(L->threads[0], L->threads[1], L->threads[2]);
+  static_assert(sizeof(Workspace::arena) >= 32768, "Apple GPUs give a threadgroup 32 KiB");
+  Workspace* ws = (Workspace*)workspace;
+  Group g;
+  g.launch = L;
+  g.kernel = kernel;
+  g.body = body;
+  g.threads = ws->threads;
+  g.arena = ws->arena;
+  g.threads_per_grid = uint3(L->threads[0], L->threads[1], L->threads[2]);
   uint3 gs(L->group_size[0], L->group_size[1], L->group_size[2]);
-  g->groups_per_grid = (g->threads_per_grid + gs - 1u) / gs;
+  g.groups_per_grid = (g.threads_per_grid + gs - 1u) / gs;
+  int status = 0;
   for (uint linear = first; linear < last; ++linear) {
-    uint3 p(linear % g->groups_per_grid.x, (linear / g->groups_per_grid.x) % g->groups_per_grid.y,
-            linear / (g->groups_per_grid.x * g->groups_per_grid.y));
-    g->position = p;
+    uint3 p(linear % g.groups_per_grid.x, (linear / g.groups_per_grid.x) % g.groups_per_grid.y,
+            linear / (g.groups_per_grid.x * g.groups_per_grid.y));
+    g.position = p;
     // Non-uniform dispatch: the last threadgroup of a dimension holds only the threads that exist.
-    g->size = metal::min(gs, g->threads_per_grid - p * gs);
-    g->count = (int)(g->size.x * g->size.y * g->size.z);
-    g->failed = false;
+    g.size = metal::min(gs, g.threads_per_grid - p * gs);
+    g.count = (int)(g.size.x * g.size.y * g.size.z);
+    g.failed = false;
     // Threadgroup memory starts as garbage: all-ones bytes are NaN in half, bfloat and float.
-    for (ulong b = 0; b < threadgroup_bytes; ++b) g->arena[b] = (char)0xff;
-    run_group(*g);
-    if (g->failed) {
-      msl_sys::snprintf(error, (size_t)error_len, "%s", g->message);
-      group = nullptr;
-      return 1;
+    __builtin_memset(g.arena, 0xff, threadgroup_bytes);
+    run_group(g, (char*)workspace + WORKSPACE_HEADER_BYTES);
+    if (g.failed) {
+      msl_sys::snprintf(error, (size_t)error_len, "%s", g.message);
+      status = 1;
+      break;
     }
   }
   group = nullptr;
-  return 0;
+  current = nullptr;
+  return status;
 }
 
 }  // namespace cpu
@@ -420,8 +427,13 @@ inline void matmul_at(MatArg<TD, TA, TB, TC>& arg, int site) {
 
 #include "msl_builtins.h"
 
-#define MSL_KERNEL_ENTRY(name, threadgroup_bytes)                                                     \
-  extern "C" int msl_launch_##name(const ::msl::Launch* L, uint first, uint last, char* err, int n) { \
-    return ::msl::cpu::launch(L, first, last, err, n, &msl_user::msl_entry_##name, threadgroup_bytes, #name);    \
-  }                                                                                                   \
+// Bytes of a workspace for threadgroups of up to `threads` threads.
+extern "C" ulong msl_workspace_bytes(uint threads) {
+  return ::msl::cpu::WORKSPACE_HEADER_BYTES + (ulong)threads * ::msl::FIBER_STACK_BYTES;
+}
+
+#define MSL_KERNEL_ENTRY(name, threadgroup_bytes)                                                            \
+  extern "C" int msl_launch_##name(const ::msl::Launch* L, uint first, uint last, char* err, int n, void* ws) { \
+    return ::msl::cpu::launch(L, first, last, err, n, ws, &msl_user::msl_entry_##name, threadgroup_bytes, #name); \
+  }                                                                                                          \
   extern "C" ulong msl_threadgroup_bytes_##name() { return threadgroup_bytes; }
