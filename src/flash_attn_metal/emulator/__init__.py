@@ -38,9 +38,9 @@ def compile_shader(source: str, device: str = "cpu") -> Library:
     if device == "cpu":
         from .cpu import CpuLibrary
 
-        return CpuLibrary(translate(source, debug=debug, target="cpu"), debug, fast_math)
+        return CpuLibrary(translate(source, debug=debug, target="cpu", fast_math=fast_math), debug, fast_math)
     if device == "cuda":
         from .cuda import CudaLibrary
 
-        return CudaLibrary(translate(source, debug=debug, target="cuda"), debug, fast_math)
+        return CudaLibrary(translate(source, debug=debug, target="cuda", fast_math=fast_math), debug, fast_math)
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")

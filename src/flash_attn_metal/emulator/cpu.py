@@ -9,7 +9,6 @@ import functools
 import mmap
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -19,9 +18,11 @@ from pathlib import Path
 from .. import settings
 from ..stats import record_compile
 from ..runtime.cache import DiskCache, MemoryCache, cache_key
-from .errors import Diagnostic, EmulatorUnavailable, KernelExecutionError, MSLCompileError, UnsupportedMSL
+from .compiler import broken as broken_compiler, compiler
+from .errors import Diagnostic, KernelExecutionError, MSLCompileError, UnsupportedMSL
 from .library import Bound, KernelFunction, Library, fill_launch
-from .translate import MSL_FILE, Translation
+from .preprocess import MSL_FILE
+from .translate import Translation
 
 INCLUDE_DIR = Path(__file__).parent / "include"
 # -O1 builds a FlashAttention-sized kernel several times faster than -O2 and runs it nearly as fast.
@@ -29,39 +30,6 @@ CXX_FLAGS = ("-std=c++17", "-O1", "-fPIC", "-shared", "-fno-exceptions", "-fno-r
 # FLASH_ATTN_METAL_EMULATOR_FAST_MATH=1: what Metal's fast math allows (no NaN or infinity, reassociation).
 FAST_MATH_FLAGS = ("-ffast-math",)
 ERROR_BYTES = 1024
-
-
-def _compiler_setting() -> str | None:
-    return os.environ.get(settings.CXX) or None
-
-
-@functools.cache
-def _compiler(setting: str | None) -> tuple[str, str]:
-    """The C++ compiler (FLASH_ATTN_METAL_CXX, else the first of g++, clang++, c++ on PATH) and its version line,
-    which is part of every cache key. Raises EmulatorUnavailable, in one line, when there is none that runs."""
-    if setting is None:
-        cxx = shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
-        if cxx is None:
-            raise EmulatorUnavailable(f"the Metal emulator needs a C++17 compiler: install g++ or clang++, or set "
-                                      f"{settings.CXX} to one")
-        where = f"{cxx!r} (found on PATH; set {settings.CXX} to use another)"
-    else:
-        cxx, where = setting, f"{setting!r} (from {settings.CXX})"
-    try:
-        result = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise EmulatorUnavailable(f"the Metal emulator's C++ compiler {where} cannot run: {reason}") from None
-    lines = result.stdout.splitlines()
-    if result.returncode != 0 or not lines:
-        raise EmulatorUnavailable(f"the Metal emulator's C++ compiler {where} failed on --version "
-                                  f"(exit status {result.returncode})")
-    return cxx, lines[0]
-
-
-def _broken_compiler(cxx: str, detail: str) -> EmulatorUnavailable:
-    where = f"{cxx!r} (from {settings.CXX})" if _compiler_setting() else repr(cxx)
-    return EmulatorUnavailable(f"the Metal emulator's C++ compiler {where} cannot build C++17 shared objects: {detail}")
 
 
 @functools.cache
@@ -155,7 +123,7 @@ def _compile(cpp: str, cxx: str, flags: tuple[str, ...]) -> bytes:
             result = subprocess.run([cxx, *flags, f"-I{INCLUDE_DIR}", str(src), "-o", str(out)],
                                     capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
         except OSError as exc:  # removed or made unrunnable since its --version ran
-            raise _broken_compiler(cxx, exc.strerror or str(exc)) from None
+            raise broken_compiler(cxx, exc.strerror or str(exc)) from None
         if result.returncode != 0:
             diagnostics = [d for d in _diagnostics(result.stderr) if d.severity == "error"]
             undeclared = _undeclared_re.search(diagnostics[0].message) if diagnostics else None
@@ -163,11 +131,11 @@ def _compile(cpp: str, cxx: str, flags: tuple[str, ...]) -> bytes:
                 raise UnsupportedMSL(undeclared.group(1), diagnostics[0].line, diagnostics[0].message)
             if not diagnostics:
                 if not _builds_shared_objects(cxx, flags):
-                    raise _broken_compiler(cxx, _last_line(result.stderr))
+                    raise broken_compiler(cxx, _last_line(result.stderr))
                 diagnostics = [Diagnostic(0, 0, "error", result.stderr.strip()[-2000:])]
             raise MSLCompileError(diagnostics, "the emulator could not compile this MSL")
         if not out.is_file():
-            raise _broken_compiler(cxx, "it exited with status 0 but wrote no shared object")
+            raise broken_compiler(cxx, "it exited with status 0 but wrote no shared object")
         record_compile()
         return out.read_bytes()
 
@@ -203,7 +171,7 @@ def _load(data: bytes) -> ctypes.CDLL:
 
 
 def _shared_object(cpp: str, debug: bool, fast_math: bool) -> ctypes.CDLL:
-    cxx, version = _compiler(_compiler_setting())
+    cxx, version = compiler()
     flags = _flags(debug, fast_math)
     key = cache_key(source=cpp, headers=_headers_digest(), compiler=version, flags=flags)
 
@@ -230,10 +198,12 @@ class CpuLibrary(Library):
         self._so = _shared_object(translation.cpp, debug, fast_math)
         self._serial = translation.uses_atomics
 
-    def _threadgroup_bytes(self, name: str) -> int:
-        fn = getattr(self._so, f"msl_threadgroup_bytes_{name}")
-        fn.restype = ctypes.c_uint64
-        return int(fn())
+    def _limits(self, name: str) -> tuple[int, int]:
+        threadgroup_bytes = getattr(self._so, f"msl_threadgroup_bytes_{name}")
+        threadgroup_bytes.restype = ctypes.c_uint64
+        max_threads = getattr(self._so, f"msl_max_threads_{name}")
+        max_threads.restype = ctypes.c_uint32
+        return int(threadgroup_bytes()), int(max_threads())
 
     def _run(self, kernel: KernelFunction, bound: list[Bound], grid: tuple, group: tuple) -> None:
         workers = 1 if self._serial else _workers()  # validated before anything runs

@@ -51,6 +51,7 @@ PREFIX = {True: b"#include <metal_stdlib>\nnamespace metal_tc {}\n",
           False: b"#include <metal_typecheck.h>\nnamespace metal_tc {}\n"}
 PREFIX_LINES = 2
 CLANG_ARGS = ("-x", "c++", "-std=c++17", "-ffreestanding", "-nostdinc", "-nostdinc++", "-fsyntax-only", "-w",
+              "-flax-vector-conversions=none",  # Metal converts no vector type to another implicitly
               "-ferror-limit=50", "-isystem", INCLUDE_DIR)
 
 # Kernel-parameter attributes of Metal's built-in inputs, by the types they allow.

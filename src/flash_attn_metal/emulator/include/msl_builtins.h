@@ -7,8 +7,9 @@
 #define MSL_SITE __builtin_LINE()
 #endif
 
+#include "msl_memory.h"
+
 namespace msl {
-template <class T> struct identity { typedef T type; };
 struct SumOp { template <class T> MSL_FN T operator()(T a, T b) const { return a + b; } };
 struct ProductOp { template <class T> MSL_FN T operator()(T a, T b) const { return a * b; } };
 struct MaxOp { template <class T> MSL_FN T operator()(T a, T b) const { return metal::max(a, b); } };
@@ -16,27 +17,6 @@ struct MinOp { template <class T> MSL_FN T operator()(T a, T b) const { return m
 struct AndOp { template <class T> MSL_FN T operator()(T a, T b) const { return a & b; } };
 struct OrOp { template <class T> MSL_FN T operator()(T a, T b) const { return a | b; } };
 struct XorOp { template <class T> MSL_FN T operator()(T a, T b) const { return a ^ b; } };
-
-// A builtin attribute value in the parameter's declared type (uint, ushort, uint2, uint3, ...).
-template <class T> struct attr_cast {
-  MSL_FN static T from(uint3 v) { return T(v.x); }
-  MSL_FN static T from(uint v) { return T(v); }
-};
-template <class U> struct attr_cast<vec<U, 2>> {
-  MSL_FN static vec<U, 2> from(uint3 v) { return vec<U, 2>(U(v.x), U(v.y)); }
-};
-template <class U> struct attr_cast<vec<U, 3>> {
-  MSL_FN static vec<U, 3> from(uint3 v) { return vec<U, 3>(U(v.x), U(v.y), U(v.z)); }
-};
-template <class T, class V> MSL_FN T attr(V v) { return attr_cast<T>::from(v); }
-
-// Kernel parameters from a launch's buffer table: pointers (raw, or bounds-checked in debug builds) and
-// references to a bound value.
-template <class T> struct binder;
-template <class T> struct binder<T*> {
-  MSL_FN static T* bind(const Launch* L, int i, const char*) { return (T*)L->buffers[i]; }
-};
-template <class T> MSL_FN T& bind_reference(const Launch* L, int i) { return *(T*)L->buffers[i]; }
 
 MSL_FN long matrix_offset(int r, int c, ulong elements_per_row, ulong2 origin, bool transpose) {
   if (transpose && (origin.x != 0 || origin.y != 0)) {
@@ -83,8 +63,6 @@ template <class T> inline T atomic_exchange(T* p, T v) { T r; __atomic_exchange(
 }  // namespace msl
 
 namespace metal {
-
-template <class T> using atomic = atomic_storage<T>;
 
 MSL_FN void threadgroup_barrier(mem_flags, int site = MSL_SITE) { ::msl::threadgroup_barrier_at(site); }
 MSL_FN void simdgroup_barrier(mem_flags, int site = MSL_SITE) { ::msl::simdgroup_barrier_at(site); }
@@ -164,7 +142,7 @@ MSL_FN simdgroup_matrix<T, 8, 8> operator*(const simdgroup_matrix<T, 8, 8>& a, c
   simdgroup_multiply(d, a, b);
   return d;
 }
-template <class T, int C, int R>
+template <class T, int C, int R = C>
 MSL_FN simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T value) {
   simdgroup_matrix<T, C, R> m;
   m.elements = vec<T, 2>(value);
@@ -172,25 +150,35 @@ MSL_FN simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T value) {
 }
 
 // ---- atomics on device and threadgroup memory (relaxed ordering is all Metal offers) ----
-template <class T> MSL_FN void atomic_store_explicit(atomic_storage<T>* obj, typename ::msl::identity<T>::type v, memory_order) { ::msl::atomic_store(&obj->value, v); }
-template <class T> MSL_FN T atomic_load_explicit(atomic_storage<T>* obj, memory_order) { return ::msl::atomic_load(&obj->value); }
-template <class T> MSL_FN T atomic_exchange_explicit(atomic_storage<T>* obj, typename ::msl::identity<T>::type v, memory_order) { return ::msl::atomic_exchange(&obj->value, v); }
-template <class T> MSL_FN bool atomic_compare_exchange_weak_explicit(atomic_storage<T>* obj, T* expected, typename ::msl::identity<T>::type desired, memory_order, memory_order) {
-  return ::msl::atomic_cas(&obj->value, expected, desired); }
+// `object` is a device or threadgroup pointer to an atomic<T> (a msl::ptr, or an address).
+#define MSL_ATOMIC_T typename ::msl::pointee<P>::type::value_type
+template <class P> MSL_FN void atomic_store_explicit(P object, typename ::msl::identity<MSL_ATOMIC_T>::type v, memory_order) {
+  ::msl::atomic_store(&::msl::address(object)->value, v); }
+template <class P> MSL_FN MSL_ATOMIC_T atomic_load_explicit(P object, memory_order) {
+  return ::msl::atomic_load(&::msl::address(object)->value); }
+template <class P> MSL_FN MSL_ATOMIC_T atomic_exchange_explicit(P object, typename ::msl::identity<MSL_ATOMIC_T>::type v, memory_order) {
+  return ::msl::atomic_exchange(&::msl::address(object)->value, v); }
+template <class P> MSL_FN bool atomic_compare_exchange_weak_explicit(P object, MSL_ATOMIC_T* expected,
+    typename ::msl::identity<MSL_ATOMIC_T>::type desired, memory_order, memory_order) {
+  return ::msl::atomic_cas(&::msl::address(object)->value, expected, desired); }
 #define MSL_ATOMIC_RMW(name, op)                                                                        \
-  template <class T> MSL_FN T atomic_fetch_##name##_explicit(atomic_storage<T>* obj, typename ::msl::identity<T>::type v, memory_order) { \
-    T old = ::msl::atomic_load(&obj->value);                                                            \
-    while (!::msl::atomic_cas(&obj->value, &old, T(op))) {}                                             \
+  template <class P> MSL_FN MSL_ATOMIC_T atomic_fetch_##name##_explicit(P object,                       \
+      typename ::msl::identity<MSL_ATOMIC_T>::type v, memory_order) {                                  \
+    typedef MSL_ATOMIC_T T;                                                                            \
+    T* value = &::msl::address(object)->value;                                                         \
+    T old = ::msl::atomic_load(value);                                                                 \
+    while (!::msl::atomic_cas(value, &old, T(op))) {}                                                  \
     return old; }
 MSL_ATOMIC_RMW(add, old + v) MSL_ATOMIC_RMW(sub, old - v) MSL_ATOMIC_RMW(max, metal::max(old, v))
 MSL_ATOMIC_RMW(min, metal::min(old, v)) MSL_ATOMIC_RMW(and, old & v) MSL_ATOMIC_RMW(or, old | v)
 MSL_ATOMIC_RMW(xor, old ^ v)
 #undef MSL_ATOMIC_RMW
+#undef MSL_ATOMIC_T
 
 }  // namespace metal
 
 template <class T, int C, int R>
-MSL_FN simdgroup_matrix<T, C, R>::simdgroup_matrix(T diagonal) {
+MSL_FN metal::simdgroup_matrix<T, C, R>::simdgroup_matrix(T diagonal) {
   int lane = (int)::msl::lane_id(), r = ::msl::lane_row(lane), c = ::msl::lane_col(lane);
   for (int j = 0; j < 2; ++j) elements.v[j] = r == c + j ? diagonal : T(0);
 }

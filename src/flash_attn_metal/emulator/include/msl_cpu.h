@@ -10,7 +10,6 @@
 #define MSL_FN inline
 #define MSL_TARGET_CPU 1
 #include "msl_math.h"
-#define MSL_USER_NAMESPACE_USING
 
 namespace msl_sys {
 extern "C" {
@@ -95,6 +94,7 @@ struct Group {
   int simdgroup_count;
   int barrier_arrived, barrier_site;
   char* arena;
+  ulong arena_bytes;  // the kernel's threadgroup memory
   int ready[MAX_THREADS + 1];
   int head, tail;
   void* scheduler_sp;
@@ -274,6 +274,7 @@ inline int launch(const Launch* L, uint first, uint last, char* error, int error
   g.body = body;
   g.threads = ws->threads;
   g.arena = ws->arena;
+  g.arena_bytes = threadgroup_bytes;
   g.threads_per_grid = uint3(L->threads[0], L->threads[1], L->threads[2]);
   uint3 gs(L->group_size[0], L->group_size[1], L->group_size[2]);
   g.groups_per_grid = (g.threads_per_grid + gs - 1u) / gs;
@@ -304,6 +305,7 @@ inline int launch(const Launch* L, uint first, uint last, char* error, int error
 
 // ---- what kernels see ----
 inline char* threadgroup_arena() { return cpu::group->arena; }
+inline ulong threadgroup_arena_bytes() { return cpu::group->arena_bytes; }
 inline uint lane_id() { return cpu::current->lane; }
 inline uint3 thread_position_in_grid(const Launch* L) {
   return cpu::group->position * uint3(L->group_size[0], L->group_size[1], L->group_size[2]) +
@@ -321,8 +323,24 @@ inline uint simdgroups_per_threadgroup(const Launch*) { return (uint)cpu::group-
 inline uint threads_per_simdgroup(const Launch*) { return SIMD_WIDTH; }
 inline uint thread_execution_width(const Launch*) { return SIMD_WIDTH; }
 
-[[noreturn]] inline void report_out_of_bounds(int buffer, const char* name, long index, long count) {
-  cpu::fail("buffer %d (%s): element %ld is out of bounds (the bound tensor holds %ld)", buffer, name, index, count);
+// An access of `size` bytes at byte `offset` of a buffer (or, for buffer -1, of threadgroup memory).
+[[noreturn]] inline void report_out_of_bounds(int buffer, const char* name, long offset, long size, long bytes) {
+  if (buffer < 0)
+    cpu::fail("threadgroup memory: element %ld is out of bounds (a %ld-byte access at byte %ld; the kernel has %ld "
+              "bytes)", offset / size, size, offset, bytes);
+  cpu::fail("buffer %d (%s): element %ld is out of bounds (a %ld-byte access at byte %ld; the bound tensor holds "
+            "%ld bytes)", buffer, name, offset / size, size, offset, bytes);
+}
+
+[[noreturn]] inline void report_misaligned(int buffer, const char* name, long offset, long size, long alignment) {
+  if (buffer == -2)
+    cpu::fail("%s: a misaligned %ld-byte access at address %#lx (Metal needs %ld-byte alignment)", name, size, offset,
+              alignment);
+  if (buffer < 0)
+    cpu::fail("threadgroup memory: a misaligned %ld-byte access at byte %ld (Metal needs %ld-byte alignment)", size,
+              offset, alignment);
+  cpu::fail("buffer %d (%s): a misaligned %ld-byte access at byte %ld (Metal needs %ld-byte alignment)", buffer, name,
+            size, offset, alignment);
 }
 
 inline void* out_of_bounds_sink() { return nullptr; }
@@ -432,8 +450,11 @@ extern "C" ulong msl_workspace_bytes(uint threads) {
   return ::msl::cpu::WORKSPACE_HEADER_BYTES + (ulong)threads * ::msl::FIBER_STACK_BYTES;
 }
 
-#define MSL_KERNEL_ENTRY(name, threadgroup_bytes)                                                            \
+// The entry point of kernel `name` (its host name), its threadgroup memory and its
+// [[max_total_threads_per_threadgroup]] (0: none).
+#define MSL_KERNEL_ENTRY(name, threadgroup_bytes, max_threads)                                                   \
   extern "C" int msl_launch_##name(const ::msl::Launch* L, uint first, uint last, char* err, int n, void* ws) { \
-    return ::msl::cpu::launch(L, first, last, err, n, ws, &msl_user::msl_entry_##name, threadgroup_bytes, #name); \
-  }                                                                                                          \
-  extern "C" ulong msl_threadgroup_bytes_##name() { return threadgroup_bytes; }
+    return ::msl::cpu::launch(L, first, last, err, n, ws, &msl_entry_##name, threadgroup_bytes, #name);        \
+  }                                                                                                             \
+  extern "C" ulong msl_threadgroup_bytes_##name() { return threadgroup_bytes; }                                 \
+  extern "C" uint msl_max_threads_##name() { return max_threads; }

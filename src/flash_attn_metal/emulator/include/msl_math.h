@@ -13,52 +13,64 @@
 #define MSL_ISINF(x) __builtin_isinf(x)
 #endif
 
-// MSL's float constants (the spec's math constants section); the M_*_F ones are msl_constants.h.
+// MSL's float constants and limits (the spec's math constants section and <metal_numeric_limits>'s macros).
 #define INFINITY (::msl::u2f(0x7f800000u))
 #define NAN (::msl::u2f(0x7fc00000u))
-#define MAXFLOAT 3.402823466e+38f
+#define MAXFLOAT 0x1.fffffep+127f
 #define HUGE_VALF INFINITY
-#include "msl_constants.h"
+#define FLT_MAX 0x1.fffffep+127f
+#define FLT_MIN 0x1p-126f
+#define FLT_EPSILON 0x1p-23f
+#define HALF_MAX (::msl::from_bits<half>(0x7bff))
+#define MAXHALF HALF_MAX
+#define HALF_MIN (::msl::from_bits<half>(0x0400))
+#define HALF_EPSILON (::msl::from_bits<half>(0x1400))
+
+namespace msl {
+template <class T> MSL_FN constexpr T from_bits(ushort b) { T t{}; t.bits = b; return t; }
+}  // namespace msl
 
 namespace metal {
 
-template <class T> struct numeric_limits;
-#define MSL_LIMITS(T, lo, hi, lowest_, eps, inf, nan, denorm)                                          \
+// numeric_limits, usable in constant expressions, for Metal's scalar types.
+template <class T> struct numeric_limits { static constexpr bool is_specialized = false; };
+#define MSL_LIMITS(T, is_float_, lo, hi, lowest_, eps, inf, nan, denorm)                                \
   template <> struct numeric_limits<T> {                                                              \
     static constexpr bool is_specialized = true;                                                      \
-    MSL_FN static T min() { return lo; } MSL_FN static T max() { return hi; }                         \
-    MSL_FN static T lowest() { return lowest_; } MSL_FN static T epsilon() { return eps; }            \
-    MSL_FN static T infinity() { return inf; } MSL_FN static T quiet_NaN() { return nan; }            \
-    MSL_FN static T denorm_min() { return denorm; }                                                   \
+    static constexpr bool is_integer = !is_float_;                                                    \
+    static constexpr bool is_signed = is_float_ || (T)(-1) < (T)0;                                     \
+    static constexpr bool has_infinity = is_float_;                                                   \
+    static constexpr bool has_quiet_NaN = is_float_;                                                  \
+    MSL_FN static constexpr T min() { return lo; } MSL_FN static constexpr T max() { return hi; }     \
+    MSL_FN static constexpr T lowest() { return lowest_; } MSL_FN static constexpr T epsilon() { return eps; } \
+    MSL_FN static constexpr T infinity() { return inf; } MSL_FN static constexpr T quiet_NaN() { return nan; } \
+    MSL_FN static constexpr T signaling_NaN() { return nan; }                                         \
+    MSL_FN static constexpr T denorm_min() { return denorm; }                                         \
   };
-MSL_LIMITS(float, msl::u2f(0x00800000u), msl::u2f(0x7f7fffffu), msl::u2f(0xff7fffffu), msl::u2f(0x34000000u),
+MSL_LIMITS(float, true, msl::u2f(0x00800000u), msl::u2f(0x7f7fffffu), msl::u2f(0xff7fffffu), msl::u2f(0x34000000u),
            msl::u2f(0x7f800000u), msl::u2f(0x7fc00000u), msl::u2f(0x00000001u))
 #define MSL_H(bits) msl::from_bits<half>(bits)
 #define MSL_B(bits) msl::from_bits<bfloat>(bits)
-}  // namespace metal
-namespace msl {
-template <class T> MSL_FN T from_bits(ushort b) { T t; t.bits = b; return t; }
-}  // namespace msl
-namespace metal {
-MSL_LIMITS(half, MSL_H(0x0400), MSL_H(0x7bff), MSL_H(0xfbff), MSL_H(0x1400), MSL_H(0x7c00), MSL_H(0x7e00), MSL_H(0x0001))
-MSL_LIMITS(bfloat, MSL_B(0x0080), MSL_B(0x7f7f), MSL_B(0xff7f), MSL_B(0x3c00), MSL_B(0x7f80), MSL_B(0x7fc0), MSL_B(0x0001))
-MSL_LIMITS(int, (int)0x80000000u, 0x7fffffff, (int)0x80000000u, 0, 0, 0, 0)
-MSL_LIMITS(uint, 0u, 0xffffffffu, 0u, 0u, 0u, 0u, 0u)
-MSL_LIMITS(short, (short)-32768, (short)32767, (short)-32768, 0, 0, 0, 0)
-MSL_LIMITS(ushort, (ushort)0, (ushort)65535, (ushort)0, 0, 0, 0, 0)
-MSL_LIMITS(long, (long)(1ul << 63), (long)~(1ul << 63), (long)(1ul << 63), 0, 0, 0, 0)
-MSL_LIMITS(ulong, 0ul, ~0ul, 0ul, 0ul, 0ul, 0ul, 0ul)
-MSL_LIMITS(char, (char)-128, (char)127, (char)-128, 0, 0, 0, 0)
-MSL_LIMITS(uchar, (uchar)0, (uchar)255, (uchar)0, 0, 0, 0, 0)
-#undef MSL_LIMITS
+MSL_LIMITS(half, true, MSL_H(0x0400), MSL_H(0x7bff), MSL_H(0xfbff), MSL_H(0x1400), MSL_H(0x7c00), MSL_H(0x7e00), MSL_H(0x0001))
+MSL_LIMITS(bfloat, true, MSL_B(0x0080), MSL_B(0x7f7f), MSL_B(0xff7f), MSL_B(0x3c00), MSL_B(0x7f80), MSL_B(0x7fc0), MSL_B(0x0001))
 #undef MSL_H
 #undef MSL_B
+MSL_LIMITS(bool, false, false, true, false, false, false, false, false)
+MSL_LIMITS(char, false, (char)-128, (char)127, (char)-128, 0, 0, 0, 0)
+MSL_LIMITS(signed char, false, (signed char)-128, (signed char)127, (signed char)-128, 0, 0, 0, 0)
+MSL_LIMITS(uchar, false, (uchar)0, (uchar)255, (uchar)0, 0, 0, 0, 0)
+MSL_LIMITS(short, false, (short)-32768, (short)32767, (short)-32768, 0, 0, 0, 0)
+MSL_LIMITS(ushort, false, (ushort)0, (ushort)65535, (ushort)0, 0, 0, 0, 0)
+MSL_LIMITS(int, false, (int)0x80000000u, 0x7fffffff, (int)0x80000000u, 0, 0, 0, 0)
+MSL_LIMITS(uint, false, 0u, 0xffffffffu, 0u, 0u, 0u, 0u, 0u)
+MSL_LIMITS(long, false, (long)(1ul << 63), (long)~(1ul << 63), (long)(1ul << 63), 0, 0, 0, 0)
+MSL_LIMITS(ulong, false, 0ul, ~0ul, 0ul, 0ul, 0ul, 0ul, 0ul)
+#undef MSL_LIMITS
 
-template <class To, class From> MSL_FN To as_type(const From& x) {
+// Reinterpret the bits of a scalar or vector as another type of the same size (a constant expression).
+template <class To, class From> MSL_FN constexpr To as_type(const From& x) {
   static_assert(sizeof(To) == sizeof(From), "as_type needs types of the same size");
-  To t;
-  msl::copy_bytes(&t, &x, sizeof(To));
-  return t;
+  return __builtin_bit_cast(To, x);
 }
 
 // Unary float functions over float, half, bfloat and their vectors.
