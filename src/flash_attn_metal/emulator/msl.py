@@ -199,6 +199,7 @@ class Program:
     struct_fields: set[str]
     uses_atomics: bool
     scopes: dict[int, str]  # the kind of each `{` (by token index): namespace, class, function or other
+    dropped: list[tuple[int, int]]  # member functions that only repeat another for an address space of `this`
 
 
 _FORBIDDEN = {
@@ -325,7 +326,8 @@ def parse(source: str) -> Program:
     reader = _Reader(tokens)
     reader.run()
     uses_atomics = any(t.kind == IDENT and t.text.startswith("atomic") for t in tokens)
-    return Program(tokens, reader.kernels, reader.instantiations, reader.struct_fields, uses_atomics, reader.scopes)
+    return Program(tokens, reader.kernels, reader.instantiations, reader.struct_fields, uses_atomics, reader.scopes,
+                   reader.dropped)
 
 
 _RECORD_KEYS = ("struct", "class", "union", "enum")
@@ -340,6 +342,7 @@ class _Reader:
         self.instantiations: list[Instantiation] = []
         self.struct_fields: set[str] = set()
         self.scopes: dict[int, str] = {}
+        self.dropped: list[tuple[int, int]] = []
         self.pending: list[tuple[int, int, tuple[str, ...]]] = []  # instantiations, read once every kernel is known
 
     def run(self) -> None:
@@ -419,6 +422,7 @@ class _Reader:
         """A class body: member functions' bodies, nested classes, and the field names."""
         tokens = self.tokens
         i, start, depth = brace + 1, brace + 1, 0
+        by_space: dict[str, str] = {}  # member functions qualified by an address space of `this`: head -> body
         while i < close:
             text = tokens[i].text
             if tokens[i].kind == PREPROC:
@@ -437,6 +441,8 @@ class _Reader:
                     self.class_scope(i, end)
                 else:
                     self.scopes.update(self.body_scopes(i, end, "function" if kind == "function" else "other"))
+                if kind == "function":
+                    self.this_space_overload(start, i, end, by_space)
                 i = end + 1
                 if kind == "function":
                     start = i
@@ -446,6 +452,29 @@ class _Reader:
                 self.fields(start, i)
                 start = i + 1
             i += 1
+
+    def this_space_overload(self, start: int, brace: int, end: int, by_space: dict[str, str]) -> None:
+        """A member function qualified by the address space of `this` (`T& operator[](int i) device {...}`): the
+        emulator does not know objects' address spaces, so of the versions that differ only in it, the first is
+        kept and the others, which must say the same, are dropped."""
+        tokens = self.tokens
+        k = brace - 1
+        qualifiers = []
+        while k > start and tokens[k].text in ("const", "volatile") + ADDRESS_SPACES:
+            qualifiers.append(tokens[k].text)
+            k -= 1
+        if tokens[k].text != ")" or not any(q in ADDRESS_SPACES for q in qualifiers):
+            return
+        key = " ".join(t.text for t in tokens[start:brace] if t.text not in ADDRESS_SPACES)
+        body = " ".join(t.text for t in tokens[brace:end + 1])
+        if key not in by_space:
+            by_space[key] = body
+        elif by_space[key] == body:
+            self.dropped.append((start, end))
+        else:
+            raise UnsupportedMSL("member functions overloaded on the address space of `this`", tokens[start].line,
+                                 "versions that differ in more than the address space are not emulated (the emulator "
+                                 "does not know the address space of an object)")
 
     def fields(self, start: int, end: int) -> None:
         """Member names declared by tokens[start:end] (a member declaration without its `;`)."""

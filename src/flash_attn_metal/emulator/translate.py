@@ -116,6 +116,7 @@ class _Writer:
         self.target = target
         self.kernel_at = {k.start: k for k in program.kernels}
         self.dropped = {j for k in program.kernels for a, b in k.dropped for j in range(a, b + 1)}
+        self.dropped |= {j for a, b in program.dropped for j in range(a, b + 1)}
         self.skipped = {inst.start: inst.end for inst in program.instantiations}
         self.tg_decl_at = {d.start: (k, d) for k in program.kernels for d in k.threadgroup_decls}
         # Each kernel's threadgroup variables: name -> array rank, within the kernel's body.

@@ -361,28 +361,41 @@ inline void for_waiting(cpu::SimdGroup& sg, F f) {
 }
 template <class T> inline T garbage() { T t; __builtin_memset(&t, 0xff, sizeof(T)); return t; }
 
-template <class T> struct ReduceArg { T in, out; };
-template <class T, class F> inline T reduce_at(T x, F combine, int site) {
-  ReduceArg<T> a{x, x};
+// Reductions and scans run over the lanes of each group of `width` lanes (32: the SIMD group; 4: a quad).
+template <class T> struct ReduceArg { T in, out; int width; };
+template <class T, class F> inline T reduce_at(T x, F combine, int site, int width = SIMD_WIDTH) {
+  ReduceArg<T> a{x, x, width};
   cpu::collective(&a, [](cpu::SimdGroup& sg) {
-    bool first = true;
-    T acc{};
-    for_waiting<ReduceArg<T>>(sg, [&](int, ReduceArg<T>& l) { acc = first ? l.in : F()(acc, l.in); first = false; });
-    for_waiting<ReduceArg<T>>(sg, [&](int, ReduceArg<T>& l) { l.out = acc; });
+    int w = ((ReduceArg<T>*)cpu::current->arg)->width;
+    for (int g = 0; g < SIMD_WIDTH; g += w) {
+      bool first = true;
+      T acc{};
+      for_waiting<ReduceArg<T>>(sg, [&](int i, ReduceArg<T>& l) {
+        if (i / w == g / w) { acc = first ? l.in : F()(acc, l.in); first = false; } });
+      for_waiting<ReduceArg<T>>(sg, [&](int i, ReduceArg<T>& l) { if (i / w == g / w) l.out = acc; });
+    }
   }, site);
   return a.out;
 }
 
-template <class T> struct ScanArg { T in, out; bool inclusive; };
-template <class T> inline T prefix_sum_at(T x, bool inclusive, int site) {
-  ScanArg<T> a{x, x, inclusive};
+// `identity` is what an exclusive scan gives its group's first lane.
+template <class T> struct ScanArg { T in, out, identity; bool inclusive; int width; };
+template <class T, class F> inline T prefix_at(T x, T identity, bool inclusive, F combine, int site,
+                                               int width = SIMD_WIDTH) {
+  ScanArg<T> a{x, x, identity, inclusive, width};
   cpu::collective(&a, [](cpu::SimdGroup& sg) {
-    T acc = T(0);
-    for_waiting<ScanArg<T>>(sg, [&](int, ScanArg<T>& l) {
-      T before = acc;
-      acc = acc + l.in;
-      l.out = l.inclusive ? acc : before;
-    });
+    int w = ((ScanArg<T>*)cpu::current->arg)->width;
+    for (int g = 0; g < SIMD_WIDTH; g += w) {
+      bool first = true;
+      T acc{};
+      for_waiting<ScanArg<T>>(sg, [&](int i, ScanArg<T>& l) {
+        if (i / w != g / w) return;
+        T before = first ? l.identity : acc;
+        acc = first ? l.in : F()(acc, l.in);
+        first = false;
+        l.out = l.inclusive ? acc : before;
+      });
+    }
   }, site);
   return a.out;
 }

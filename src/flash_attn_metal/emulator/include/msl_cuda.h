@@ -42,6 +42,11 @@
 // ambiguous: Metal's functions of those names are renamed, in the prelude and the kernels alike.
 #define abs msl_abs
 #define acos msl_acos
+#define cospi msl_cospi
+#define sinpi msl_sinpi
+#define atanh msl_atanh
+#define acosh msl_acosh
+#define asinh msl_asinh
 #define all msl_all
 #define any msl_any
 #define asin msl_asin
@@ -182,27 +187,33 @@ template <class T> MSL_FN T shuffle_bits(unsigned mask, const T& v, int from) {
   return r;
 }
 
-template <class T, class F> MSL_FN T reduce_at(T x, F combine, int) {
+// Reductions and scans run over the active lanes of each group of `width` lanes (32: the warp; 4: a quad).
+template <class T, class F> MSL_FN T reduce_at(T x, F combine, int, int width = SIMD_WIDTH) {
   unsigned mask = __activemask();
+  int group = (int)lane_id() / width * width;
   T acc = x;
   bool first = true;
   for (int from = 0; from < SIMD_WIDTH; ++from)
     if (mask >> from & 1u) {
       T v = shuffle_bits(mask, x, from);
+      if (from < group || from >= group + width) continue;
       acc = first ? v : combine(acc, v);
       first = false;
     }
   return acc;
 }
 
-template <class T> MSL_FN T prefix_sum_at(T x, bool inclusive, int) {
+template <class T, class F> MSL_FN T prefix_at(T x, T identity, bool inclusive, F combine, int, int width = SIMD_WIDTH) {
   unsigned mask = __activemask();
-  T acc = T(0);
-  int lane = (int)lane_id();
+  int lane = (int)lane_id(), group = lane / width * width;
+  T acc = identity;
+  bool first = true;
   for (int from = 0; from < SIMD_WIDTH; ++from)
     if (mask >> from & 1u) {
       T v = shuffle_bits(mask, x, from);
-      if (from < lane || (inclusive && from == lane)) acc = acc + v;
+      if (from < group || from > lane || (!inclusive && from == lane)) continue;
+      acc = first ? v : combine(acc, v);
+      first = false;
     }
   return acc;
 }
