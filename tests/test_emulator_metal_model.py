@@ -283,6 +283,16 @@ def test_overloads_on_address_spaces_stay_distinct(device):
     assert out.cpu().tolist() == [1, 2, 3, 4, 3, 5, 3, 134, 10 + 90, 131, 12]
 
 
+def test_a_device_pointer_where_a_thread_pointer_is_expected_is_refused():
+    """The emulator's pointer types keep this rule of Metal's (the type check's clang lets it pass)."""
+    good = HEADER + ("inline float get(thread float* p) { return *p; }\n"
+                     "kernel void k(device float* out [[buffer(0)]]) {\n  float x = 1.0f;\n  out[0] = get(&x);\n}\n")
+    compile_shader(good)
+    with pytest.raises(MSLCompileError) as info:
+        compile_shader(good.replace("get(&x)", "get(out)"))
+    assert info.value.diagnostics[0].line == 6
+
+
 def test_accessors_for_this_address_space_with_different_bodies_are_refused():
     different = ADDRESS_SPACES.replace("thread T& operator[](int i) thread { return elements[i]; }",
                                        "thread T& operator[](int i) thread { return elements[0]; }")

@@ -177,13 +177,27 @@ class _Writer:
             if t.text == "constant" and (not scopes or scopes[-1] in ("namespace", "class")) and \
                     self.pointer_type_end(i) is None:
                 # A program-scope constant (or a static member): usable in constant expressions.
-                near = {tokens[i - 1].text if i else "", tokens[i + 1].text if i + 1 < len(tokens) else ""}
-                out.append("" if "const" in near else "const ")
+                out.append("" if self.declares_const(i) else "const ")
                 i += 1
                 continue
             text, i = self.rewrite(i, kernel)
             out.append(text)
         return "".join(out)
+
+    def declares_const(self, i: int) -> bool:
+        """Whether the declaration specifiers around tokens[i] already say `const`."""
+        tokens = self.tokens
+        j = i - 1
+        while j >= 0 and tokens[j].kind == IDENT:
+            if tokens[j].text == "const":
+                return True
+            j -= 1
+        j = i + 1
+        while j < len(tokens) and (tokens[j].kind == IDENT or tokens[j].text == "::"):
+            if tokens[j].text == "const":
+                return True
+            j += 1
+        return False
 
     def directive(self, text: str) -> str:
         words = text[1:].replace("(", " (").split()

@@ -52,6 +52,7 @@ PREFIX = {True: b"#include <metal_stdlib>\nnamespace metal_tc {}\n",
 PREFIX_LINES = 2
 CLANG_ARGS = ("-x", "c++", "-std=c++17", "-ffreestanding", "-nostdinc", "-nostdinc++", "-fsyntax-only", "-w",
               "-flax-vector-conversions=none",  # Metal converts no vector type to another implicitly
+              "-Xclang", "-fsycl-is-device",  # the shim's address spaces are SYCL's (see metal_typecheck.h)
               "-ferror-limit=50", "-isystem", INCLUDE_DIR)
 
 # Kernel-parameter attributes of Metal's built-in inputs, by the types they allow.
@@ -69,7 +70,7 @@ INDEX_ATTRIBUTES = frozenset({  # uint or ushort
 # Attributes rewritten to clang annotations; clang ignores any other attribute, as Apple's compiler does.
 METAL_ATTRIBUTES = POSITION_ATTRIBUTES | INDEX_ATTRIBUTES | {
     "kernel", "buffer", "threadgroup", "max_total_threads_per_threadgroup", "host_name"}
-ADDRESS_SPACES = {1: "device", 2: "constant", 3: "threadgroup"}  # as numbered in the shim
+ADDRESS_SPACES = {"__global": "device", "__private": "constant", "__local": "threadgroup"}  # as the shim spells them
 CACHE_SIZE = 4096
 
 
@@ -274,8 +275,8 @@ def _diagnostic(where: Any, source: _Tokens, shifts: dict[int, list[_Shift]], me
 
 def _metal_spelling(message: str) -> str:
     """Clang's message with the shim's address spaces and scalar types spelled as Metal spells them."""
-    for number, name in ADDRESS_SPACES.items():
-        message = message.replace(f"__attribute__((address_space({number})))", name)
+    for spelling, name in ADDRESS_SPACES.items():
+        message = re.sub(rf"\b{spelling}\b", name, message)
     message = message.replace("_Float16", "half").replace("__bf16", "bfloat")
     return re.sub(r"((?:unsigned )?\w+) __attribute__\(\(ext_vector_type\((\d)\)\)\)",
                   lambda m: _SCALAR_NAMES.get(m[1], m[1]) + m[2], message)
@@ -685,7 +686,7 @@ def _check_declarations(ci: Any, tu: Any, source: _Tokens, shifts: dict[int, lis
                 continue
             if kind in (K.NAMESPACE, K.LINKAGE_SPEC):
                 visit(c)
-            elif kind == K.VAR_DECL and c.type.get_address_space() != 2:
+            elif kind == K.VAR_DECL and _space(c.type) != "constant":
                 error(c, f"program-scope variable '{c.spelling}' must be declared in the constant address space")
             elif kind == K.FUNCTION_DECL and "metal.kernel" in _annotations(ci, c):
                 _check_kernel(ci, c, error)
@@ -703,6 +704,12 @@ def _kind(x: Any) -> Any:
         return None
 
 
+def _space(t: Any) -> str | None:
+    """The Metal address space of a type (device, constant or threadgroup), or None for thread memory."""
+    words = t.get_canonical().spelling.replace("*", " ").replace("&", " ").split()
+    return next((ADDRESS_SPACES[w] for w in words if w in ADDRESS_SPACES), None)
+
+
 def _annotations(ci: Any, cursor: Any) -> list[str]:
     return [c.spelling for c in cursor.get_children() if _kind(c) == ci.CursorKind.ANNOTATE_ATTR]
 
@@ -714,15 +721,15 @@ def _check_kernel(ci: Any, kernel: Any, error: Callable[[Any, str], None]) -> No
     for p in kernel.get_arguments():
         attributes = [a.removeprefix("metal.") for a in _annotations(ci, p) if a.startswith("metal.")]
         t = p.type.get_canonical()
-        space = t.get_pointee().get_address_space() if _kind(t) in (T.POINTER, T.LVALUEREFERENCE) else 0
+        space = _space(t.get_pointee()) if _kind(t) in (T.POINTER, T.LVALUEREFERENCE) else None
         name, spelled = p.spelling, _metal_spelling(p.type.spelling)
         inputs = [a for a in attributes if a in POSITION_ATTRIBUTES or a in INDEX_ATTRIBUTES]
         if "buffer" in attributes:
-            if space not in (1, 2):
+            if space not in ("device", "constant"):
                 error(p, f"kernel parameter '{name}' with [[buffer(n)]] must be a device or constant pointer or "
                          f"reference, not '{spelled}'")
         elif "threadgroup" in attributes:
-            if space != 3:
+            if space != "threadgroup":
                 error(p, f"kernel parameter '{name}' with [[threadgroup(n)]] must be a threadgroup pointer or "
                          f"reference, not '{spelled}'")
         elif inputs:
@@ -731,7 +738,7 @@ def _check_kernel(ci: Any, kernel: Any, error: Callable[[Any, str], None]) -> No
             if element not in (T.UINT, T.USHORT) or count > (1 if index else 3):
                 allowed = "uint or ushort" if index else "uint, uint2, uint3, ushort, ushort2 or ushort3"
                 error(p, f"kernel parameter '{name}' with [[{inputs[0]}]] must be {allowed}, not '{spelled}'")
-        elif space not in (1, 2, 3):
+        elif space is None:
             error(p, f"kernel parameter '{name}' of type '{spelled}' must be a device or constant pointer or "
                      "reference ([[buffer(n)]]) or carry a built-in input attribute such as "
                      "[[thread_position_in_grid]]")

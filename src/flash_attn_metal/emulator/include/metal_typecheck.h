@@ -4,19 +4,23 @@
 // scalar and vector types and the vector constructors. Part 2 is the Metal standard library, included only when the
 // source includes <metal_stdlib> (or a sub-header), so that a source that forgets it fails as under Apple's compiler.
 //
-// device, constant and threadgroup are distinct clang address spaces, and thread is the default one (a local
-// variable is a thread variable), so a pointer of one space never converts to another. Vectors are clang
-// ext_vector types, so vectors of different element types never convert implicitly. typecheck.py rewrites the
-// few spellings C++ lacks (threadgroup locals, half literals, attributes) before clang reads the source.
+// device, constant and threadgroup are distinct clang address spaces (SYCL's global, private and local: typecheck.py
+// runs clang with -fsycl-is-device), and thread is the default one (a local variable is a thread variable). So a
+// pointer of one named space never converts to another, nor a thread pointer to a named one; and since the default
+// space contains SYCL's, an object in any space copies, assigns and calls its methods as Metal allows. The price:
+// a device pointer converts to a thread pointer here, where Metal refuses it (the emulator's pointer types refuse it
+// too). Vectors are clang ext_vector types, so vectors of different element types never convert implicitly.
+// typecheck.py rewrites the few spellings C++ lacks (threadgroup locals, half literals, attributes) before clang
+// reads the source.
 
 #ifndef METAL_TYPECHECK_LANGUAGE
 #define METAL_TYPECHECK_LANGUAGE
 
 #include "msl_constants.h"  // what Metal predefines: __METAL_VERSION__ and the rest, math constants
 
-#define device __attribute__((address_space(1)))
-#define constant __attribute__((address_space(2))) const  // read-only, as in Metal
-#define threadgroup __attribute__((address_space(3)))
+#define device __attribute__((opencl_global))
+#define constant __attribute__((opencl_private)) const  // read-only, as in Metal
+#define threadgroup __attribute__((opencl_local))
 #define thread
 #define kernel __attribute__((annotate("metal.kernel")))
 
