@@ -51,6 +51,12 @@ PAIRS = {
         kernel("out[i] = get(out);", "inline float get(device float* p) { return *p; }"),
         kernel("float x = 1.0f; out[i] = get(&x);", "inline float get(device float* p) { return *p; }"),
         "no matching function for call to 'get'", BODY_LINE),
+    "element-wise conversion to a template parameter's or an alias's vector type": (
+        kernel("out[i] = conv<half4>(float4(1.0f)).x + H2(float2(1.0f)).y;",
+               "template <typename V> V conv(float4 x) { return V(x); } typedef vec<half, 2> H2;"),
+        kernel("out[i] = conv<half4>(float4(1.0f)).x + H2(float4(1.0f)).y;",
+               "template <typename V> V conv(float4 x) { return V(x); } typedef vec<half, 2> H2;"),
+        "a vector constructor's arguments must supply exactly as many elements as the vector has", BODY_LINE),
     "device buffer copied into threadgroup memory, struct by struct": (
         kernel("threadgroup Pair t[2]; t[0] = pairs(out)[0]; out[i] = t[0].a + t[0].sum();",
                "struct Pair { float a, b; float sum() const { return a + b; } }; "

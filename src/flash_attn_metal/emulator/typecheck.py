@@ -289,7 +289,11 @@ _SCALAR_NAMES = {"unsigned char": "uchar", "unsigned short": "ushort", "unsigned
 # Tokens
 
 
-_LITERAL, _COMMENT = 3, 4  # CXTokenKind
+_IDENTIFIER, _LITERAL, _COMMENT = 2, 3, 4  # CXTokenKind
+# After these, `T(` is not a functional cast; the shim's vector types construct through macros of their own.
+_NOT_A_CAST_AFTER = frozenset({".", "->", "::", "operator", "typename", "class", "struct", "~", "typedef"})
+_SHIM_MACRO_TYPES = frozenset(f"{t}{n}" for t in ("bool", "char", "uchar", "short", "ushort", "int", "uint", "long",
+                                                  "ulong", "half", "bfloat", "float") for n in (2, 3, 4))
 
 
 class _Tokens:
@@ -445,6 +449,7 @@ class _Scanner:
         tokens = self.tokens
         get, texts, kinds = tokens.get, tokens.text, tokens.kind
         in_attribute_until = 0
+        type_names = self.type_names()
         for i, text in enumerate(texts):
             if text in _ASM:
                 self.error(i, f"inline assembly (`{text}`) is not public MSL")
@@ -459,8 +464,33 @@ class _Scanner:
                 in_attribute_until = self.attributes(i)
             elif text == "vec" and get(i + 1) == "<":
                 self.vector_constructor(i)
+            elif text in type_names and get(i + 1) == "(" and get(i - 1) not in _NOT_A_CAST_AFTER and not (
+                    get(i + 2) in ("*", "&") and kinds[i + 3] == _IDENTIFIER and get(i + 4) == ")"):  # `T (&a)[4]`
+                # `T4(x)` with T4 a template parameter or an alias: Metal converts element-wise, clang's
+                # functional cast of a vector would reinterpret its bits.
+                self.edits.insert(tokens.start[i], "::metal_tc::cast<")
+                self.edits.insert(tokens.end[i], ">")
         self.structure([i for i in range(len(tokens)) if not tokens.directive[i]])
         return self.found
+
+    def type_names(self) -> set[str]:
+        """The names of template type parameters, typedefs and aliases (a name's scope is not followed)."""
+        tokens = self.tokens
+        get, texts = tokens.get, tokens.text
+        names = set()
+        for i, text in enumerate(texts):
+            if text in ("typename", "class") and get(i - 1) in ("<", ",") and tokens.kind[i + 1] == _IDENTIFIER:
+                names.add(texts[i + 1])
+            elif text == "using" and tokens.kind[i + 1] == _IDENTIFIER and get(i + 2) == "=":
+                names.add(texts[i + 1])
+            elif text == "typedef":
+                j, depth = i + 1, 0
+                while j < len(texts) and not (texts[j] == ";" and depth == 0):
+                    depth += (texts[j] in ("(", "[", "<")) - (texts[j] in (")", "]", ">"))
+                    j += 1
+                if tokens.kind[j - 1] == _IDENTIFIER:
+                    names.add(texts[j - 1])
+        return names - _SHIM_MACRO_TYPES
 
     def literal(self, i: int) -> None:
         """Half literals get clang's f16 suffix; unsuffixed floating literals are float, as in Metal."""

@@ -88,6 +88,8 @@ template <class T> constexpr bool is_integer = scalar_kind<typename shape<T>::el
 template <class T> constexpr bool is_arithmetic = scalar_kind<typename shape<T>::element>::value >= 2;
 template <class T> constexpr bool is_value = scalar_kind<typename shape<T>::element>::value >= 1 || __is_enum(T);
 template <class T> constexpr bool is_vector = shape<T>::size > 1;
+template <bool B, class A, class F> struct conditional_checked { static constexpr bool checked = A::checked; };
+template <class A, class F> struct conditional_checked<false, A, F> { static constexpr bool checked = F::checked; };
 template <bool B> using require = typename enable_if<B, int>::type;  // a default template argument: `= 0`
 // The result of a relational function: bool for a scalar, a bool vector for a vector.
 template <class T> struct bool_of { typedef bool type; };
@@ -116,6 +118,17 @@ constexpr bool is_atomic_element = is_same<T, int>::value || is_same<T, uint>::v
                                    is_same<T, float>::value || is_same<T, ulong>::value;
 // The checks run when a call instantiates the exception specification (no body to compile; as_type does the same).
 template <class V, class... A> V make(A... a) noexcept(vector_constructor<V, A...>::checked);
+// `T(x)` for a template parameter or alias T (typecheck.py rewrites it): a vector constructor for vectors, else any
+// construction C++ allows.
+template <class V, class... A> struct caster {
+  static constexpr bool checked = vector_constructor<V, A...>::checked;
+};
+template <class V, class... A> struct constructs {
+  static_assert(__is_constructible(V, A...), "no conversion to this type");
+  static constexpr bool checked = true;
+};
+template <class V, class... A>
+V cast(A... a) noexcept(conditional_checked<is_vector<V>, caster<V, A...>, constructs<V, A...>>::checked);
 }  // namespace metal_tc
 
 // float4(...) and friends construct vectors (a function-like macro expands only before a parenthesis;
