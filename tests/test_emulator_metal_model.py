@@ -272,9 +272,7 @@ kernel void spaces(device float* out [[buffer(0)]], constant float* c [[buffer(1
 
 @on_devices
 def test_overloads_on_address_spaces_stay_distinct(device):
-    # Not type-checked: the shim's clang has no member functions qualified by the address space of `this`, nor
-    # calls on objects in device memory (an open gap of the type check).
-    lib = build(ADDRESS_SPACES, device, checked=False)
+    lib = build(ADDRESS_SPACES, device)
     out = torch.zeros(11, device=device)
     c = torch.zeros(1, device=device)
     h = torch.zeros(1, dtype=torch.float16, device=device)
@@ -299,6 +297,8 @@ def test_accessors_for_this_address_space_with_different_bodies_are_refused():
     compile_shader(HEADER + ADDRESS_SPACES)
     with pytest.raises(UnsupportedMSL, match="address space of `this`"):
         compile_shader(HEADER + different)
+    with pytest.raises(MSLCompileError, match="address space of `this`"):
+        typecheck(HEADER + different)
 
 
 # ---- 7. one vocabulary: the type check's shim and the runtime declare the same names in namespace metal ----

@@ -29,18 +29,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import Diagnostic, MSLCompileError
+from .msl import STDLIB_HEADERS
 
 SHIM_PATH = Path(__file__).parent / "include" / "metal_typecheck.h"
 INCLUDE_DIR = "/metal-typecheck/include"  # never on disk: clang gets every file under it from memory
 SHIM_FILE = f"{INCLUDE_DIR}/metal_typecheck.h"
 CONSTANTS_PATH = SHIM_PATH.with_name("msl_constants.h")  # the math constants the shim shares with the runtime
 CONSTANTS_FILE = f"{INCLUDE_DIR}/msl_constants.h"
-# <metal_stdlib> and the sub-headers a kernel may name instead; each serves the library half of the shim.
-STDLIB_HEADERS = frozenset({
-    "metal_stdlib", "metal_atomic", "metal_common", "metal_compute", "metal_geometric", "metal_integer",
-    "metal_math", "metal_numeric", "metal_relational", "metal_simdgroup", "metal_simdgroup_matrix",
-    "metal_type_traits", "metal_types",
-})
+# <metal_stdlib> and the sub-headers a kernel may name instead (msl.STDLIB_HEADERS) each serve the library half.
 # The source reaches clang under this module's own path, its content replaced from memory: clang keeps a
 # precompiled preamble only for a main file that exists on disk.
 MAIN_FILE = str(Path(__file__).resolve())
@@ -423,14 +419,17 @@ class _Scope:
     kind: str  # "namespace", "record", "function" (a body, or any block inside one) or "other" (an initializer)
     kernel: bool = False  # a kernel's body, or a block inside one
     depth: int = 0  # open parentheses and brackets
+    by_space: dict[str, str] = field(default_factory=dict)  # a record's member functions qualified by `this`'s space
 
 
 _ASM = frozenset({"asm", "__asm", "__asm__"})
 _ACCESS = frozenset({"public", "private", "protected"})
 # What ends a function's declaration before its body (`}`: a constructor's member initializer in braces).
 _FUNCTION_BODY_AFTER = frozenset({")", "const", "noexcept", "override", "final", "mutable", "volatile", "]", "&",
-                                  "&&", "}"})
+                                  "&&", "}", "device", "constant", "threadgroup", "thread"})
 _OPEN, _CLOSE = frozenset({"(", "["}), frozenset({")", "]"})
+_SPACE_WORDS = frozenset({"device", "constant", "threadgroup", "thread"})
+_THIS_QUALIFIERS = _SPACE_WORDS | {"const", "volatile"}
 
 
 class _Scanner:
@@ -595,6 +594,8 @@ class _Scanner:
                     stack.append(_Scope("other"))
                 else:
                     stack.append(_classify([texts[k] for k in code[declaration:position]]))
+                    if scope.kind == "record" and stack[-1].kind == "function":
+                        self.this_space_qualified(code, declaration, position, scope)
                 statement_start = True
             elif text == "}":
                 closed = stack.pop() if len(stack) > 1 else scope
@@ -609,6 +610,38 @@ class _Scanner:
                 statement_start = True  # after a label
             elif text == ":" and scope.kind == "record" and position and texts[code[position - 1]] in _ACCESS:
                 declaration = position + 1
+
+    def this_space_qualified(self, code: list[int], declaration: int, brace: int, record: _Scope) -> None:
+        """`T& operator[](int i) device { ... }`: C++ has no address space for `this`. Such versions that differ only
+        in it (as generated code spells one per space) are one function to clang, whose default space holds every
+        other: the first version is kept without its address spaces, and the others, which must say the same, go."""
+        tokens, texts = self.tokens, self.tokens.text
+        k = brace - 1
+        spaces = []
+        while k > declaration and texts[code[k]] in _THIS_QUALIFIERS:
+            if texts[code[k]] in _SPACE_WORDS:
+                spaces.append(code[k])
+            k -= 1
+        if texts[code[k]] != ")" or not spaces:
+            return
+        depth, end = 0, brace
+        for end in range(brace, len(code)):
+            depth += {"{": 1, "}": -1}.get(texts[code[end]], 0)
+            if depth == 0:
+                break
+        key = " ".join(texts[code[j]] for j in range(declaration, brace) if texts[code[j]] not in _SPACE_WORDS)
+        body = " ".join(texts[code[j]] for j in range(brace, end + 1))
+        if key not in record.by_space:  # kept, in the default space (its return type's too)
+            record.by_space[key] = body
+            for j in range(declaration, brace):
+                if texts[code[j]] in _SPACE_WORDS:
+                    self.edits.replace(tokens.start[code[j]], tokens.end[code[j]], "")
+        elif record.by_space[key] == body:
+            first, last = tokens.start[code[declaration]], tokens.end[code[end]]
+            self.edits.replace(first, last, "\n" * tokens.data[first:last].count(b"\n"))
+        else:
+            self.error(code[declaration], "member functions that differ in more than the address space of `this` "
+                                          "are not modelled (by the type check nor the emulator)")
 
     def threadgroup_variable(self, statement: list[int], scope: _Scope) -> None:
         """A statement that starts with `threadgroup`: variables (made static), or a pointer or reference."""
