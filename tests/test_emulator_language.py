@@ -72,7 +72,8 @@ def test_unroll_pragmas_in_kernels_helpers_and_macros(device):
 
 def test_an_unroll_pragma_must_precede_a_loop():
     typecheck(HEADER + UNROLL)
-    misplaced = UNROLL.replace("#pragma clang loop unroll(full)\n  for (int k", "#pragma clang loop unroll(full)\n  s = 0;\n  for (int k")
+    misplaced = UNROLL.replace("#pragma clang loop unroll(full)\n  for (int k",
+                               "#pragma clang loop unroll(full)\n  s = 0;\n  for (int k")
     with pytest.raises(MSLCompileError, match="loop"):
         typecheck(HEADER + misplaced)
 

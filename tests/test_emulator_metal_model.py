@@ -5,6 +5,7 @@ refused by policy. Each must-pass case has a must-fail twin."""
 from __future__ import annotations
 
 import importlib
+import math
 from pathlib import Path
 
 import pytest
@@ -358,3 +359,76 @@ def test_private_pragmas_are_refused_even_from_a_macro():
                 '#define PRIVATE _Pragma("METAL internals : enable")\nPRIVATE\n' + good):
         with pytest.raises(UnsupportedMSL, match="METAL"):
             compile_shader(bad)
+
+
+# ---- the rest of the vocabulary computes what Metal's does ----
+
+GROUP_FUNCTIONS = """
+kernel void groups(device const float* x [[buffer(0)]], device float* out [[buffer(1)]],
+                   ushort lane [[thread_index_in_simdgroup]]) {
+  float v = x[lane];
+  device float* o = out + lane * 10;
+  o[0] = quad_sum(v);
+  o[1] = quad_max(v);
+  o[2] = quad_prefix_exclusive_sum(v);
+  o[3] = quad_shuffle_xor(v, ushort(1));
+  o[4] = quad_broadcast(v, ushort(2));
+  o[5] = simd_shuffle_rotate_down(v, ushort(3));
+  o[6] = simd_shuffle_and_fill_down(v, -v, ushort(2));
+  o[7] = simd_shuffle_and_fill_up(v, -v, ushort(1), ushort(8));
+  o[8] = simd_prefix_inclusive_product(lane < 4 ? v : 1.0f);
+  o[9] = lane >= 5 ? simd_broadcast_first(v) : 0.0f;
+}
+kernel void integers(device const int* x [[buffer(0)]], device int* out [[buffer(1)]], uint i [[thread_position_in_grid]]) {
+  int v = x[i];
+  uint u = uint(v);
+  device int* o = out + i * 8;
+  o[0] = int(popcount(u)); o[1] = int(clz(u)); o[2] = int(ctz(u)); o[3] = int(reverse_bits(u));
+  o[4] = int(rotate(u, 5u)); o[5] = mulhi(v, 123456789); o[6] = int(absdiff(v, -7)); o[7] = median3(v, 3, -3);
+}
+kernel void floats(device const float* x [[buffer(0)]], device float* out [[buffer(1)]], uint i [[thread_position_in_grid]]) {
+  float v = x[i];
+  device float* o = out + i * 6;
+  o[0] = saturate(v); o[1] = fdim(v, 0.5f); o[2] = smoothstep(-1.0f, 1.0f, v); o[3] = sinh(v) + atan(v);
+  o[4] = sinpi(v); o[5] = length_squared(float3(v, 1.0f, 2.0f)) + distance(float2(v, 0.0f), float2(0.0f));
+}
+"""
+
+
+@on_devices
+def test_group_integer_and_float_functions(device):
+    lib = build(GROUP_FUNCTIONS, device)
+    x = torch.randn(32)
+    out = torch.zeros(320, device=device)
+    lib.groups(x.to(device), out, threads=[32], group_size=[32])
+    o = out.view(32, 10).cpu()
+    for lane in range(32):
+        q = x[lane - lane % 4: lane - lane % 4 + 4]
+        eight = lane - lane % 8
+        expected = [q.sum(), q.max(), q[:lane % 4].sum(), x[lane ^ 1], q[2], x[(lane + 3) % 32],
+                    x[lane + 2] if lane + 2 < 32 else -x[lane + 2 - 32],
+                    x[lane - 1] if lane % 8 >= 1 else -x[eight + 7],
+                    torch.prod(x[:min(lane, 3) + 1]), x[5] if lane >= 5 else 0.0]  # the first active lane
+        assert torch.allclose(o[lane], torch.tensor([float(e) for e in expected]), atol=1e-5), lane
+    values = [0, 1, -1, 12345678, -7, 2**31 - 1, 16]
+    ints = torch.tensor(values, dtype=torch.int32, device=device)
+    got = torch.zeros(len(values) * 8, dtype=torch.int32, device=device)
+    lib.integers(ints, got, threads=[len(values)], group_size=[len(values)])
+
+    def i32(a):
+        return (a + 2**31) % 2**32 - 2**31
+
+    for v, row in zip(values, got.view(-1, 8).cpu().tolist()):
+        u = v % 2**32
+        bits = f"{u:032b}"
+        leading, trailing = len(bits) - len(bits.lstrip("0")), len(bits) - len(bits.rstrip("0"))
+        rotated = ((u << 5) | (u >> 27)) % 2**32
+        assert row == [bits.count("1"), leading, trailing, i32(int(bits[::-1], 2)), i32(rotated),
+                       (v * 123456789) >> 32, i32(abs(v + 7)), sorted([v, 3, -3])[1]], v
+    f = torch.linspace(-2, 2, 9)
+    fo = torch.zeros(9 * 6, device=device)
+    lib.floats(f.to(device), fo, threads=[9], group_size=[9])
+    t = ((f + 1) / 2).clamp(0, 1)
+    expected = torch.stack([f.clamp(0, 1), (f - 0.5).clamp(min=0), t * t * (3 - 2 * t), f.sinh() + f.atan(),
+                            torch.sin(math.pi * f), f * f + 5 + f.abs()], 1)
+    assert torch.allclose(fo.view(9, 6).cpu(), expected, atol=1e-5)

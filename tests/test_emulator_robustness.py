@@ -60,7 +60,8 @@ print("ok")
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_runs_multi_threadgroup_launches():
-    env = {**os.environ, settings.EMULATOR_THREADS: "2", "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, settings.EMULATOR_THREADS: "2",
+           "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     result = subprocess.run([sys.executable, "-c", FORK, ADD_ONE], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
@@ -120,7 +121,8 @@ def test_a_bad_thread_count_is_refused_before_anything_runs(monkeypatch, value):
 
 def _fresh_source(tag: str) -> str:
     """A kernel no cache holds yet, so that the compiler runs."""
-    return HEADER + f"kernel void k(device float* x [[buffer(0)]]) {{ x[0] = {len(tag)}.0f; /* {tag} {os.getpid()} */ }}\n"
+    body = f"x[0] = {len(tag)}.0f; /* {tag} {os.getpid()} */"
+    return HEADER + f"kernel void k(device float* x [[buffer(0)]]) {{ {body} }}\n"
 
 
 def _fake_compiler(tmp_path: Path, script: str) -> str:

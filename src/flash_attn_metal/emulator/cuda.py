@@ -92,7 +92,8 @@ class CudaLibrary(Library):
             elif buffer < 0:
                 where, holds = "threadgroup memory", "the kernel has"
             else:
-                where, holds = f"buffer {buffer} ({kernel.info.buffer_names.get(buffer, '?')})", "the bound tensor holds"
+                name = kernel.info.buffer_names.get(buffer, "?")
+                where, holds = f"buffer {buffer} ({name})", "the bound tensor holds"
             detail = _ERRORS[code].format(where=where, holds=holds, element=offset // max(size, 1), size=size,
                                           offset=offset, extent=extent)
             raise KernelExecutionError(f"kernel {kernel.info.name}: {detail}")

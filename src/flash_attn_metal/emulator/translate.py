@@ -240,11 +240,11 @@ class _Writer:
         if t.text in _SPACES:
             star = self.pointer_type_end(i)
             if star is not None:
-                return self.pointer_type(i, star, kernel), star + 1
+                return self.pointer_type(i, star), star + 1
         if t.text == "const" and i + 1 < len(tokens) and tokens[i + 1].text in _SPACES:
             star = self.pointer_type_end(i + 1)
             if star is not None:  # `const device T*`
-                return self.pointer_type(i + 1, star, kernel, const=True), star + 1
+                return self.pointer_type(i + 1, star, const=True), star + 1
         if t.text == "&" and self.is_unary(i):
             rewritten = self.address_of(i, kernel, end)
             if rewritten is not None:
@@ -276,15 +276,13 @@ class _Writer:
                     return None  # `constant float name`: a declaration, not a pointer type
         return None
 
-    def pointer_type(self, i: int, star: int, kernel: Kernel | None, const: bool = False) -> str:
+    def pointer_type(self, i: int, star: int, const: bool = False) -> str:
+        """`device T*` (tokens i..star) -> `::msl::ptr<T, ::msl::DEVICE>`; a constant pointee is const."""
         space = self.tokens[i].text
         inner = [k for k in range(i + 1, star)]
         is_const = const or any(self.tokens[k].text == "const" for k in inner) or space == "constant"
-        element = "".join(self.rewrite_one(k, kernel) for k in inner if self.tokens[k].text != "const")
+        element = "".join(half_literal(self.tokens[k].text) + " " for k in inner if self.tokens[k].text != "const")
         return f"::msl::ptr<{'const ' if is_const else ''}{element.strip()}, {_SPACES[space]}> "
-
-    def rewrite_one(self, k: int, kernel: Kernel | None) -> str:
-        return self.tokens[k].text + " " if self.tokens[k].kind != NUMBER else half_literal(self.tokens[k].text) + " "
 
     def is_unary(self, i: int) -> bool:
         if i == 0:
@@ -383,8 +381,9 @@ class _Writer:
         pieces = []
         for name, dims in decl.declarators:
             alias = f"msl_threadgroup_t{site}"
+            offset = self.layout_call(kernel, site)
             pieces.append(f"typedef {element} {alias}{self.text(*dims, kernel)}; "
-                          f"{alias}& {name} = ::msl::threadgroup_variable<{alias}, {self.layout_call(kernel, site)}>();")
+                          f"{alias}& {name} = ::msl::threadgroup_variable<{alias}, {offset}>();")
             site += 1
         return " ".join(pieces) + " "
 
@@ -402,8 +401,9 @@ class _Writer:
                     sizes.append(f"sizeof(msl_threadgroup_t{site})")
                     site += 1
             constants = " ".join(self.text(a, b + 1, kernel) for a, b in _layout_constants(self.tokens, kernel))
-            pieces.append(f"{header} constexpr ulong msl_kernel_threadgroup_layout_{kernel.name}(int site) {{ {constants} "
-                          f"{' '.join(typedefs)} return ::msl::threadgroup_offset(site, 0, {', '.join(sizes)}); }}")
+            pieces.append(f"{header} constexpr ulong msl_kernel_threadgroup_layout_{kernel.name}(int site) {{ "
+                          f"{constants} {' '.join(typedefs)} "
+                          f"return ::msl::threadgroup_offset(site, 0, {', '.join(sizes)}); }}")
         if kernel.max_threads is not None:
             pieces.append(f"{header} constexpr uint msl_kernel_max_threads_{kernel.name}() {{ return "
                           f"({self.text(*kernel.max_threads, kernel)}); }}")
@@ -501,8 +501,8 @@ def _entry_point(entry: _Entry) -> str:
     scope = "::".join(kernel.namespace)
     scope = f"::{scope}::" if scope else "::"
     template_args = f"<{entry.args}>" if entry.args is not None else ""
-    layout = (f"{scope}msl_kernel_threadgroup_layout_{kernel.name}{template_args}({sum(len(d.declarators) for d in kernel.threadgroup_decls)})"
-              if kernel.threadgroup_decls else "0")
+    variables = sum(len(d.declarators) for d in kernel.threadgroup_decls)
+    layout = f"{scope}msl_kernel_threadgroup_layout_{kernel.name}{template_args}({variables})" if variables else "0"
     max_threads = f"{scope}msl_kernel_max_threads_{kernel.name}{template_args}()" if kernel.max_threads else "0"
     return (f"static void msl_entry_{entry.host_name}(const ::msl::Launch* L) {{ "
             f"typedef ::msl::signature<decltype({callee})> S; {callee}({', '.join(args)}); }}\n"
