@@ -12,7 +12,9 @@ This is not a full C++ parser. It reads exactly the structure the emulator needs
 - explicit instantiations of kernel templates, `template [[host_name("name")]] [[kernel]] ... f<args>...;`,
   which make them callable under their host name;
 - `threadgroup` variable declarations inside kernel bodies;
-- the field names of structs (so that vector swizzles are not confused with struct members).
+- the field names of structs (so that vector swizzles are not confused with struct members);
+- member functions that repeat another for an address space of `this` (dropped: objects have no address space
+  in the emulator).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ global scope, as Metal compiles it, so that its functions overload Metal's. Rewr
   compile-time layout function beside the kernel computes (so sizes may use template parameters and the
   kernel's own constants); where such an array decays, or its elements' addresses are taken, the pointers are
   threadgroup pointers;
+- member functions repeated for each address space of `this` are kept once (msl.py);
 - a program-scope `constant` variable becomes `const`;
 - multi-element swizzles (`v.xy`, `c.rgb`) become `v.template sw<0, 1>()`; single elements are members;
 - half literals (`1.0h`) become `half(1.0f)`;

@@ -1,8 +1,9 @@
 """`typecheck(source)`: compile MSL with a real clang front end (libclang, in process) under a Metal shim.
 
 include/metal_typecheck.h declares Metal for clang: `device`, `constant` and `threadgroup` are distinct address
-spaces (`thread` is the default one), vectors are ext_vector types, and the standard library has Metal's
-signatures. Its library half is served from memory as `<metal_stdlib>`, from a virtual include directory.
+spaces (SYCL's, under which `thread`, the default space, holds the others: see the shim), vectors are ext_vector
+types, and the standard library has Metal's signatures. Its library half is served from memory as
+`<metal_stdlib>`, from a virtual include directory.
 
 libclang's own lexer reads the source first. The few spellings C++ lacks are rewritten token by token, never
 across lines, and the columns they move are mapped back, so diagnostics carry MSL lines and columns:
@@ -10,7 +11,9 @@ across lines, and the columns they move are mapped back, so diagnostics carry MS
 - Metal's attributes (`[[buffer(0)]]`, `[[thread_position_in_grid]]`, `[[kernel]]`, ...) become
   `[[clang::annotate("metal.<name>", args)]]`, so that kernel signatures can be checked on clang's AST;
 - half literals (`1.0h`) get clang's `f16` suffix, and unsuffixed floating literals an `f` (Metal has no double);
-- `vec<T, N>(...)` becomes the shim's vector constructor, as `float4(...)` does through a macro.
+- `vec<T, N>(...)`, and `T(...)` for a template parameter or alias T, become the shim's conversions, which are
+  element-wise for vectors, as `float4(...)` is through a macro;
+- member functions repeated for each address space of `this` become one (C++ cannot qualify `this`).
 Then the rules clang cannot see: the non-public `__asm` and `#pragma METAL` are refused; threadgroup variables
 are declared only in kernels and never initialized; program-scope variables are in the constant address space;
 every kernel parameter is a device or constant buffer or a built-in input of an allowed type.
