@@ -50,7 +50,7 @@ def key(q: object, k: object, v: object, window_size: object, *scalars: object) 
     placement = ((offsets[0] | offsets[1] | offsets[2]) % 4, max(offsets) >> 31)
     return (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device, v.shape, v.stride(),
             v.dtype, v.device, placement, options, types, environ.get(settings.BACKEND),
-            environ.get(settings.EMULATOR_DEBUG))
+            environ.get(settings.EMULATOR_DEBUG), environ.get(settings.EMULATOR_FAST_MATH))
 
 
 def get(call_key: tuple | None) -> Any:
