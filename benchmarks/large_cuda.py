@@ -1,11 +1,14 @@
 """Large-N runs of the generated MSL kernels on an NVIDIA GPU through the CUDA emulator.
 
-    python benchmarks/large_cuda.py [forward] [backward] [decode]     (default: all three)
+    python benchmarks/large_cuda.py [forward] [backward] [decode] [features]     (default: all four)
         forward:  N = 8192 and 32768, d = 128 and 256, causal and not, and N = 131072 at d = 128; fp16, B=1, H=2
         backward: N = 8192, d = 64, 128 and 256, causal and not, fp16, B=1, GQA 4:1 (H=4, H_kv=1)
         decode:   flash_attn_with_kvcache, one new token over 32768 and 131072 cache rows, dense and paged
                   (256-row pages), fp16, B=2, H=32, H_kv=8, d = 128, causal: the vector (decode) kernels with
                   split-KV and their combine kernel (a run that takes another path fails)
+        features: N = 4096, d = 128, fp16, B=2, H=8, H_kv=2, forward and backward: a padding mask (B, 1, L, S) through
+                  SDPA with sinks; top-left causal with L != S through SDPA; dropout (p = 0.1) against the
+                  reference on the same Philox bits
 
 Each run goes through the public functions with FLASH_ATTN_METAL_BACKEND=emulator and STRICT=1 on CUDA tensors
 and is checked against the fp32 reference with the upstream tolerance rule (2x for the output, 3x for
@@ -24,13 +27,15 @@ import torch
 os.environ["FLASH_ATTN_METAL_BACKEND"] = "emulator"
 os.environ["FLASH_ATTN_METAL_STRICT"] = "1"
 
-from flash_attn_metal import flash_attn_func, flash_attn_with_kvcache, stats  # noqa: E402
+from flash_attn_metal import flash_attn_func, flash_attn_with_kvcache, scaled_dot_product_attention, stats  # noqa: E402
+from flash_attn_metal.kernels import dropout  # noqa: E402
 from flash_attn_metal.problem import AttentionProblem, KVCache  # noqa: E402
 from flash_attn_metal.reference import attention  # noqa: E402
 
 FORWARD = [(n, d, causal) for n in (8192, 32768) for d in (128, 256) for causal in (False, True)] + [(131072, 128, False)]
 BACKWARD = [(8192, d, causal) for d in (64, 128, 256) for causal in (False, True)]
 DECODE = [(rows, paged) for rows in (32768, 131072) for paged in (False, True)]
+FEATURES = ("mask+sinks", "top-left", "dropout")
 
 
 def reference(q, k, v, causal, grad, upcast):
@@ -116,14 +121,72 @@ def run(n: int, d: int, causal: bool, heads: int, kv_heads: int, backward: bool)
     return ok
 
 
+def features(name: str) -> bool:
+    """One run of a feature the plain runs above do not reach, forward and backward, against the fp32 reference."""
+    torch.manual_seed(0)
+    b, n, h, hk, d = 2, 4096, 8, 2, 128
+    sq = n // 2 if name == "top-left" else n  # top-left causal with L != S
+    leaves = [torch.randn(b, n, heads, d, device="cuda", dtype=torch.float16, requires_grad=True)
+              for heads in (h, hk, hk)]
+    grad = torch.randn(b, sq, h, d, device="cuda", dtype=torch.float16)
+    options = dict(softmax_scale=d**-0.5, causal=False, window_left=-1, window_right=-1, softcap=0.0,
+                   alibi_slopes=None, dropout_p=0.0, max_seqlen_q=sq, max_seqlen_k=n)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    if name == "dropout":
+        rng = dropout.draw_seed_offset()
+        problem_options = dict(options, dropout_p=0.1, dropout_rng=rng)
+        from flash_attn_metal.interface import run_kernels  # the call's own draw, so the reference can replay it
+
+        problem = AttentionProblem(q=leaves[0], k=leaves[1], v=leaves[2], **problem_options)
+        out, _ = run_kernels(problem, "emulator", needs_grad=True)
+    else:
+        q = leaves[0][:, :sq]
+        keep = torch.ones(b, 1, sq, n, dtype=torch.bool, device="cuda")
+        keep[0, :, :, : n // 3] = False  # the first sequence is left-padded
+        mask = keep if name == "mask+sinks" else None
+        sinks = torch.randn(h, device="cuda", requires_grad=True) if name == "mask+sinks" else None
+        if sinks is not None:
+            leaves.append(sinks)
+        out = scaled_dot_product_attention(q.transpose(1, 2), leaves[1].transpose(1, 2), leaves[2].transpose(1, 2),
+                                           attn_mask=mask, is_causal=name == "top-left", enable_gqa=True,
+                                           sinks=sinks).transpose(1, 2)
+        problem_options = dict(options, causal=name == "top-left", window_right=0 if name == "top-left" else -1,
+                               attn_mask=None if mask is None else mask.expand(b, h, sq, n), sinks=sinks,
+                               top_left=True)
+    ours = torch.autograd.grad(out, leaves, grad)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    results = {}
+    for upcast in (True, False):
+        copies = [t.detach().clone().requires_grad_() for t in leaves]
+        q = copies[0][:, :sq]
+        extra = dict(problem_options, sinks=copies[3]) if len(copies) > 3 else problem_options
+        problem = AttentionProblem(q=q, k=copies[1], v=copies[2], **extra)
+        ref, _ = attention(problem, upcast=upcast)
+        results[upcast] = ref, torch.autograd.grad(ref, copies, grad.to(ref.dtype))
+    (exact, exact_grads), (low, low_grads) = results[True], results[False]
+    names = ("dq", "dk", "dv", "dsinks")[: len(leaves)]
+    checks = [("out", out, exact, low, 2)] + [(g, o, e, lo, 3) for g, o, e, lo in zip(names, ours, exact_grads, low_grads)]
+    ok, parts = True, []
+    for check in checks:
+        passed, part = within_rule(*check)
+        ok &= passed
+        parts.append(part)
+    print(f"{name:10} N={n} d={d} H={h}/{hk}: {seconds:7.2f} s  error/bound {'  '.join(parts)}  "
+          f"{'PASS' if ok else 'FAIL'}", flush=True)
+    return ok
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("needs an NVIDIA GPU with CuPy")
         return 2
-    sections = set(sys.argv[1:]) or {"forward", "backward", "decode"}
+    sections = set(sys.argv[1:]) or {"forward", "backward", "decode", "features"}
     results = [run(n, d, causal, 2, 2, False) for n, d, causal in FORWARD if "forward" in sections]
     results += [run(n, d, causal, 4, 1, True) for n, d, causal in BACKWARD if "backward" in sections]
     results += [decode(rows, paged) for rows, paged in DECODE if "decode" in sections]
+    results += [features(name) for name in FEATURES if "features" in sections]
     print("kernels launched:", stats()["launches"])
     return 0 if all(results) else 1
 
