@@ -22,8 +22,10 @@ Semantics (flash-attn 2.8):
 - causal and local masks are aligned bottom-right: query i keeps key j iff
   i + sk - sq - window_left <= j <= i + sk - sq + window_right (a window side of -1 is unbounded; causal
   sets window_right = 0), with sq and sk each sequence's own lengths;
-- a fully masked row (or seqlen_k == 0) gives out = 0 and lse = +inf; in varlen, query rows past
-  cu_seqlens_q[-1] belong to no sequence and get the same;
+- a fully masked row (or seqlen_k == 0) gives out = 0 and lse = +inf; a row whose scores are finite, however
+  negative, is not masked: it gets its softmax and a finite lse;
+- in varlen, query rows past cu_seqlens_q[-1] belong to no sequence: out = 0, lse = +inf, and zero gradients
+  for them (and for key/value rows past cu_seqlens_k[-1]);
 - dropout drops probabilities with probability p and scales the rest by 1/(1-p); lse is taken before it;
 - GQA/MQA: query head h reads kv head h // (nheads / nheads_k);
 - lse is the natural-log logsumexp of the (scaled, softcapped, biased) scores, fp32, (b, h, sq) padded or
@@ -240,12 +242,17 @@ def _chunk_forward(q: Tensor, kg: Tensor, vg: Tensor, rows: Tensor, sq: int, slo
         if p.window_right >= 0:
             allowed &= cols[None, :] <= shifted + p.window_right
         scores = scores.masked_fill(~allowed, -math.inf)
-    lse = torch.logsumexp(scores.float(), dim=-1)  # -inf where fully masked
-    empty = torch.isneginf(lse)
-    probs = torch.exp(scores.float() - lse.masked_fill(empty, 0.0).unsqueeze(-1)).to(vg.dtype)
+    # Softmax relative to the row max, so rows of hugely negative (but finite) scores keep their weights; the max
+    # is a constant shift of each row (detached: it changes neither the probabilities nor their gradients).
+    scores = scores.float()
+    row_max = scores.amax(dim=-1, keepdim=True).detach()  # -inf only where every key is masked
+    empty = torch.isneginf(row_max)
+    weights = torch.exp(scores - row_max.masked_fill(empty, 0.0))
+    total = weights.sum(dim=-1, keepdim=True)  # >= 1 in a row with a key
+    probs = (weights / total.masked_fill(empty, 1.0)).to(vg.dtype)
     kept = probs if keep is None else probs * keep.view(b, hk, group, c, sk) / (1.0 - p.dropout_p)
     out = (kept @ vg).permute(0, 3, 1, 2, 4).reshape(b, c, h, d)
-    lse = lse.masked_fill(empty, math.inf).reshape(b, h, c)
+    lse = (row_max + torch.log(total)).squeeze(-1).masked_fill(empty.squeeze(-1), math.inf).reshape(b, h, c)
     if not o.return_probs:
         return out, lse, None
     signed = probs if keep is None else torch.where(keep.view_as(probs), probs, -probs)
