@@ -244,7 +244,7 @@ def _chunk_forward(q: Tensor, kg: Tensor, vg: Tensor, rows: Tensor, sq: int, slo
         scores = scores.masked_fill(~allowed, -math.inf)
     # Softmax relative to the row max, so rows of hugely negative (but finite) scores keep their weights; the max
     # is a constant shift of each row (detached: it changes neither the probabilities nor their gradients).
-    scores = scores.float()
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # fp32, or fp64 for fp64 inputs
     row_max = scores.amax(dim=-1, keepdim=True).detach()  # -inf only where every key is masked
     empty = torch.isneginf(row_max)
     weights = torch.exp(scores - row_max.masked_fill(empty, 0.0))
