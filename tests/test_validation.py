@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import flash_attn_metal
 from flash_attn_metal import (
     ArgumentError,
     flash_attn_func,
@@ -251,3 +252,30 @@ def test_inputs_are_not_modified():
     before = {name: t.clone() for name, t in args.items()}
     cache_call(**args)  # only the caches change
     assert all(torch.equal(args[name], t) for name, t in before.items())
+
+
+def test_bad_values_raise_what_flash_attn_and_this_package_both_promise():
+    """flash-attn's checks raise RuntimeError, this package's ValueError: ArgumentError is both. A wrong Python type
+    is still a TypeError and nothing else."""
+    q, k, v = qkv()
+    flash_attn_func(q, k, v)
+    for bad in (lambda: flash_attn_func(q.int(), k, v), lambda: flash_attn_func(q, k[:1], v[:1]),
+                lambda: varlen(max_q=4), lambda: cache_call(cache_seqlens=torch.tensor([3, 8], dtype=torch.int32))):
+        for caught in (RuntimeError, ValueError):
+            with pytest.raises(caught) as info:
+                bad()
+            assert type(info.value) is ArgumentError
+    with pytest.raises(TypeError) as info:
+        flash_attn_func(q.tolist(), k, v)
+    assert not isinstance(info.value, (ValueError, RuntimeError))
+    assert issubclass(flash_attn_metal.ArgumentError, ValueError) and issubclass(ArgumentError, RuntimeError)
+
+
+def test_max_seqlen_and_windows_must_fit_the_integers_flash_attn_takes():
+    check(lambda: varlen(max_q=2**31 - 1), lambda: varlen(max_q=2**31), ArgumentError,
+          r"max_seqlen_q must be between 0 and 2\*\*31 - 1")
+    q, k, v = qkv()
+    check(lambda: flash_attn_func(q, k, v, window_size=(2**63 - 1, 0)),
+          lambda: flash_attn_func(q, k, v, window_size=(2**64 + 1, 0)), ArgumentError, "window_size entries")
+    check(lambda: cache_call(cache_seqlens=3), lambda: cache_call(cache_seqlens=2**32 + 3), ArgumentError,
+          "cache_seqlens must fit in int32")
