@@ -90,9 +90,9 @@ def prepare(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None, v: Te
 
     seqlens = _int32_vector("cache_seqlens", cache_seqlens, batch, rows, device)
     leftpad = None if paged else _int32_vector("cache_leftpad", cache_leftpad, batch, 0, device)
-    slots = None if paged else _int32_vector("cache_batch_idx", cache_batch_idx, batch, None, device)
-    if slots is None and not paged:
-        slots = torch.arange(batch, dtype=torch.int32, device=device)
+    chosen_slots = _int32_vector("cache_batch_idx", cache_batch_idx, batch, None, device)
+    slots = None if paged else torch.arange(batch, dtype=torch.int32, device=device) if chosen_slots is None \
+        else chosen_slots
     rotated = rotary_cos is not None or rotary_sin is not None
     span = max(new_len, seqlen_q if rotate_q_per_token else 1)  # positions rotated past cache_seqlens
     if rotated:
@@ -100,7 +100,7 @@ def prepare(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None, v: Te
             raise ArgumentError("rotary_cos/rotary_sin apply only when new k and v are appended")
         _check_rotary(rotary_cos, rotary_sin, q)
 
-    checks = (leftpad, slots, block_table, new_len, rows, k_cache.shape[0], k_cache.shape[1],
+    checks = (leftpad, chosen_slots, block_table, new_len, rows, k_cache.shape[0], k_cache.shape[1],
               rotary_cos.shape[0] if rotated else -1, span)
     if torch.compiler.is_compiling():  # the values are unknown while tracing: check them when the graph runs
         from . import ops
