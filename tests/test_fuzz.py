@@ -36,7 +36,7 @@ from flash_attn_metal import (
 from naive import call_window, dense_attention
 
 SEED = int(os.environ.get("FLASH_ATTN_METAL_FUZZ_SEED", "1717"))
-CASES = int(os.environ.get("FLASH_ATTN_METAL_FUZZ_CASES", "40"))
+CASES = int(os.environ.get("FLASH_ATTN_METAL_FUZZ_CASES", "96"))
 CONFIGS = 8  # kernel configurations per run: each compiles a forward (maybe also a split-KV one) and a backward
 MAX_LEN = 300
 WORK = 12_000_000  # b * h * sq * sk * d of one case: about a quarter of a second forward in the emulator
@@ -110,13 +110,21 @@ class Case:
         return f"fuzz seed {SEED} case {self.index}: {fields}"
 
 
-def draw_len(rng: random.Random, zero: float = 0.1) -> int:
+TILE_EDGES = (1, 8, 16, 32, 64, 128, 256)  # tile and block sizes: lengths next to them find off-by-ones
+
+
+def draw_len(rng: random.Random, zero: float, limit: int = MAX_LEN) -> int:
+    """0, a length next to a tile edge, or a short, medium or long one; at most `limit`."""
     r = rng.random()
     if r < zero:
         return 0
-    if r < 0.6:
-        return rng.randint(1, 48)
-    return rng.randint(49, 160) if r < 0.85 else rng.randint(161, MAX_LEN)
+    if r < zero + 0.3:
+        n = rng.choice(TILE_EDGES) + rng.choice((-1, 0, 1))
+    elif r < 0.65:
+        n = rng.randint(1, 48)
+    else:
+        n = rng.randint(49, 160) if r < 0.85 else rng.randint(161, MAX_LEN)
+    return min(n, limit)
 
 
 def draw_window(rng: random.Random, config: Config) -> tuple[bool, tuple[int, int]]:
@@ -151,9 +159,9 @@ def draw_case(index: int, configs: list[Config]) -> Case:
                 alibi=rng.choice(("h", "bh")) if config.alibi else "")
     per_row = case.nheads * case.head_dim
     if config.family == "padded":
-        case.batch = rng.choice((0, 1, 1, 2, 3))
-        case.seqlen_q = draw_len(rng)
-        case.seqlen_k = case.seqlen_q if packed_qkv else draw_len(rng)
+        case.batch = 0 if rng.random() < 0.05 else rng.choice((1, 1, 2, 3))
+        case.seqlen_q = draw_len(rng, zero=0.05)
+        case.seqlen_k = case.seqlen_q if packed_qkv else draw_len(rng, zero=0.05)
         while case.batch * per_row * case.seqlen_q * case.seqlen_k > WORK:
             case.seqlen_q //= 2
             case.seqlen_k = case.seqlen_q if packed_qkv else case.seqlen_k // 2
@@ -183,7 +191,7 @@ def draw_case(index: int, configs: list[Config]) -> Case:
                 case.slots = rng.sample(range(case.batch + rng.randint(0, 2)), case.batch)
         case.seqlen_k = capacity  # the rows one sequence can hold
         case.whole_cache = not case.append and rng.random() < 0.2  # cache_seqlens=None
-        case.lens_k = [capacity if case.whole_cache else rng.randint(0, capacity - case.new_len)
+        case.lens_k = [capacity if case.whole_cache else draw_len(rng, zero=0.1, limit=capacity - case.new_len)
                        for _ in range(case.batch)]
         if not paged and rng.random() < 0.5:
             case.leftpad = [rng.randint(0, n) for n in case.lens_k]
