@@ -253,7 +253,8 @@ def test_the_kernels_weigh_moderately_negative_scores():
 # Item 7: gradients at large scores (fp32, d = 32, |q| and |k| scaled up) within a few times fp32 PyTorch's error.
 
 def large_score_gradients(scale: float):
-    """dq, dk, dv of the kernels, of plain fp32 PyTorch (the reference) and of float64, for q and k ~ scale * N(0, 1)."""
+    """dq, dk, dv of the kernels, of plain fp32 PyTorch (the reference) and of float64, for q and k drawn from
+    scale * N(0, 1)."""
     torch.manual_seed(6)
     q, k = torch.randn(1, 100, 2, 32) * scale, torch.randn(1, 100, 2, 32) * scale
     v, dout = torch.randn(1, 100, 2, 32), torch.randn(1, 100, 2, 32)

@@ -150,7 +150,8 @@ def draw_case(index: int, configs: list[Config]) -> Case:
     hk = rng.choice((1, 1, 2, 3))
     group = 1 if packed_qkv else rng.choice((1, 2, 4))
     causal, window = draw_window(rng, config)
-    case = Case(index, config, function, head_dim=rng.randint(max(1, config.padded_head_dim - 7), config.padded_head_dim),
+    head_dim = rng.randint(max(1, config.padded_head_dim - 7), config.padded_head_dim)
+    case = Case(index, config, function, head_dim=head_dim,
                 nheads=hk * group, nheads_k=hk, causal=causal, window=window,
                 softcap=round(rng.uniform(1.0, 30.0), 2) if config.softcap else 0.0,
                 scale=None if rng.random() < 0.6 else round(rng.uniform(0.05, 1.0), 3),
@@ -182,7 +183,8 @@ def draw_case(index: int, configs: list[Config]) -> Case:
         case.rows = rng.choice((1, 3, 8, 16, 64)) if paged else rng.randint(case.new_len, MAX_LEN)
         capacity = case.rows * max(rng.randint(1, -(-MAX_LEN // case.rows)), -(-case.new_len // case.rows)) \
             if paged else case.rows
-        while case.batch * per_row * case.seqlen_q * capacity > WORK and capacity > max(case.new_len, case.rows if paged else 1):
+        smallest = max(case.new_len, case.rows if paged else 1)
+        while case.batch * per_row * case.seqlen_q * capacity > WORK and capacity > smallest:
             capacity = max(case.new_len, capacity // 2)
             capacity = case.rows * -(-capacity // case.rows) if paged else capacity
         if not paged:
@@ -206,7 +208,10 @@ ALL_CASES = [draw_case(i, CONFIG_LIST) for i in range(CASES)]
 
 # Inputs: every tensor may be a strided view of a larger buffer (last dim contiguous, as the API requires).
 
-def placed(x: torch.Tensor, rng: random.Random, strided: bool) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+View = Callable[[torch.Tensor], torch.Tensor]
+
+
+def placed(x: torch.Tensor, rng: random.Random, strided: bool) -> tuple[torch.Tensor, View]:
     """(buffer, view): view(buffer) holds x's values. Strided: the buffer has x's leading dims in a random order,
     each padded with noise, and a wider last dim; otherwise the buffer is x and view the identity."""
     if not strided:
@@ -273,7 +278,8 @@ def offsets(lengths: list[int]) -> list[int]:
 
 def assert_within(name: str, ours: torch.Tensor, truth: torch.Tensor, base: torch.Tensor, factor: float,
                   slack: float, case: Case) -> None:
-    assert ours.shape == truth.shape, f"{name}: shape {tuple(ours.shape)}, expected {tuple(truth.shape)}; {case.describe()}"
+    assert ours.shape == truth.shape, \
+        f"{name}: shape {tuple(ours.shape)}, expected {tuple(truth.shape)}; {case.describe()}"
     if not truth.numel():
         return
     truth = truth.double()
@@ -284,7 +290,8 @@ def assert_within(name: str, ours: torch.Tensor, truth: torch.Tensor, base: torc
 
 
 def assert_lse(lse: torch.Tensor, truth: torch.Tensor, base: torch.Tensor, case: Case) -> None:
-    assert lse.dtype == torch.float32 and lse.shape == truth.shape, f"lse {lse.dtype} {tuple(lse.shape)}; {case.describe()}"
+    assert lse.dtype == torch.float32 and lse.shape == truth.shape, \
+        f"lse {lse.dtype} {tuple(lse.shape)}; {case.describe()}"
     finite = torch.isfinite(truth)
     assert torch.equal(torch.isposinf(lse), torch.isposinf(truth)) and torch.isfinite(lse[finite]).all(), \
         f"lse must be +inf exactly on the rows without keys; {case.describe()}"
@@ -313,8 +320,8 @@ def run_attention(case: Case, monkeypatch) -> None:
         batch = len(case.lens_q)
     else:
         b, sq, sk = case.batch, case.seqlen_q, case.seqlen_k
-        shapes = {"func": [(b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d)], "kvpacked": [(b, sq, h, d), (b, sk, 2, hk, d)],
-                  "qkvpacked": [(b, sq, 3, h, d)]}[case.function]
+        shapes = {"func": [(b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d)],
+                  "kvpacked": [(b, sq, h, d), (b, sk, 2, hk, d)], "qkvpacked": [(b, sq, 3, h, d)]}[case.function]
         batch = b
     tensors = [values(s, dtype, m if i < 2 else 1.0) for i, s in enumerate(shapes)]  # q and k (or packed) scaled
     placements = [placed(t, rng, case.strided) for t in tensors]

@@ -55,7 +55,8 @@ def heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ArgumentError(f"k and v must have the same number of heads; got {k.shape[-2]} and {v.shape[-2]}")
     h, hk = q.shape[-2], k.shape[-2]
     if hk == 0 or h % hk != 0:
-        raise ArgumentError(f"the number of query heads ({h}) must be a multiple of the number of key/value heads ({hk})")
+        raise ArgumentError(f"the number of query heads ({h}) must be a multiple of the number of key/value heads "
+                            f"({hk})")
 
 
 def number(name: str, value: object) -> float:
@@ -79,7 +80,8 @@ def window(window_size: object) -> tuple[int, int]:
         raise TypeError(f"window_size must hold integers, got {window_size!r}")
     left, right = (int(w) for w in window_size)
     if not (-1 <= left <= INT64_MAX and -1 <= right <= INT64_MAX):
-        raise ArgumentError(f"window_size entries must be between -1 (-1: unbounded) and 2**63 - 1, got {(left, right)}")
+        raise ArgumentError(f"window_size entries must be between -1 (-1: unbounded) and 2**63 - 1, got "
+                            f"{(left, right)}")
     return left, right
 
 
@@ -108,7 +110,8 @@ def alibi(alibi_slopes: object, batch: int, nheads: int, device: torch.device) -
     if alibi_slopes.dtype != torch.float32:
         raise ArgumentError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
     if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
-        raise ArgumentError(f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), got {tuple(alibi_slopes.shape)}")
+        raise ArgumentError(f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), got "
+                            f"{tuple(alibi_slopes.shape)}")
     if alibi_slopes.device != device:
         raise ArgumentError(f"alibi_slopes is on {alibi_slopes.device} but q is on {device}")
     return alibi_slopes
