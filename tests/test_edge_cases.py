@@ -100,6 +100,24 @@ def test_the_launcher_refuses_a_grid_that_does_not_fit_uint32():
         dispatch.forward(problem(2**31), "emulator")
 
 
+def test_every_backend_refuses_launch_dimensions_beyond_uint32():
+    """The check sits in Kernel.__call__, which every backend's launches go through, before the backend sees them."""
+    launched = []
+
+    class Compiled:
+        def __getattr__(self, name):
+            return lambda *args, threads=None, group_size=None: launched.append((threads, group_size))
+
+    library = runtime_backend.Backend("fake", lambda source: Compiled()).compile("kernel void k() {}")
+    library.k(threads=[2**32 - 1, 1, 1], group_size=[1024, 1, 1])
+    assert launched == [([2**32 - 1, 1, 1], [1024, 1, 1])]
+    for bad in (dict(threads=[2**32, 1, 1], group_size=[64, 1, 1]), dict(threads=2**40, group_size=64),
+                dict(threads=[64, 1, 1], group_size=[2**32, 1, 1]), dict(threads=[-1], group_size=[1])):
+        with pytest.raises(ValueError, match=r"outside 0\.\.4294967295"):
+            library.k(**bad)
+    assert len(launched) == 1
+
+
 # Item 9: windows beyond int64 are refused; windows as long as the keys are no window.
 
 @pytest.mark.parametrize("window", [(2**64 + 1, 2**64 + 1), (-(2**63), 0), (0, 2**63)])
