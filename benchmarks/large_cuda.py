@@ -4,7 +4,8 @@
         forward:  N = 8192 and 32768, d = 128 and 256, causal and not, and N = 131072 at d = 128; fp16, B=1, H=2
         backward: N = 8192, d = 64, 128 and 256, causal and not, fp16, B=1, GQA 4:1 (H=4, H_kv=1)
         decode:   flash_attn_with_kvcache, one new token over 32768 and 131072 cache rows, dense and paged
-                  (256-row pages), fp16, B=2, H=32, H_kv=8 (GQA packing and split-KV), d = 128, causal
+                  (256-row pages), fp16, B=2, H=32, H_kv=8, d = 128, causal: the vector (decode) kernels with
+                  split-KV and their combine kernel (a run that takes another path fails)
 
 Each run goes through the public functions with FLASH_ATTN_METAL_BACKEND=emulator and STRICT=1 on CUDA tensors
 and is checked against the fp32 reference with the upstream tolerance rule (2x for the output, 3x for
@@ -66,11 +67,13 @@ def decode(rows: int, paged: bool) -> bool:
         table = None
         k_cache, v_cache = (torch.randn(b, rows, hk, d, **cuda) for _ in range(2))
     torch.cuda.synchronize()
+    launched_before = stats()["launches"]
     start = time.perf_counter()
     out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens, block_table=table,
                                        causal=True, return_softmax_lse=True)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    kernels = sorted(n for n, count in stats()["launches"].items() if count > launched_before.get(n, 0))
     slots = torch.arange(b, dtype=torch.int32, device="cuda")
     layout = KVCache(seqlens + 1, None if paged else torch.zeros_like(slots), None if paged else slots, table)
     problem = AttentionProblem(q=q, k=k_cache, v=v_cache, softmax_scale=d**-0.5, causal=True, window_left=-1,
@@ -80,8 +83,9 @@ def decode(rows: int, paged: bool) -> bool:
     low_out, _ = attention(problem, upcast=False)
     ok, line = within_rule("out", out, ref_out, low_out, 2)
     ok &= (lse - ref_lse).abs().max().item() <= 1e-3
+    ok &= bool(kernels) and all(name.startswith("attention_decode") for name in kernels)  # the vector path ran
     print(f"decode  rows={rows:6d} {'paged' if paged else 'dense'} d={d} H={h}/{hk}: {seconds:7.2f} s  error/bound "
-          f"{line}  {'PASS' if ok else 'FAIL'}", flush=True)
+          f"{line}  {'PASS' if ok else 'FAIL'}  {' + '.join(kernels)}", flush=True)
     return ok
 
 

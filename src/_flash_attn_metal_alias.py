@@ -7,11 +7,11 @@ every normal finder failed to find `flash_attn`, so a real (CUDA) flash-attn alw
 On by default on macOS; `FLASH_ATTN_METAL_SHIM=0` turns it off, `FLASH_ATTN_METAL_SHIM=1` turns it on elsewhere.
 
 What it serves: `flash_attn` (the seven functions, `bert_padding`, and `__version__` = the flash-attn API
-version implemented, so version checks in callers pass), `flash_attn.flash_attn_interface` and
-`flash_attn.bert_padding`. Each is a module of its own whose public names are flash-attn-metal's objects, so
-flash-attn-metal's modules are never imported twice or renamed. `importlib.util.find_spec("flash_attn")` sees
-the alias; `importlib.metadata` does not (no `flash-attn` distribution is claimed, so pip and transformers'
-version checks still know that the CUDA package is absent).
+version implemented, so version checks in callers pass), `flash_attn.flash_attn_interface` (with the private
+functions libraries import), `flash_attn.bert_padding` and `flash_attn.layers.rotary`. Each is a module of its
+own whose public names are flash-attn-metal's objects, so flash-attn-metal's modules are never imported twice or
+renamed. `importlib.util.find_spec("flash_attn")` sees the alias; `importlib.metadata` does not (no `flash-attn`
+distribution is claimed, so pip and transformers' version checks still know that the CUDA package is absent).
 """
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ FLASH_ATTN_API_VERSION = "2.8.3"
 PACKAGE = "flash_attn"
 # flash-attn's submodules and the flash-attn-metal modules whose `__all__` they serve.
 SUBMODULES = {
-    "flash_attn.flash_attn_interface": "flash_attn_metal.interface",
+    "flash_attn.flash_attn_interface": "flash_attn_metal.flash_attn_interface",
     "flash_attn.bert_padding": "flash_attn_metal.bert_padding",
+    "flash_attn.layers": "flash_attn_metal.layers",
+    "flash_attn.layers.rotary": "flash_attn_metal.layers.rotary",
 }
+SUBPACKAGES = {"flash_attn.layers"}  # served with a search path, so their submodules can be imported
 _MARKER = "__flash_attn_metal_alias__"
 
 
@@ -45,7 +48,7 @@ class AliasLoader:
 
     def exec_module(self, module: types.ModuleType) -> None:
         target = importlib.import_module(self.target)
-        module.__dict__.update({name: getattr(target, name) for name in target.__all__})
+        module.__dict__.update({name: getattr(target, name) for name in getattr(target, "__all__", ())})
         setattr(module, _MARKER, self.target)
         if module.__name__ == PACKAGE:
             module.__version__ = FLASH_ATTN_API_VERSION
@@ -59,7 +62,7 @@ class AliasFinder:
             # An empty search path: no file-system finder can load flash_attn.<anything> from it.
             return ModuleSpec(fullname, AliasLoader("flash_attn_metal"), is_package=True)
         if fullname in SUBMODULES and hasattr(sys.modules.get(PACKAGE), _MARKER):  # never inside a real flash_attn
-            return ModuleSpec(fullname, AliasLoader(SUBMODULES[fullname]))
+            return ModuleSpec(fullname, AliasLoader(SUBMODULES[fullname]), is_package=fullname in SUBPACKAGES)
         return None
 
 

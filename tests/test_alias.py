@@ -46,6 +46,28 @@ def test_alias_serves_flash_attn_when_enabled():
     assert result.stdout.split() == [API_VERSION, flash_attn_metal.__version__]
 
 
+def test_alias_serves_the_names_flash_attn_code_imports():
+    """What flash-attn's own tests and libraries (diffusers, ring attention) import, beyond the seven functions."""
+    code = (
+        "from flash_attn.flash_attn_interface import _get_block_size_n, USE_TRITON_ROCM\n"
+        "from flash_attn.flash_attn_interface import (_flash_attn_forward, _flash_attn_backward,\n"
+        "    _flash_attn_varlen_forward, _flash_attn_varlen_backward, _wrapped_flash_attn_forward,\n"
+        "    _wrapped_flash_attn_backward, _wrapped_flash_attn_varlen_forward, _wrapped_flash_attn_varlen_backward)\n"
+        "from flash_attn.layers.rotary import apply_rotary_emb, apply_rotary_emb_qkv_, apply_rotary_emb_kv_\n"
+        "from flash_attn.layers.rotary import RotaryEmbedding, apply_rotary_emb_torch\n"
+        "import flash_attn.layers, flash_attn_metal.layers.rotary as ours, flash_attn_metal.flash_attn_interface as fi\n"
+        "assert apply_rotary_emb is ours.apply_rotary_emb and RotaryEmbedding is ours.RotaryEmbedding\n"
+        "assert _flash_attn_varlen_backward is fi._flash_attn_varlen_backward and USE_TRITON_ROCM is False\n"
+        "assert flash_attn.layers.rotary is __import__('sys').modules['flash_attn.layers.rotary']\n"
+        "print(_get_block_size_n('cpu', 64, False, True))\n"
+    )
+    result = python(code, "1")
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) > 0
+    missing = python("from flash_attn.layers.rotary import no_such_name", "1")
+    assert missing.returncode != 0 and "cannot import name 'no_such_name'" in missing.stderr
+
+
 def test_alias_leaves_flash_attn_metal_itself_untouched():
     code = (
         "import flash_attn, flash_attn.bert_padding, sys, flash_attn_metal\n"

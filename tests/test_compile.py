@@ -48,9 +48,9 @@ def op_args(q, k, v):
 def test_opcheck_forward_and_backward():
     q, k, v = inputs()
     torch.library.opcheck(forward_op, op_args(q, k, v))
-    out, lse = forward_op(*op_args(*(t.detach() for t in (q, k, v))))
+    out, _, stats = forward_op(*op_args(*(t.detach() for t in (q, k, v))))
     dout = torch.randn_like(out)
-    torch.library.opcheck(backward_op, (dout, q.detach(), k.detach(), v.detach(), out, lse, *op_args(q, k, v)[3:]))
+    torch.library.opcheck(backward_op, (dout, q.detach(), k.detach(), v.detach(), out, stats, *op_args(q, k, v)[3:]))
 
 
 def test_opcheck_would_catch_a_wrong_fake():

@@ -24,8 +24,7 @@ from flash_attn_metal import (
     flash_attn_with_kvcache,
 )
 from flash_attn_metal.emulator import KernelExecutionError
-from flash_attn_metal.kernels import dispatch
-from flash_attn_metal.kernels import forward as forward_module
+from flash_attn_metal.kernels import decode_kernel, dispatch
 from flash_attn_metal.problem import AttentionProblem, KVCache
 from flash_attn_metal.reference import attention
 
@@ -63,7 +62,7 @@ def assert_within_rule(out, lse, problem: AttentionProblem):
 
 def kernels_ran():
     launches = flash_attn_metal.stats()["launches"]
-    assert launches and all(name.startswith("attention_forward") for name in launches)
+    assert launches and all(name.startswith(("attention_forward", "attention_decode")) for name in launches)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,7 +358,7 @@ def cache_problem(case: CacheCase, seed: int = 0) -> AttentionProblem:
     + (f"-w{c.window}" if c.window != (-1, -1) else "") + ("-softcap-alibi" if c.softcap else "") for c in CACHE_CASES])
 def test_kv_cache_attention_reads_the_cache_in_place(case: CacheCase):
     problem = cache_problem(case)
-    out, lse = dispatch.forward(problem, "emulator")
+    out, lse, _ = dispatch.forward(problem, "emulator")
     (name,) = flash_attn_metal.stats()["launches"]
     assert name.endswith("_paged_cache" if case.layout == "paged" else "_dense_cache")
     assert out.shape == problem.q.shape and lse.shape == (3, case.h, case.sq)
@@ -368,7 +367,7 @@ def test_kv_cache_attention_reads_the_cache_in_place(case: CacheCase):
 
 def test_a_paged_kernel_follows_the_block_table():
     problem = cache_problem(CacheCase("fp32", "paged", sq=2, page=8))
-    out, _ = dispatch.forward(problem, "emulator")
+    out, _, _ = dispatch.forward(problem, "emulator")
     table = problem.kv_cache.block_table
     order = torch.randperm(problem.k.shape[0])  # move every block, and the table with it: the same answer
     moved = dataclasses.replace(problem, k=problem.k[order.argsort()], v=problem.v[order.argsort()],
@@ -419,24 +418,25 @@ def test_kvcache_calls_append_and_attend_on_the_kernels(monkeypatch, layout):
                          ids=["leftpad", "paged"])
 def test_kv_cache_kernels_stay_in_bounds_in_the_debug_build(debug_emulator, case):
     problem = cache_problem(case, seed=3)
-    out, lse = dispatch.forward(problem, "emulator")
+    out, lse, _ = dispatch.forward(problem, "emulator")
     assert_within_rule(out, lse, problem)
 
 
-@pytest.mark.parametrize("h, hk, packed", [(8, 1, 8), (8, 8, 1)], ids=["mqa-packed", "mha-unpacked"])
-def test_decode_launches_pack_the_gqa_group_into_one_query_block(h, hk, packed):
+@pytest.mark.parametrize("h, hk", [(8, 1), (8, 8)], ids=["mqa", "mha"])
+def test_decode_launches_serve_the_gqa_group_in_one_threadgroup(h, hk):
     problem = cache_problem(CacheCase("fp16", "dense", h=h, hk=hk, causal=True))
     launch = dispatch.forward_launch(problem, "emulator")
-    assert launch.ints[forward_module.INT_ARGS.index("PACKED_HEADS")] == packed
-    assert launch.steps[0][1][1] == h // packed  # threadgroups per sequence along the head axis
-    out, lse = launch(problem.q, problem.k, problem.v, dispatch.side_buffers(problem))
+    kernel, threads, group_size = launch.steps[0]
+    assert kernel.name.startswith("attention_decode") and launch.ints[decode_kernel.INT_ARGS.index("KV_GROUP")] == h // hk
+    assert threads[1] == hk and threads[0] == group_size[0]  # one threadgroup per K/V head and sequence
+    out, lse, _ = launch(problem.q, problem.k, problem.v, dispatch.side_buffers(problem))
     assert_within_rule(out, lse, problem)
 
 
 # Split-KV (flash-decoding): a query block's keys split over threadgroups, merged by a combine kernel.
 
 def split_launches() -> list[str]:
-    return [name for name in flash_attn_metal.stats()["launches"] if name.endswith("_split_combine")]
+    return [name for name in flash_attn_metal.stats()["launches"] if name.endswith("_combine")]
 
 
 @pytest.mark.parametrize("splits", [2, 3, 7])
@@ -448,7 +448,7 @@ def test_split_kv_matches_the_reference(splits, mask):
     window = (90, 0) if mask == "window" else (-1, -1)  # the early splits see no key at all
     problem = dataclasses.replace(problem_of(q, k, v, causal=mask == "causal", window=window, max_q=3, max_k=700),
                                   num_splits=splits)
-    out, lse = dispatch.forward(problem, "emulator")
+    out, lse, _ = dispatch.forward(problem, "emulator")
     assert split_launches()
     assert_within_rule(out, lse, problem)
 
@@ -482,11 +482,11 @@ def test_split_kv_of_empty_and_ragged_cache_sequences():
 
 def test_varlen_decoding_splits_ragged_sequences():
     torch.manual_seed(23)
-    lens_q, lens_k = [1, 2, 0, 1], [700, 5, 300, 0]
+    lens_q, lens_k = [1, 2, 0, 1], [1500, 5, 300, 0]
     q, k, v, cu_q, cu_k = varlen_inputs(lens_q, lens_k, 4, 1, 64, torch.float16)
-    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 2, 700, causal=True, return_attn_probs=True)
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 2, 1500, causal=True, return_attn_probs=True)
     assert split_launches()
-    assert_within_rule(out, lse, problem_of(q, k, v, causal=True, cu_q=cu_q, cu_k=cu_k, max_q=2, max_k=700))
+    assert_within_rule(out, lse, problem_of(q, k, v, causal=True, cu_q=cu_q, cu_k=cu_k, max_q=2, max_k=1500))
 
 
 @pytest.mark.parametrize("case", [CacheCase("fp16", "paged", sq=2, page=7), CacheCase("bf16", "leftpad", sq=3, d=128, causal=True),
@@ -494,6 +494,29 @@ def test_varlen_decoding_splits_ragged_sequences():
                          ids=["paged", "leftpad-causal", "softcap-alibi"])
 def test_split_kv_over_kv_caches(case):
     problem = dataclasses.replace(cache_problem(case, seed=9), num_splits=2)
-    out, lse = dispatch.forward(problem, "emulator")
+    out, lse, _ = dispatch.forward(problem, "emulator")
     assert split_launches()
     assert_within_rule(out, lse, problem)
+
+
+@pytest.mark.parametrize("mask", ["full", "causal", "window"])
+def test_block_forward_split_kv_for_longer_queries(mask):
+    """More than 8 query rows take the block forward; with num_splits it writes decode_combine's partial layout and
+    the shared combine kernel merges it. Its statistics give the same gradients as an unsplit forward's."""
+    torch.manual_seed(31)
+    q = torch.randn(1, 20, 2, 64, dtype=torch.float16)
+    k, v = (torch.randn(1, 900, 2, 64, dtype=torch.float16) for _ in range(2))
+    window = (120, 0) if mask == "window" else (-1, -1)  # the early splits of early rows see no key at all
+    problem = dataclasses.replace(problem_of(q, k, v, causal=mask == "causal", window=window, max_q=20, max_k=900),
+                                  num_splits=3)
+    out, lse, stats = dispatch.forward(problem, "emulator")
+    launched = flash_attn_metal.stats()["launches"]
+    assert any(n.startswith("attention_forward") and n.endswith("_split_combine") for n in launched)
+    assert_within_rule(out, lse, problem)
+    unsplit = dataclasses.replace(problem, num_splits=1)
+    out1, _, stats1 = dispatch.forward(unsplit, "emulator")
+    dout = torch.randn_like(out)
+    grads = dispatch.backward(problem, out, stats, dout, "emulator")
+    grads1 = dispatch.backward(unsplit, out1, stats1, dout, "emulator")
+    for a, b in zip(grads, grads1):
+        assert (a.float() - b.float()).abs().max() < 2e-2

@@ -47,7 +47,8 @@ def stand_in_kernels(monkeypatch):
     def forward_launch(p, backend_name):
         def launch(q, k, v, side_buffers=()):
             calls.append(("forward", backend_name))
-            return torch.full_like(q, 7.0), torch.zeros(q.shape[0], q.shape[2], q.shape[1])
+            lse = torch.zeros(q.shape[0], q.shape[2], q.shape[1])
+            return torch.full_like(q, 7.0), lse, torch.zeros(*lse.shape, 2)
 
         return launch
 

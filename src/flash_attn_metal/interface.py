@@ -8,6 +8,7 @@ eager inference call of the padded layout replays its remembered launch instead 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Union
 
 import torch
@@ -28,21 +29,22 @@ __all__ = [
 
 
 def _options(q: torch.Tensor, batch: int, seqlen_k: int, dropout_p, softmax_scale, causal, window_size, softcap,
-             alibi_slopes) -> dict:
-    """A call's validated scalar options, as AttentionProblem fields. `seqlen_k`: what flash-attn compares the
-    window with (see `validation.local_window`)."""
+             alibi_slopes, sinks) -> dict:
+    """A call's validated options, as AttentionProblem fields. `seqlen_k`: what flash-attn compares the window
+    with (see `validation.local_window`)."""
     left, right = validation.local_window(*validation.window(window_size), bool(causal), seqlen_k)
     softcap = validation.number("softcap", softcap)
     return dict(
         softmax_scale=validation.softmax_scale(softmax_scale, q.shape[-1]),
         causal=bool(causal), window_left=left, window_right=right, softcap=softcap,
         alibi_slopes=validation.alibi(alibi_slopes, batch, q.shape[-2], q.device),
-        dropout_p=validation.dropout(dropout_p, softcap),
+        dropout_p=validation.dropout(dropout_p, softcap), sinks=validation.sinks(sinks, q.shape[-2], q.device),
     )
 
 
-def _problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, *, varlen: bool = False,
-             cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None) -> AttentionProblem:
+def _problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks, *,
+             varlen: bool = False, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+             max_seqlen_k=None) -> AttentionProblem:
     rank = 3 if varlen else 4
     q = validation.tensor("q", q, rank)
     k = validation.tensor("k", k, rank)
@@ -73,8 +75,8 @@ def _problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, al
         batch, max_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
         max_k = seqlen_k
     return AttentionProblem(
-        q=q, k=k, v=v, **_options(q, batch, seqlen_k, dropout_p, softmax_scale, causal, window_size, softcap,
-                                  alibi_slopes),
+        q=q, k=k, v=v,
+        **_options(q, batch, seqlen_k, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks),
         cu_seqlens_q=cu_seqlens_q if varlen else None, cu_seqlens_k=cu_seqlens_k if varlen else None,
         max_seqlen_q=max_q, max_seqlen_k=max_k,
     )
@@ -82,26 +84,46 @@ def _problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, al
 
 def _attend(problem: AttentionProblem, return_attn_probs: bool, call_key: tuple | None = None):
     """Run the problem on the backend routing chooses; flash-attn's return value (out, or out, lse, S_dmask).
-    When the kernels run an eager call that has a `fastpath` key, its launch is remembered under that key."""
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (problem.q, problem.k, problem.v))
+    When the kernels run an eager call that has a `fastpath` key, its launch is remembered under that key.
+    A dropout call draws its mask's (seed, offset) here, once; its backward reuses them."""
+    if problem.dropout_p > 0:
+        from .kernels import dropout  # only for dropout: importing the package stays light
+
+        problem = dataclasses.replace(problem, dropout_rng=dropout.draw_seed_offset())
+    needs_grad = problem_needs_grad(problem)
     needs_probs = return_attn_probs and problem.dropout_p > 0  # flash-attn's S_dmask is empty without dropout
     backend = routing.choose(problem, needs_grad, needs_probs)
-    probs = None
     if backend is None:
-        out, lse, *rest = reference.attention(problem, return_probs=needs_probs)
+        out, lse = reference.attention(problem)
         lse = lse.detach()  # as in flash-attn, only out carries a gradient
-        probs = rest[0].detach() if rest else None
-    elif needs_grad or torch.compiler.is_compiling():
+    else:
+        out, lse = run_kernels(problem, backend, needs_grad, call_key)
+    if not needs_probs:
+        return _result(out, lse, None, return_attn_probs)
+    from . import s_dmask
+
+    return _result(out, lse, s_dmask.build(problem), return_attn_probs)
+
+
+def problem_needs_grad(problem: AttentionProblem) -> bool:
+    tensors = (problem.q, problem.k, problem.v, problem.sinks)
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def run_kernels(problem: AttentionProblem, backend: str, needs_grad: bool,
+                call_key: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) from the kernels on `backend`. An eager inference call with a `fastpath` key has its launch
+    remembered under that key."""
+    if needs_grad or torch.compiler.is_compiling():
         from . import ops  # custom ops: autograd and torch.compile see the kernels as single ops
 
-        out, lse = ops.run(problem, backend)
-    else:  # eager inference: no custom-op dispatch
-        kernels = routing.kernels()
-        launch = kernels.forward_launch(problem, backend)
-        out, lse = launch(problem.q, problem.k, problem.v, kernels.side_buffers(problem))
-        if call_key is not None:
-            fastpath.remember(call_key, launch)
-    return _result(out, lse, probs, return_attn_probs)
+        return ops.run(problem, backend)
+    kernels = routing.kernels()  # eager inference: no custom-op dispatch
+    launch = kernels.forward_launch(problem, backend)
+    out, lse, _ = launch(problem.q, problem.k, problem.v, kernels.side_buffers(problem))
+    if call_key is not None:
+        fastpath.remember(call_key, launch)
+    return out, lse
 
 
 def _result(out: torch.Tensor, lse: torch.Tensor, probs: torch.Tensor | None, return_attn_probs: bool):
@@ -110,14 +132,14 @@ def _result(out: torch.Tensor, lse: torch.Tensor, probs: torch.Tensor | None, re
     return out, lse, probs if probs is not None else out.new_empty((0,))
 
 
-def _padded(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs):
+def _padded(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs, sinks):
     """The padded-layout functions' common path: replay a remembered launch, else validate, route and run."""
-    call_key = fastpath.key(q, k, v, window_size, dropout_p, softmax_scale, causal, softcap, alibi_slopes)
+    call_key = fastpath.key(q, k, v, window_size, dropout_p, softmax_scale, causal, softcap, alibi_slopes, sinks)
     launch = fastpath.get(call_key)
     if launch is not None:
-        out, lse = launch(q, k, v)
+        out, lse, _ = launch(q, k, v)
         return _result(out, lse, None, return_attn_probs)
-    problem = _problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    problem = _problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks)
     return _attend(problem, return_attn_probs, call_key)
 
 
@@ -131,54 +153,70 @@ def _unpack(packed: object, name: str, layout: str, axis: int) -> list[torch.Ten
     return list(packed.unbind(axis))
 
 
+def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+            window_size, softcap, alibi_slopes, return_attn_probs, sinks):
+    """The varlen functions' common path: validate, route and run."""
+    problem = _problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks,
+                       varlen=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                       max_seqlen_k=max_seqlen_k)
+    return _attend(problem, return_attn_probs)
+
+
+# Every function takes flash-attn 2.8's parameters, then keyword-only `sinks`: fp32 (nheads,) per-head logits
+# that join each row's softmax denominator and carry no value (gpt-oss); softmax_lse includes them.
+
+
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                              sinks=None):
     """qkv: (batch, seqlen, 3, nheads, headdim). Returns out (batch, seqlen, nheads, headdim)."""
     q, k, v = _unpack(qkv, "qkv", "(batch, seqlen, 3, nheads, headdim)", axis=2)
-    return _padded(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)
+    return _padded(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
+                   sinks)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                             sinks=None):
     """q: (batch, seqlen_q, nheads, headdim); kv: (batch, seqlen_k, 2, nheads_k, headdim)."""
     k, v = _unpack(kv, "kv", "(batch, seqlen_k, 2, nheads_k, headdim)", axis=2)
-    return _padded(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)
+    return _padded(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
+                   sinks)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
-    """q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim).
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, sinks=None):
+    """q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim); sinks: (nheads,) fp32.
 
     Returns out (batch, seqlen_q, nheads, headdim), or (out, softmax_lse, S_dmask) with return_attn_probs.
     The causal mask is aligned to the bottom right of the attention matrix."""
-    return _padded(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)
+    return _padded(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
+                   sinks)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
                                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
-                                     return_attn_probs=False):
+                                     return_attn_probs=False, *, sinks=None):
     """qkv: (total, 3, nheads, headdim); cu_seqlens: (batch + 1,) int32. Rows past cu_seqlens[-1]: as in
     flash_attn_varlen_func."""
     q, k, v = _unpack(qkv, "qkv", "(total, 3, nheads, headdim)", axis=1)
-    return _attend(_problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, varlen=True,
-                            cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
-                            max_seqlen_k=max_seqlen), return_attn_probs)
+    return _varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
+                   window_size, softcap, alibi_slopes, return_attn_probs, sinks)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, sinks=None):
     """q: (total_q, nheads, headdim); kv: (total_k, 2, nheads_k, headdim). Rows past cu_seqlens_q/k[-1]: as in
     flash_attn_varlen_func."""
     k, v = _unpack(kv, "kv", "(total_k, 2, nheads_k, headdim)", axis=1)
-    return _attend(_problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, varlen=True,
-                            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                            max_seqlen_k=max_seqlen_k), return_attn_probs)
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+                   window_size, softcap, alibi_slopes, return_attn_probs, sinks)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None):
+                           deterministic=False, return_attn_probs=False, block_table=None, *, sinks=None):
     """q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim), or paged
     (num_blocks, page_block_size, nheads_k, headdim) with block_table (batch, max_blocks) int32.
 
@@ -186,9 +224,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     their gradients 0. max_seqlen_q/k only bound the lengths; the kernels size their work by the real ones."""
     if block_table is not None:
         k, v = kvcache.gather_paged(k, v, block_table, cu_seqlens_k)
-    return _attend(_problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, varlen=True,
-                            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                            max_seqlen_k=max_seqlen_k), return_attn_probs)
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+                   window_size, softcap, alibi_slopes, return_attn_probs, sinks)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -197,7 +234,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             cache_leftpad: Optional[torch.Tensor] = None,
                             block_table: Optional[torch.Tensor] = None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False, *,
+                            sinks=None):
     """Attention over a kv cache, appending k/v in place at cache_seqlens first (no backward).
 
     q: (batch, seqlen_q, nheads, headdim); k_cache/v_cache: (batch_cache, seqlen_cache, nheads_k, headdim) or
@@ -207,7 +245,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     # Every argument is checked before the cache is written.
     q = validation.tensor("q", q, 4)
     options = _options(q, q.shape[0], kvcache.capacity(k_cache, block_table), 0.0, softmax_scale, causal,
-                       window_size, softcap, alibi_slopes)
+                       window_size, softcap, alibi_slopes, sinks)
     splits = validation.num_splits(num_splits)
     local = options["window_left"] >= 0 or options["window_right"] >= 0  # causal or a window shorter than the cache
     cached = kvcache.prepare(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,

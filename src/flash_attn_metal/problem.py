@@ -44,6 +44,17 @@ class AttentionProblem:
     Varlen layout: q (total_q, h, d), k/v (total_k, hk, d), cu_seqlens_* int32 (b + 1,).
     KV-cache layout: q (b, sq, h, d), k/v the whole cache, `kv_cache` saying which rows each sequence sees.
     Only the last dim of q/k/v is guaranteed contiguous. The head dim is the caller's (not padded).
+
+    `attn_mask` (padded layout only; torch SDPA's): bool, True where a key takes part, or float (float32 or q's
+    dtype, as torch's SDPA accepts), added to the scores after scale and softcap. It is a 4-D strided view of the
+    caller's mask broadcast to (b, h, sq, sk), stride 0 on broadcast dimensions, indexed [batch, query head,
+    query row, key]; it takes no gradient.
+    `sinks`: fp32 (h,) per-head sink logits, in the units of the (scaled, softcapped, biased, masked) scores. Each
+    joins its head's softmax denominator and carries no value (gpt-oss, MLX): p_ij = exp(s_ij) / (exp(sink_h)
+    + sum_j exp(s_ij)). The lse includes it, so P = exp(s - lse) holds unchanged (the backward needs nothing
+    more), and a row with no key has out = 0 and lse = sink_h.
+    `top_left`: causal/local windows and ALiBi distances are measured from the top-left diagonal (query i sits at
+    key i, torch SDPA's is_causal) instead of flash-attn's bottom-right (query i sits at key i + sk - sq).
     """
 
     q: torch.Tensor
@@ -62,6 +73,20 @@ class AttentionProblem:
     max_seqlen_k: int = 0
     kv_cache: KVCache | None = None
     num_splits: int = 0  # key splits of the forward (flash_attn_with_kvcache's knob); 0: the kernels choose
+    dropout_rng: tuple[int, int] | None = None  # dropout's (seed, offset), drawn per call (kernels/dropout.py)
+    attn_mask: torch.Tensor | None = None  # bool or float, (b, h, sq, sk) view; padded layout only
+    sinks: torch.Tensor | None = None  # fp32 (h,)
+    top_left: bool = False
+
+    @property
+    def top_left_matters(self) -> bool:
+        """Whether top-left alignment changes what any query sees: a causal/local window (or ALiBi) with some
+        sequence whose seqlen_q differs from its seqlen_k (assumed for varlen and kv-cache layouts)."""
+        if not self.top_left:
+            return False
+        windowed = self.window_left >= 0 or self.window_right >= 0 or self.alibi_slopes is not None
+        uneven = self.is_varlen or self.kv_cache is not None or self.q.shape[1] != self.k.shape[1]
+        return windowed and uneven
 
     @property
     def is_varlen(self) -> bool:

@@ -10,26 +10,32 @@ Options (keyword-only, on both):
 - `upcast=True` computes in fp32 (the "truth"); `upcast=False` computes in the inputs' dtype, which with
   `reorder_ops=True` (scale K instead of the scores) is the "plain low-precision PyTorch" baseline of the
   upstream tolerance rule: |ours - fp32| <= 2 x |baseline - fp32| (+ a small slack), 3 x for gradients;
-- `return_probs=True` also returns flash-attn's S_dmask: the attention probabilities, shaped
-  (b, h, round128(max_seqlen_q), round128(max_seqlen_k)), negative where dropout dropped them;
+- `return_probs=True` also returns the attention probabilities (softmax before dropout), shaped like S_dmask
+  (b, h, round128(max_seqlen_q), round128(max_seqlen_k)), negative where dropout dropped them (flash-attn's
+  S_dmask itself is s_dmask.py's);
 - `dropout_mask` (bool, True = kept, laid out like S_dmask: (b, h, >= seqlen_q, >= seqlen_k)) replaces the
-  random dropout draw, so a kernel's dropout pattern can be checked; otherwise the pattern is drawn with
-  `generator`.
+  random dropout draw, so a kernel's dropout pattern can be checked; otherwise the pattern is the kernels' own
+  (kernels/dropout.py) for the problem's `dropout_rng` (seed, offset), drawn from `generator` when unset.
 
 Semantics (flash-attn 2.8):
 - scores = q @ k^T * softmax_scale; with softcap > 0, scores = softcap * tanh(scores / softcap);
 - ALiBi adds -slope * |i + sk - sq - j| (slopes (h,) or (b, h), fp32);
 - causal and local masks are aligned bottom-right: query i keeps key j iff
   i + sk - sq - window_left <= j <= i + sk - sq + window_right (a window side of -1 is unbounded; causal
-  sets window_right = 0), with sq and sk each sequence's own lengths;
-- a fully masked row (or seqlen_k == 0) gives out = 0 and lse = +inf; a row whose scores are finite, however
-  negative, is not masked: it gets its softmax and a finite lse;
+  sets window_right = 0), with sq and sk each sequence's own lengths; `top_left` drops the sk - sq offset
+  from both the windows and ALiBi (torch SDPA's is_causal);
+- `attn_mask` (padded layout, torch SDPA's): a bool mask removes the keys where it is False, a float mask is
+  added to the scores;
+- `sinks` (h,) join each row's softmax denominator: p_ij = exp(s_ij - lse_i) with
+  lse_i = log(exp(sink_h) + sum_j exp(s_ij)); they carry no value and get a gradient;
+- a fully masked row (or seqlen_k == 0) gives out = 0 and lse = +inf (lse = sink_h with sinks, +inf where that
+  is -inf); a row whose scores are finite, however negative, is not masked: it gets its softmax and a finite lse;
 - in varlen, query rows past cu_seqlens_q[-1] belong to no sequence: out = 0, lse = +inf, and zero gradients
   for them (and for key/value rows past cu_seqlens_k[-1]);
 - dropout drops probabilities with probability p and scales the rest by 1/(1-p); lse is taken before it;
 - GQA/MQA: query head h reads kv head h // (nheads / nheads_k);
-- lse is the natural-log logsumexp of the (scaled, softcapped, biased) scores, fp32, (b, h, sq) padded or
-  (h, total_q) varlen; out has q's dtype and shape;
+- lse is the natural-log logsumexp of the (scaled, softcapped, biased, masked) scores and the sink, fp32,
+  (b, h, sq) padded or (h, total_q) varlen; out has q's dtype and shape;
 - NaN or inf in the inputs propagates as the arithmetic above makes it.
 
 Memory stays O(chunk x sk): queries are processed in chunks, and under autograd each chunk is recomputed in
@@ -39,7 +45,7 @@ backward (activation checkpointing) instead of keeping its score matrix.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -63,7 +69,13 @@ def attention(
 ) -> tuple[Tensor, ...]:
     """(out, lse), or (out, lse, probs) with `return_probs`. See the module docstring."""
     p = problem
-    options = _Options(p, upcast, reorder_ops, return_probs, dropout_mask, generator)
+    if p.attn_mask is not None and (p.is_varlen or p.kv_cache is not None):
+        raise ValueError("attn_mask applies to the padded layout only")
+    if p.dropout_p > 0 and dropout_mask is None and p.dropout_rng is None:
+        from .kernels import dropout  # imported on first use: importing the package stays light
+
+        p = replace(p, dropout_rng=dropout.draw_seed_offset(generator))
+    options = _Options(p, upcast, reorder_ops, return_probs, dropout_mask)
     if p.kv_cache is not None:
         outs, lses, all_probs = [], [], []
         for b in range(p.batch):
@@ -165,7 +177,6 @@ class _Options:
     reorder_ops: bool
     return_probs: bool
     dropout_mask: Tensor | None
-    generator: torch.Generator | None
 
 
 def _padded(q: Tensor, k: Tensor, v: Tensor, batch_index: int | None, o: _Options):
@@ -173,9 +184,10 @@ def _padded(q: Tensor, k: Tensor, v: Tensor, batch_index: int | None, o: _Option
     `batch_index` is the sequence's index in a varlen call (ALiBi slopes and the dropout mask are per batch)."""
     b, sq, h, d = q.shape
     sk = k.shape[1]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    sinks = o.p.sinks
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, sinks) if t is not None)
     if sk == 0 or sq == 0:
-        return _no_keys(q, k, v, needs_grad, o.return_probs)
+        return _no_keys(q, k, v, sinks, needs_grad, o.return_probs)
     compute = torch.float32 if o.upcast else q.dtype
     slopes = _alibi_slopes(o.p, b, batch_index, q.device)
     # (b, hk, 1, d, sk) and (b, hk, 1, sk, d): broadcast over each kv head's group of query heads.
@@ -185,8 +197,8 @@ def _padded(q: Tensor, k: Tensor, v: Tensor, batch_index: int | None, o: _Option
     outs, lses, all_probs = [], [], []
     for start in range(0, sq, chunk):
         rows = torch.arange(start, min(sq, start + chunk), device=q.device)
-        keep = _dropout_keep(o, batch_index, (b, h, len(rows), sk), start, q.device)
-        args = (q[:, start : start + chunk], kg, vg, rows, sq, slopes, keep, o)
+        mask = None if o.p.attn_mask is None else o.p.attn_mask[:, :, start : start + chunk]
+        args = (q[:, start : start + chunk], kg, vg, rows, sq, slopes, batch_index, start, mask, sinks, o)
         if needs_grad and not o.return_probs:
             out, lse, _ = checkpoint(_chunk_forward, *args, use_reentrant=False)
         else:
@@ -203,25 +215,32 @@ def _padded(q: Tensor, k: Tensor, v: Tensor, batch_index: int | None, o: _Option
     return out, lse, probs
 
 
-def _no_keys(q: Tensor, k: Tensor, v: Tensor, needs_grad: bool, return_probs: bool):
-    """seqlen_k == 0 or seqlen_q == 0: out = 0 and lse = +inf (flash-attn's `out.zero_()`)."""
+def _no_keys(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, needs_grad: bool, return_probs: bool):
+    """seqlen_k == 0 or seqlen_q == 0: out = 0 and lse = +inf, or each head's sink (flash-attn's `out.zero_()`)."""
     b, sq, h, _ = q.shape
     out = q.new_zeros(q.shape)
     if needs_grad:  # stay in the graph with zero gradients (where() passes none to the unselected side)
         never = torch.zeros((), dtype=torch.bool, device=q.device)
-        out = torch.where(never, q, out) + torch.where(never, k.sum() + v.sum(), 0.0).to(q.dtype)
+        others = k.sum() + v.sum() + (0.0 if sinks is None else sinks.sum())
+        out = torch.where(never, q, out) + torch.where(never, others, 0.0).to(q.dtype)
     lse = torch.full((b, h, sq), math.inf, dtype=torch.float32, device=q.device)
+    if sinks is not None:
+        lse = sinks.detach().float().masked_fill(sinks.isneginf(), math.inf).view(1, h, 1).expand(b, h, sq)
     probs = q.new_zeros((b, h, _round128(sq), _round128(k.shape[1]))) if return_probs else None
     return out, lse, probs
 
 
 def _chunk_forward(q: Tensor, kg: Tensor, vg: Tensor, rows: Tensor, sq: int, slopes: Tensor | None,
-                   keep: Tensor | None, o: _Options):
-    """One chunk of query rows `rows` (of sq): out (b, c, h, d) in the compute dtype, lse (b, h, c) fp32,
-    and the signed probabilities (b, h, c, sk) with `o.return_probs`."""
+                   batch_index: int | None, first_row: int, mask: Tensor | None, sinks: Tensor | None,
+                   o: _Options):
+    """One chunk of query rows `rows` = first_row, first_row + 1, ... (of sq): out (b, c, h, d) in the compute
+    dtype, lse (b, h, c) fp32, and the signed probabilities (b, h, c, sk) with `o.return_probs`. `mask` is
+    attn_mask's (b, h, c, sk). The dropout mask is generated here, so a checkpointed chunk regenerates it instead
+    of keeping it."""
     p = o.p
     b, c, h, d = q.shape
     hk, sk = kg.shape[1], kg.shape[-1]
+    keep = _dropout_keep(o, batch_index, b, range(first_row, first_row + c), sk, q.device)
     group = h // hk
     qg = q.to(kg.dtype).reshape(b, c, hk, group, d).permute(0, 2, 3, 1, 4)  # (b, hk, group, c, d)
     if o.reorder_ops:
@@ -231,7 +250,7 @@ def _chunk_forward(q: Tensor, kg: Tensor, vg: Tensor, rows: Tensor, sq: int, slo
     if p.softcap > 0:
         scores = torch.tanh(scores / p.softcap) * p.softcap
     cols = torch.arange(sk, device=q.device)
-    shifted = rows[:, None] + (sk - sq)  # bottom-right alignment
+    shifted = rows[:, None] + (0 if p.top_left else sk - sq)  # each query's key on the diagonal
     if slopes is not None:  # an fp32 bias (distances overflow fp16), as upstream's reference adds it
         distance = (shifted - cols[None, :]).abs().to(torch.float32)
         scores = scores - slopes.view(b, hk, group, 1, 1) * distance
@@ -242,13 +261,21 @@ def _chunk_forward(q: Tensor, kg: Tensor, vg: Tensor, rows: Tensor, sq: int, slo
         if p.window_right >= 0:
             allowed &= cols[None, :] <= shifted + p.window_right
         scores = scores.masked_fill(~allowed, -math.inf)
-    # Softmax relative to the row max, so rows of hugely negative (but finite) scores keep their weights; the max
-    # is a constant shift of each row (detached: it changes neither the probabilities nor their gradients).
+    if mask is not None:
+        mask = mask.reshape(b, hk, group, c, sk)
+        scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
+    # Softmax relative to the row's max (over its scores and sink), so rows of hugely negative but finite scores
+    # keep their weights; the max is a constant shift of the row (detached: it changes neither the probabilities
+    # nor their gradients).
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # fp32, or fp64 for fp64 inputs
-    row_max = scores.amax(dim=-1, keepdim=True).detach()  # -inf only where every key is masked
-    empty = torch.isneginf(row_max)
-    weights = torch.exp(scores - row_max.masked_fill(empty, 0.0))
-    total = weights.sum(dim=-1, keepdim=True)  # >= 1 in a row with a key
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    sink = None if sinks is None else sinks.to(scores.dtype).view(1, hk, group, 1, 1)
+    if sink is not None:
+        row_max = torch.maximum(row_max, sink.detach())
+    empty = torch.isneginf(row_max)  # no key and no sink: out = 0
+    shift = row_max.masked_fill(empty, 0.0)
+    weights = torch.exp(scores - shift)
+    total = weights.sum(dim=-1, keepdim=True) + (0.0 if sink is None else torch.exp(sink - shift))  # >= 1 if any
     probs = (weights / total.masked_fill(empty, 1.0)).to(vg.dtype)
     kept = probs if keep is None else probs * keep.view(b, hk, group, c, sk) / (1.0 - p.dropout_p)
     out = (kept @ vg).permute(0, 3, 1, 2, 4).reshape(b, c, h, d)
@@ -259,16 +286,19 @@ def _chunk_forward(q: Tensor, kg: Tensor, vg: Tensor, rows: Tensor, sq: int, slo
     return out, lse, signed.reshape(b, h, c, sk)
 
 
-def _dropout_keep(o: _Options, batch_index: int | None, shape: tuple[int, int, int, int], start: int,
+def _dropout_keep(o: _Options, batch_index: int | None, b: int, rows: range, sk: int,
                   device: torch.device) -> Tensor | None:
-    """The kept-probability mask (b, h, c, sk) of the chunk starting at query row `start`, or None."""
-    if o.p.dropout_p <= 0:
+    """The kept-probability mask (b, h, len(rows), sk) of the query rows `rows`, or None."""
+    p = o.p
+    if p.dropout_p <= 0:
         return None
     if o.dropout_mask is None:
-        return torch.rand(shape, device=device, generator=o.generator) >= o.p.dropout_p
-    b, _, c, sk = shape
+        from .kernels import dropout
+
+        batches = range(b) if batch_index is None else [batch_index]
+        return dropout.keep_grid(*p.dropout_rng, p.dropout_p, p.nheads, batches, rows, sk, device)
     mask = o.dropout_mask if batch_index is None else o.dropout_mask[batch_index : batch_index + 1]
-    return mask[:b, :, start : start + c, :sk].to(device=device, dtype=torch.bool)
+    return mask[:b, :, rows.start : rows.stop, :sk].to(device=device, dtype=torch.bool)
 
 
 def _alibi_slopes(p: AttentionProblem, b: int, batch_index: int | None, device: torch.device) -> Tensor | None:

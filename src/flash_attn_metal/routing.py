@@ -16,6 +16,8 @@ import sys
 import types
 import warnings
 
+import torch
+
 from . import settings
 from .stats import record_fallback
 from .problem import AttentionProblem
@@ -35,14 +37,17 @@ def strict() -> bool:
     return settings.flag(settings.STRICT)
 
 
-def fallback(reason: str) -> None:
-    """Announce that the reference runs this call instead of the kernels (or raise, in strict mode)."""
-    record_fallback(reason)
+def fallback(reason: str, runner: str = "the PyTorch reference") -> None:
+    """Announce that `runner` runs this call instead of the kernels (or raise, in strict mode). While
+    torch.compile traces the call, the fallback joins the graph unannounced: dynamo can neither warn nor count."""
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        record_fallback(reason)
     if strict():
         raise NotImplementedError(f"flash-attn-metal: {reason} (FLASH_ATTN_METAL_STRICT=1 forbids the PyTorch fallback)")
-    if reason not in _warned:
+    if not compiling and reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"flash-attn-metal: running the PyTorch reference because {reason}", RuntimeWarning,
+        warnings.warn(f"flash-attn-metal: running {runner} because {reason}", RuntimeWarning,
                       stacklevel=_caller_stacklevel())
 
 
@@ -58,28 +63,32 @@ def _caller_stacklevel() -> int:
 def choose(problem: AttentionProblem, needs_grad: bool, needs_probs: bool = False) -> str | None:
     """"mps" or "emulator" when the kernels run this call, None (after announcing why) for the reference.
     `needs_probs`: the caller wants flash-attn's S_dmask (dropout probabilities), which only the reference gives."""
+    backend, reason = decide(problem, needs_grad, needs_probs)
+    if reason is not None:
+        fallback(reason)
+    return backend
+
+
+def decide(problem: AttentionProblem, needs_grad: bool, needs_probs: bool = False) -> tuple[str | None, str | None]:
+    """(backend, None) when the kernels run this call; (None, reason) when they cannot; (None, None) when the
+    reference was asked for. Announces nothing."""
     setting = backend_setting()
     if setting == "reference":
-        return None
+        return None, None
     device = problem.q.device.type
     if setting == "emulator":
         if device not in ("cpu", "cuda"):
-            fallback(f"the emulator runs CPU or CUDA tensors, not {device} tensors")
-            return None
+            return None, f"the emulator runs CPU or CUDA tensors, not {device} tensors"
         backend = "emulator"
     elif device == "mps":
         backend = "mps"
     else:
-        fallback(f"the tensors are on {device}; the Metal kernels run on MPS tensors "
-                 "(FLASH_ATTN_METAL_BACKEND=emulator runs them in the emulator)")
-        return None
+        return None, (f"the tensors are on {device}; the Metal kernels run on MPS tensors "
+                      "(FLASH_ATTN_METAL_BACKEND=emulator runs them in the emulator)")
     reason = kernel_unsupported_reason(problem, needs_grad)
     if reason is None and needs_probs:
         reason = "return_attn_probs with dropout asks for S_dmask, which the kernels do not return"
-    if reason is not None:
-        fallback(reason)
-        return None
-    return backend
+    return (None, reason) if reason is not None else (backend, None)
 
 
 _dispatch: types.ModuleType | None = None

@@ -117,6 +117,21 @@ def alibi(alibi_slopes: object, batch: int, nheads: int, device: torch.device) -
     return alibi_slopes
 
 
+def sinks(value: object, nheads: int, device: torch.device) -> torch.Tensor | None:
+    """Per-head sink logits: an fp32 (nheads,) tensor on q's device, or None."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"sinks must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype != torch.float32:
+        raise ArgumentError(f"sinks must be float32, got {value.dtype}")
+    if tuple(value.shape) != (nheads,):
+        raise ArgumentError(f"sinks must have shape ({nheads},) (one logit per query head), got {tuple(value.shape)}")
+    if value.device != device:
+        raise ArgumentError(f"sinks is on {value.device} but q is on {device}")
+    return value
+
+
 def cu_seqlens(name: str, cu: object, device: torch.device) -> torch.Tensor:
     """A cu_seqlens tensor's type, dtype, shape and device (what tracing can check; `offsets` reads the values)."""
     if not isinstance(cu, torch.Tensor):

@@ -1,332 +1,493 @@
-"""The FlashAttention backward kernels, generated as MSL from the forward's `ForwardSpec`.
+"""The FlashAttention backward kernels, generated as MSL from a `BackwardSpec`.
 
-Three kernels, no atomics, P recomputed from the saved LSE, nothing N x N ever stored:
+metal-flash-attention's backward for GPUs without fast float atomics: no atomics, P recomputed from the forward's
+statistics, nothing N x N ever stored:
 
-    preprocess:  D = rowsum(dO * O)                                      one thread per query row
-    dq:          per query block, over the visible key blocks:          one threadgroup per query block
-                   P = exp2(S - LSE), dP = dO V^T, dS = P * (dP - D) [* (1 - tanh^2) with softcap]
+    preprocess:  D = rowsum(dO * O)                                  a SIMD group per query row, lanes across d
+    dq:          per query block, over the visible key blocks:       one threadgroup per query block
+                   S = Q K^T, P = exp2((S - m) - log2 l), dP = dO V^T, dS = P * (dP - D) [* (1 - tanh^2)]
                    dQ += dS K
     dkdv:        per key block, over every query head sharing it (GQA) and the visible query blocks:
-                   P^T, dV += P^T dO, dP^T = V dO^T, dS^T = P^T * (dP^T - D), dK += dS^T Q
+                   S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, dS^T = P^T * (dP^T - D), dK += dS^T Q
+                 (at large head dims `dk` and `dv`: the same loop split in two kernels, each with one accumulator)
 
-Each output element is written by exactly one thread, in a fixed order: the backward is bitwise
-deterministic. The dq kernel keeps K and V of a key block in threadgroup memory, the dkdv kernel Q and dO of
-a query block (two tiles of BLOCK_K x HEAD_DIM, the forward's tile table keeps them within 32 KiB).
+(m, log2 l) are the forward's row maximum and log2 of its row sum, kept apart (kernels/forward.py), so P is the
+forward's P to the last bit even where scores are large. Each output element is written by exactly one thread in
+a fixed order: the backward is bitwise deterministic. kernels/tiles.py chooses where the stationary operands live
+(Q and dO for dq, K and V for dkdv) and the tiles that stream the other side through threadgroup memory.
 """
 
 from __future__ import annotations
 
 from .forward import FLOAT_ARGS, INT_ARGS
-from .msl import HELPERS, THREADGROUP_BUILTINS, key_range, parameter_list, side_buffer_names
-from .spec import ForwardSpec
+from .msl import THREADGROUP_BUILTINS, UNROLL, finish_header, header, kernel_attribute, parameter_list, side_buffer_names
+from .spec import BackwardSpec
+from .tiles import STATS_PER_QUERY, Tiles, row_stride, threadgroup_bytes
 
 BACKWARD_INT_ARGS = INT_ARGS + (
     "DO_BATCH", "DO_ROW", "DO_HEAD", "DQ_BATCH", "DQ_ROW", "DQ_HEAD",
     "DK_BATCH", "DK_ROW", "DK_HEAD", "DV_BATCH", "DV_ROW", "DV_HEAD",
 )
 BACKWARD_FLOAT_ARGS = FLOAT_ARGS + ("SOFTMAX_SCALE", "INV_SOFTCAP")
+PREPROCESS_ROWS = 4  # query rows (SIMD groups) per preprocess threadgroup
 
 
-def kernel_names(spec: ForwardSpec) -> tuple[str, str, str]:
-    base = spec.name.replace("attention_forward", "attention_backward")
-    return f"{base}_preprocess", f"{base}_dq", f"{base}_dkdv"
+def kernel_names(spec: BackwardSpec) -> tuple[str, ...]:
+    """The kernels in launch order: preprocess, dq, then dkdv (or dk and dv)."""
+    base = spec.name
+    return (f"{base}_preprocess", f"{base}_dq", *((f"{base}_dk", f"{base}_dv") if spec.dkdv.split else (f"{base}_dkdv",)))
 
 
-def buffer_names(spec: ForwardSpec) -> list[str]:
-    return ["Q", "K", "V", "O", "dO", "LSE", "D", "dQ", "dK", "dV", "ints", "floats", *side_buffer_names(spec)]
+def buffer_names(spec: BackwardSpec) -> list[str]:
+    return ["Q", "K", "V", "O", "dO", "STATS", "D", "dQ", "dK", "dV", "ints", "floats", *side_buffer_names(spec.forward)]
 
 
-def backward_source(spec: ForwardSpec) -> str:
-    if spec.kv_cache or spec.split_kv:
-        raise ValueError("kv-cache and split-KV specs are forward only (the backward reads the forward's merged LSE)")
-    t = spec.dtype
+def backward_source(spec: BackwardSpec) -> str:
+    f = spec.forward
+    t = f.dtype
     declarations = {
         "Q": f"device const {t}* Q", "K": f"device const {t}* K", "V": f"device const {t}* V",
-        "O": f"device const {t}* O", "dO": f"device const {t}* dO", "LSE": "device const float* LSE",
+        "O": f"device const {t}* O", "dO": f"device const {t}* dO", "STATS": "device const float2* STATS",
         "D": "device float* D", "dQ": f"device {t}* dQ", "dK": f"device {t}* dK", "dV": f"device {t}* dV",
         "ints": "constant long* ints", "floats": "constant float* floats",
     }
     params = parameter_list(declarations, buffer_names(spec))
-    preprocess, dq, dkdv = kernel_names(spec)
-    threads = spec.block_q // 8 * 32
-    return f"""#include <metal_stdlib>
-using namespace metal;
-
-// {spec.name.replace("forward", "backward")}: FlashAttention backward, generated by flash-attn-metal.
-typedef {t} input_t;
-constant int HEAD_DIM = {spec.head_dim};  // padded to a multiple of 8; the real head dim is ints[HEAD_DIM_REAL]
-constant int BLOCK_Q = {spec.block_q};    // rows a threadgroup owns (queries in dq, keys in dkdv), 8 per SIMD group
-constant int BLOCK_K = {spec.block_k};    // rows of the other side per step (keys in dq, queries in dkdv)
-constant int THREADS = {threads};
-constant int D_FRAGS = HEAD_DIM / 8;
-constant int K_FRAGS = BLOCK_K / 8;
-constant float LOG2E = 1.44269504088896341f;
-
-enum IntArg {{ {", ".join(BACKWARD_INT_ARGS)} }};
-enum FloatArg {{ {", ".join(BACKWARD_FLOAT_ARGS)} }};
-
-{HELPERS}
+    names = kernel_names(spec)
+    enums = (f"enum IntArg {{ {', '.join(BACKWARD_INT_ARGS)} }};\n"
+             f"enum FloatArg {{ {', '.join(BACKWARD_FLOAT_ARGS)} }};")
+    dkdv = ([_dkdv_kernel(spec, names[2], params, "dk"), _dkdv_kernel(spec, names[3], params, "dv")]
+            if spec.dkdv.split else [_dkdv_kernel(spec, names[2], params, "dkdv")])
+    text = header(f, enums) + f"""
+// {spec.name}: FlashAttention backward, generated by flash-attn-metal.
 {_locate_helper(spec)}
 {_score_helper(spec)}
-// D = rowsum(dO * O) for every query row, in fp32.
-kernel void {preprocess}(
-    {params},
-    uint3 position [[thread_position_in_grid]]) {{
-  const long batch = position.z, head = position.y, row = position.x;
-  const Sequence seq = locate(batch, ints{", cu_seqlens_q, cu_seqlens_k" if spec.varlen else ""});
-  if (row >= seq.seqlen_q) return;
-  device const input_t* o = O + seq.q_offset * ints[O_ROW] + batch * ints[O_BATCH] + head * ints[O_HEAD] + row * ints[O_ROW];
-  device const input_t* d_o = dO + seq.q_offset * ints[DO_ROW] + batch * ints[DO_BATCH] + head * ints[DO_HEAD] + row * ints[DO_ROW];
-  float sum = 0.0f;
-  for (int c = 0; c < int(ints[HEAD_DIM_REAL]); ++c) sum += float(o[c]) * float(d_o[c]);
-  D[seq.lse_offset + batch * ints[LSE_BATCH] + head * ints[LSE_HEAD] + row] = sum;
-}}
-
-{_dq_kernel(spec, dq, params)}
-{_dkdv_kernel(spec, dkdv, params)}"""
+{_preprocess_kernel(spec, names[0], params)}
+{_dq_kernel(spec, names[1], params)}
+{chr(10).join(dkdv)}"""
+    return finish_header(text, f.vec)
 
 
-def _locate_helper(spec: ForwardSpec) -> str:
-    if spec.varlen:
-        body = """  Sequence s;
-  s.q_offset = cu_seqlens_q[batch];
-  s.k_offset = cu_seqlens_k[batch];
-  s.seqlen_q = cu_seqlens_q[batch + 1] - s.q_offset;
-  s.seqlen_k = cu_seqlens_k[batch + 1] - s.k_offset;
-  s.lse_offset = s.q_offset;
+def _locate_helper(spec: BackwardSpec) -> str:
+    if spec.forward.varlen:
+        body = """  const int q_first = cu_seqlens_q[batch], k_first = cu_seqlens_k[batch];
+  Sequence s;
+  s.seqlen_q = cu_seqlens_q[batch + 1] - q_first;
+  s.seqlen_k = cu_seqlens_k[batch + 1] - k_first;
+  s.q_row = q_first;
+  s.k_row = k_first;
+  s.batch = 0;
   return s;"""
-        signature = ("inline Sequence locate(long batch, constant long* ints, device const int* cu_seqlens_q, "
+        signature = ("inline Sequence locate(uint batch, constant long* ints, device const int* cu_seqlens_q, "
                      "device const int* cu_seqlens_k)")
     else:
         body = """  Sequence s;
-  s.q_offset = 0;
-  s.k_offset = 0;
-  s.seqlen_q = ints[SEQLEN_Q];
-  s.seqlen_k = ints[SEQLEN_K];
-  s.lse_offset = 0;
+  s.seqlen_q = int(ints[SEQLEN_Q]);
+  s.seqlen_k = int(ints[SEQLEN_K]);
+  s.q_row = 0;
+  s.k_row = 0;
+  s.batch = batch;
   return s;"""
-        signature = "inline Sequence locate(long batch, constant long* ints)"
-    return f"""// A sequence's lengths and first rows (varlen: from cu_seqlens; padded: rows are offset by batch strides).
-struct Sequence {{ long q_offset, k_offset, seqlen_q, seqlen_k, lse_offset; }};
+        signature = "inline Sequence locate(uint batch, constant long* ints)"
+    return f"""// A sequence's lengths, and where its rows start: row q_row of Q/O/dO/dQ and k_row of K/V/dK/dV in the batch
+// element `batch` (varlen: rows are offset by cu_seqlens, and the batch stride is not used).
+struct Sequence {{ int seqlen_q, seqlen_k; long q_row, k_row, batch; }};
 {signature} {{
 {body}
 }}
 """
 
 
-def _score_helper(spec: ForwardSpec) -> str:
-    """The forward's score in log2 units from q.k, and d(score)/d(q.k * softmax_scale) for the chain rule."""
-    if spec.softcap:
-        transform = """  const float t = tanh(qk * floats[SCORE_SCALE]);
+def _locate_call(spec: BackwardSpec) -> str:
+    return f"locate(batch, ints{', cu_seqlens_q, cu_seqlens_k' if spec.forward.varlen else ''})"
+
+
+def _score_helper(spec: BackwardSpec) -> str:
+    """The forward's scores in log2 units from q.k (two elements), and d(score)/d(q.k * softmax_scale)."""
+    if spec.forward.softcap:
+        body = """  const float2 t = tanh(qk * floats[SCORE_SCALE]);
   grad_factor = 1.0f - t * t;  // softcap * tanh(x / softcap): derivative 1 - tanh^2
-  float s = t * floats[SOFTCAP_LOG2];"""
+  return t * floats[SOFTCAP_LOG2];"""
     else:
-        transform = """  grad_factor = 1.0f;
-  float s = qk * floats[SCORE_SCALE];"""
-    alibi = "\n  s -= slope_log2 * abs(float(query + seqlen_k - seqlen_q - key));  // ALiBi" if spec.alibi else ""
-    if spec.masked:
-        visible = """  const long diagonal = query + seqlen_k - seqlen_q;
-  const long window_left = ints[WINDOW_LEFT], window_right = ints[WINDOW_RIGHT];
-  const bool visible = query < seqlen_q && key < seqlen_k && (window_left < 0 || key >= diagonal - window_left) &&
-                       (window_right < 0 || key <= diagonal + window_right);"""
-    else:
-        visible = "  const bool visible = query < seqlen_q && key < seqlen_k;"
-    return f"""// P for one (query, key) from q.k, recomputed from the row's LSE (log2 units); 0 where masked.
-inline float probability(float qk, long query, long key, long seqlen_q, long seqlen_k, float lse_log2,
-                         float slope_log2, constant long* ints, constant float* floats, thread float& grad_factor) {{
-{transform}{alibi}
-{visible}
-  return visible ? exp2(s - lse_log2) : 0.0f;
+        body = """  grad_factor = float2(1.0f);
+  return qk * floats[SCORE_SCALE];"""
+    return f"""// The forward's scores for two elements of a fragment, in log2 units (before ALiBi and masks).
+inline float2 scores(float2 qk, constant float* floats, thread float2& grad_factor) {{
+{body}
 }}
 """
 
 
-def _common_setup(spec: ForwardSpec) -> str:
-    cu = ", cu_seqlens_q, cu_seqlens_k" if spec.varlen else ""
-    return f"""  const Sequence seq = locate(batch, ints{cu});
-  const long seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
+def _visible(spec: BackwardSpec, query: str, key: str) -> str:
+    if not spec.forward.masked:
+        return f"{key} < seqlen_k"
+    return (f"{key} < seqlen_k && (window_left < 0 || {key} >= {query} + diagonal_offset - window_left) && "
+            f"(window_right < 0 || {key} <= {query} + diagonal_offset + window_right)")
+
+
+def _preprocess_kernel(spec: BackwardSpec, name: str, params: str) -> str:
+    return f"""// D = rowsum(dO * O) for every query row, in fp32: a SIMD group per row, lanes across the head dim.
+{kernel_attribute(32 * PREPROCESS_ROWS)}
+void {name}(
+    {params},
+    uint3 group [[threadgroup_position_in_grid]],
+    ushort sg [[simdgroup_index_in_threadgroup]],
+    ushort lane [[thread_index_in_simdgroup]]) {{
+  const uint batch = group.z;
+  const int head = int(group.y), row = int(group.x) * {PREPROCESS_ROWS} + sg;
+  const Sequence seq = {_locate_call(spec)};
+  if (row >= seq.seqlen_q) return;  // whole SIMD groups leave together
   const int head_dim = int(ints[HEAD_DIM_REAL]);
+  const long q_row = seq.q_row + row;
+  device const input_t* o = O + seq.batch * ints[O_BATCH] + head * ints[O_HEAD] + q_row * ints[O_ROW];
+  device const input_t* d_o = dO + seq.batch * ints[DO_BATCH] + head * ints[DO_HEAD] + q_row * ints[DO_ROW];
+  float sum = 0.0f;
+  {UNROLL}
+  for (int i = 0; i < (HEAD_DIM + 31) / 32; ++i) {{
+    const int c = i * 32 + lane;
+    if (c < head_dim) sum += float(o[c]) * float(d_o[c]);
+  }}
+  sum = simd_sum(sum);
+  if (lane == 0) D[seq.batch * ints[LSE_BATCH] + head * ints[LSE_HEAD] + q_row] = sum;
+}}
+"""
+
+
+def _stationary(spec: BackwardSpec, tiles: Tiles, operands: tuple[tuple[str, str], ...], row: str, valid: str) -> tuple[str, dict[str, str]]:
+    """Set-up MSL for a kernel's stationary operands (name, row-major base pointer, its row stride) and, per name,
+    the MSL statement that makes fragment `d` of it available as `<name>_d` inside a loop over d."""
+    where = tiles.stationary
+    setup, reads = [], {}
+    if where == "registers":
+        for name, (pointer, stride) in operands:
+            setup.append(f"""  simdgroup_float8x8 {name}_frag[D_FRAGS];  // registers for the whole kernel
+  {UNROLL}
+  for (int d = 0; d < D_FRAGS; ++d)
+    {name}_frag[d].thread_elements() = {valid} ? device_pair({pointer}, index_t({row}) * {stride}, d * 8 + coord.x, head_dim) : float2(0.0f);""")
+            reads[name] = f"const simdgroup_float8x8 {name}_d = {name}_frag[d];"
+    elif where == "threadgroup":
+        for name, (pointer, stride) in operands:
+            setup.append(f"""  // {name}, staged once in threadgroup memory and re-read at every step.
+  load_block<THREADS, BLOCK_Q, LD_OWN, false, true>({name}_tile, {pointer}, index_t(first_own) * {stride}, {stride}, n_own, head_dim, tid);""")
+            reads[name] = (f"simdgroup_float8x8 {name}_d;\n      {name}_d.thread_elements() = "
+                           f"tile_pair<LD_OWN>({name}_tile, sg * 8, d * 8, coord);")
+    else:
+        for name, (pointer, stride) in operands:
+            setup.append(f"  const index_t {name}_row = index_t({row}) * {stride};  // {name}: read from device memory at every step")
+            reads[name] = (f"simdgroup_float8x8 {name}_d;\n      {name}_d.thread_elements() = {valid} ? "
+                           f"device_pair({pointer}, {name}_row, d * 8 + coord.x, head_dim) : float2(0.0f);")
+    return "\n".join(setup), reads
+
+
+def _constants(prefix: str, tiles: Tiles, t: str, head_dim: int, kind: str) -> str:
+    return f"""  constexpr int THREADS = {tiles.threads};
+  constexpr int BLOCK_Q = {tiles.block_q};  // rows this threadgroup owns, 8 per SIMD group
+  constexpr int BLOCK_K = {tiles.block_k};  // rows of the other side per step
+  constexpr int K_FRAGS = BLOCK_K / 8;
+  constexpr int LD_OWN = {row_stride(head_dim, t)};  // staged stationary operands: [BLOCK_Q][LD_OWN]
+  constexpr int LD_ROWS = {row_stride(head_dim, t)};  // streamed blocks, row-major: [BLOCK_K][LD_ROWS]
+  constexpr int LD_COLS = {row_stride(tiles.block_k, t)};  // streamed blocks, transposed: [HEAD_DIM][LD_COLS]
+  threadgroup float4 smem[{-(-threadgroup_bytes(kind, tiles, head_dim, t) // 16)}];  // 16-byte aligned storage for the tiles"""
+
+
+def _slope(spec: BackwardSpec) -> str:
+    return "alibi_slopes[batch * ints[ALIBI_BATCH] + head] * LOG2E" if spec.forward.alibi else "0.0f"
+
+
+def _common_setup(spec: BackwardSpec) -> str:
+    return f"""  const Sequence seq = {_locate_call(spec)};
+  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
+  const int head_dim = int(ints[HEAD_DIM_REAL]);
+  const int diagonal_offset = seqlen_k - seqlen_q;  // bottom-right aligned masks: row i faces key i + offset
+  const int window_left = int(ints[WINDOW_LEFT]), window_right = int(ints[WINDOW_RIGHT]);
   const ushort2 coord = fragment_coord(lane);"""
 
 
-def _dq_kernel(spec: ForwardSpec, name: str, params: str) -> str:
-    slope = "alibi_slopes[batch * ints[ALIBI_BATCH] + head] * LOG2E" if spec.alibi else "0.0f"
+def _dq_kernel(spec: BackwardSpec, name: str, params: str) -> str:
+    f, tiles = spec.forward, spec.dq
+    staged = tiles.stationary == "threadgroup"
+    tiles_decl = (f"""  threadgroup input_t* k_tile = reinterpret_cast<threadgroup input_t*>(smem);  // K: [BLOCK_K][LD_ROWS]
+  threadgroup input_t* vt_tile = k_tile + BLOCK_K * LD_ROWS;  // V^T: [HEAD_DIM][LD_COLS]"""
+                  + ("""
+  threadgroup input_t* q_tile = vt_tile + HEAD_DIM * LD_COLS;  // Q: [BLOCK_Q][LD_OWN]
+  threadgroup input_t* do_tile = q_tile + BLOCK_Q * LD_OWN;  // dO: [BLOCK_Q][LD_OWN]""" if staged else ""))
+    setup, reads = _stationary(spec, tiles, (("q", ("q_seq", "q_stride")), ("do", ("do_seq", "do_stride"))),
+                               "row", "row_valid")
+    if f.masked:
+        inside = """    const bool inside = (window_left < 0 || k0 >= last_row + diagonal_offset - window_left) &&
+                        (window_right < 0 || k0 + BLOCK_K - 1 <= first_row + diagonal_offset + window_right);
+    const bool mask_block = edge || !inside;"""
+        key_range = """  if (window_left >= 0) key_begin = max(key_begin, first_row + diagonal_offset - window_left);
+  if (window_right >= 0) key_end = min(key_end, last_row + diagonal_offset + window_right + 1);
+  key_begin = max(key_begin, 0) / BLOCK_K * BLOCK_K;"""
+    else:
+        inside = "    const bool mask_block = edge;  // keys past the sequence's end"
+        key_range = ""
+    alibi = ("\n        s -= slope_log2 * abs(float2(float(row + diagonal_offset - key0), float(row + diagonal_offset - key0 - 1)));"
+             if f.alibi else "")
     return f"""// dQ for one query block, over the key blocks its rows can see.
-kernel void {name}(
+{kernel_attribute(tiles.threads)}
+void {name}(
     {params},
 {THREADGROUP_BUILTINS}) {{
-  threadgroup input_t k_tile[BLOCK_K * HEAD_DIM];
-  threadgroup input_t v_tile[BLOCK_K * HEAD_DIM];
-  const long batch = group.z, head = group.y, kv_head = head / ints[KV_GROUP];
+{_constants("DQ", tiles, f.dtype, f.head_dim, "dq")}
+{tiles_decl}
+  const uint batch = group.z;
+  const int head = int(group.y), kv_head = head / int(ints[KV_GROUP]);
 {_common_setup(spec)}
-  const long first_row = long(group.x) * BLOCK_Q;
+  const int first_row = int(group.x) * BLOCK_Q, first_own = first_row;
   if (first_row >= seqlen_q) return;
-  const long last_row = min(first_row + BLOCK_Q, seqlen_q) - 1;
-  const float slope_log2 = {slope};
-  device const input_t* q_seq = Q + seq.q_offset * ints[Q_ROW] + batch * ints[Q_BATCH] + head * ints[Q_HEAD];
-  device const input_t* do_seq = dO + seq.q_offset * ints[DO_ROW] + batch * ints[DO_BATCH] + head * ints[DO_HEAD];
-  device const input_t* k_seq = K + seq.k_offset * ints[K_ROW] + batch * ints[K_BATCH] + kv_head * ints[K_HEAD];
-  device const input_t* v_seq = V + seq.k_offset * ints[V_ROW] + batch * ints[V_BATCH] + kv_head * ints[V_HEAD];
-  device input_t* dq_seq = dQ + seq.q_offset * ints[DQ_ROW] + batch * ints[DQ_BATCH] + head * ints[DQ_HEAD];
-  const long stats = seq.lse_offset + batch * ints[LSE_BATCH] + head * ints[LSE_HEAD];
+  const int last_row = min(first_row + BLOCK_Q, seqlen_q) - 1, n_own = seqlen_q - first_row;
+  const float slope_log2 = {_slope(spec)};
+  const float softmax_scale = floats[SOFTMAX_SCALE];
+  device const input_t* q_seq = Q + seq.batch * ints[Q_BATCH] + head * ints[Q_HEAD] + seq.q_row * ints[Q_ROW];
+  device const input_t* do_seq = dO + seq.batch * ints[DO_BATCH] + head * ints[DO_HEAD] + seq.q_row * ints[DO_ROW];
+  device const input_t* k_seq = K + seq.batch * ints[K_BATCH] + kv_head * ints[K_HEAD] + seq.k_row * ints[K_ROW];
+  device const input_t* v_seq = V + seq.batch * ints[V_BATCH] + kv_head * ints[V_HEAD] + seq.k_row * ints[V_ROW];
+  device input_t* dq_seq = dQ + seq.batch * ints[DQ_BATCH] + head * ints[DQ_HEAD] + seq.q_row * ints[DQ_ROW];
+  const long stats_at = seq.batch * ints[LSE_BATCH] + head * ints[LSE_HEAD] + seq.q_row;
+  const uint q_stride = uint(ints[Q_ROW]), do_stride = uint(ints[DO_ROW]);
+  const uint k_stride = uint(ints[K_ROW]), v_stride = uint(ints[V_ROW]);
 
-  const long row = first_row + sg * 8 + coord.y;
+  const int row = first_row + sg * 8 + coord.y;  // this lane's query row in every fragment
   const bool row_valid = row < seqlen_q;
-  // A fully masked row has LSE = +inf: its P, and so its gradients, are 0.
-  const float lse_log2 = row_valid && isfinite(LSE[stats + row]) ? LSE[stats + row] * LOG2E : INFINITY;
-  const float d_row = row_valid ? D[stats + row] : 0.0f;
-  simdgroup_float8x8 q_frag[D_FRAGS], do_frag[D_FRAGS], dq_frag[D_FRAGS];
-  for (int d = 0; d < D_FRAGS; ++d) {{
-    q_frag[d].thread_elements() = row_valid ? load_pair(q_seq, row, ints[Q_ROW], d * 8 + coord.x, head_dim) : float2(0.0f);
-    do_frag[d].thread_elements() = row_valid ? load_pair(do_seq, row, ints[DO_ROW], d * 8 + coord.x, head_dim) : float2(0.0f);
-    dq_frag[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-  }}
+  const float2 stats = row_valid ? STATS[stats_at + row] : float2(0.0f);  // (m, log2 l); (0, 0): no key or no row
+  const float d_row = row_valid ? D[stats_at + row] : 0.0f;
+{setup}
+  simdgroup_float8x8 dq_frag[D_FRAGS];
+  {UNROLL}
+  for (int d = 0; d < D_FRAGS; ++d) dq_frag[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
 
-  long key_begin = 0, key_end = seqlen_k;
-{key_range(spec)}
-  for (long k0 = key_begin; k0 < key_end; k0 += BLOCK_K) {{
-    load_tile(k_tile, BLOCK_K, k_seq, ints[K_ROW], k0, seqlen_k, head_dim, tid);
-    load_tile(v_tile, BLOCK_K, v_seq, ints[V_ROW], k0, seqlen_k, head_dim, tid);
+  int key_begin = 0, key_end = seqlen_k;
+{key_range}
+  for (int k0 = key_begin; k0 < key_end; k0 += BLOCK_K) {{  // the key loop
+    const bool edge = k0 + BLOCK_K > seqlen_k;
+    if (edge || RAGGED) {{
+      load_block<THREADS, BLOCK_K, LD_ROWS, false, true>(k_tile, k_seq, index_t(k0) * k_stride, k_stride, seqlen_k - k0, head_dim, tid);
+      load_block<THREADS, BLOCK_K, LD_COLS, true, true>(vt_tile, v_seq, index_t(k0) * v_stride, v_stride, seqlen_k - k0, head_dim, tid);
+    }} else {{
+      load_block<THREADS, BLOCK_K, LD_ROWS, false, false>(k_tile, k_seq, index_t(k0) * k_stride, k_stride, seqlen_k - k0, head_dim, tid);
+      load_block<THREADS, BLOCK_K, LD_COLS, true, false>(vt_tile, v_seq, index_t(k0) * v_stride, v_stride, seqlen_k - k0, head_dim, tid);
+    }}
     threadgroup_barrier(mem_flags::mem_threadgroup);
+    // S = Q K^T and dP = dO V^T.
+    simdgroup_float8x8 s_frag[K_FRAGS], dp_frag[K_FRAGS];
+    {UNROLL}
     for (int kf = 0; kf < K_FRAGS; ++kf) {{
-      // S = Q K^T and dP = dO V^T for 8 keys.
-      simdgroup_float8x8 s = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-      simdgroup_float8x8 dp = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-      for (int d = 0; d < D_FRAGS; ++d) {{
+      s_frag[kf] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+      dp_frag[kf] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    }}
+    {UNROLL}
+    for (int d = 0; d < D_FRAGS; ++d) {{
+      {reads["q"]}
+      {reads["do"]}
+      {UNROLL}
+      for (int kf = 0; kf < K_FRAGS; ++kf) {{
         simdgroup_float8x8 k_t, v_t;  // element (d, key)
-        k_t.thread_elements() = tile_fragment_transposed(k_tile, kf, d, coord);
-        v_t.thread_elements() = tile_fragment_transposed(v_tile, kf, d, coord);
-        simdgroup_multiply_accumulate(s, q_frag[d], k_t, s);
-        simdgroup_multiply_accumulate(dp, do_frag[d], v_t, dp);
+        k_t.thread_elements() = tile_pair_t<LD_ROWS>(k_tile, d * 8, kf * 8, coord);
+        v_t.thread_elements() = tile_pair<LD_COLS>(vt_tile, d * 8, kf * 8, coord);
+        simdgroup_multiply_accumulate(s_frag[kf], q_d, k_t, s_frag[kf]);
+        simdgroup_multiply_accumulate(dp_frag[kf], do_d, v_t, dp_frag[kf]);
       }}
-      // dS = P * (dP - D), through the softcap's tanh.
-      const float2 qk = s.thread_elements(), dpv = dp.thread_elements();
-      float2 ds;
-      for (int e = 0; e < 2; ++e) {{
-        float grad_factor;
-        const float p = probability(qk[e], row, k0 + kf * 8 + coord.x + e, seqlen_q, seqlen_k, lse_log2,
-                                    slope_log2, ints, floats, grad_factor);
-        ds[e] = p * (dpv[e] - d_row) * grad_factor;
-      }}
-      s.thread_elements() = ds;
-      // dQ += dS K.
-      for (int d = 0; d < D_FRAGS; ++d) {{
+    }}
+    // dS = P * (dP - D), through the softcap's tanh; the mask applies only on the blocks it cuts.
+{inside}
+    {UNROLL}
+    for (int kf = 0; kf < K_FRAGS; ++kf) {{
+      const int key0 = k0 + kf * 8 + coord.x;
+      float2 grad_factor;
+      float2 s = scores(s_frag[kf].thread_elements(), floats, grad_factor);{alibi}
+      float2 p = exp2((s - stats.x) - stats.y);
+      if (mask_block) p = select(float2(0.0f), p, bool2({_visible(spec, "row", "key0")}, {_visible(spec, "row", "key0 + 1")}));
+      s_frag[kf].thread_elements() = p * (dp_frag[kf].thread_elements() - d_row) * grad_factor;
+    }}
+    // dQ += dS K.
+    {UNROLL}
+    for (int d = 0; d < D_FRAGS; ++d) {{
+      {UNROLL}
+      for (int kf = 0; kf < K_FRAGS; ++kf) {{
         simdgroup_float8x8 k;  // element (key, d)
-        k.thread_elements() = tile_fragment(k_tile, kf, d, coord);
-        simdgroup_multiply_accumulate(dq_frag[d], s, k, dq_frag[d]);
+        k.thread_elements() = tile_pair<LD_ROWS>(k_tile, kf * 8, d * 8, coord);
+        simdgroup_multiply_accumulate(dq_frag[d], s_frag[kf], k, dq_frag[d]);
       }}
     }}
     threadgroup_barrier(mem_flags::mem_threadgroup);
-  }}
+  }}  // the key loop
 
   if (!row_valid) return;
+  const index_t dq_row = index_t(row) * uint(ints[DQ_ROW]);
+  {UNROLL}
   for (int d = 0; d < D_FRAGS; ++d) {{
-    const float2 g = dq_frag[d].thread_elements() * floats[SOFTMAX_SCALE];
+    const float2 g = dq_frag[d].thread_elements() * softmax_scale;
     const int col = d * 8 + coord.x;
-    if (col < head_dim) dq_seq[row * ints[DQ_ROW] + col] = input_t(g.x);
-    if (col + 1 < head_dim) dq_seq[row * ints[DQ_ROW] + col + 1] = input_t(g.y);
+    if (col < head_dim) dq_seq[dq_row + col] = input_t(g.x);
+    if (col + 1 < head_dim) dq_seq[dq_row + col + 1] = input_t(g.y);
   }}
 }}
 """
 
 
-def _dkdv_kernel(spec: ForwardSpec, name: str, params: str) -> str:
-    slope = "alibi_slopes[batch * ints[ALIBI_BATCH] + head] * LOG2E" if spec.alibi else "0.0f"
-    if spec.masked:
-        query_range = """    const long window_left = ints[WINDOW_LEFT], window_right = ints[WINDOW_RIGHT];
-    if (window_right >= 0) query_begin = max(query_begin, first_key - (seqlen_k - seqlen_q) - window_right);
-    if (window_left >= 0) query_end = min(query_end, last_key - (seqlen_k - seqlen_q) + window_left + 1);
-    query_begin = query_begin / BLOCK_K * BLOCK_K;"""
+def _dkdv_kernel(spec: BackwardSpec, name: str, params: str, part: str) -> str:
+    """`part`: "dkdv" (both accumulators), "dk" or "dv" (one each, for the split at large head dims)."""
+    f, tiles = spec.forward, spec.dkdv
+    want_dk, want_dv = part in ("dkdv", "dk"), part in ("dkdv", "dv")
+    staged = tiles.stationary == "threadgroup"
+    stationary = (("k", ("k_seq", "k_stride")),) + ((("v", ("v_seq", "v_stride")),) if want_dk else ())
+    setup, reads = _stationary(spec, tiles, stationary, "key", "key_valid")
+    own_tiles = ("""
+  threadgroup input_t* k_tile = stats_tile_end;  // K: [BLOCK_Q][LD_OWN]
+  threadgroup input_t* v_tile = k_tile + BLOCK_Q * LD_OWN;  // V: [BLOCK_Q][LD_OWN]""" if staged else "")
+    if f.masked:
+        query_range = """    if (window_right >= 0) query_begin = max(query_begin, first_key - diagonal_offset - window_right);
+    if (window_left >= 0) query_end = min(query_end, last_key - diagonal_offset + window_left + 1);
+    query_begin = max(query_begin, 0) / BLOCK_K * BLOCK_K;"""
+        mask_block = """      // The mask applies per element only on the blocks it cuts (queries and keys past the ends need none: their
+      // Q, dO and K rows are zero-filled, their statistics (0, 0), so they add nothing).
+      const bool mask_block = !((window_left < 0 || first_key >= q0 + BLOCK_K - 1 + diagonal_offset - window_left) &&
+                                (window_right < 0 || first_key + BLOCK_Q - 1 <= q0 + diagonal_offset + window_right));"""
+        masking = (f"\n          if (mask_block) p = select(float2(0.0f), p, bool2({_visible(spec, 'query', 'key')}, "
+                   f"{_visible(spec, 'query + 1', 'key')}));")
     else:
-        query_range = ""
-    return f"""// dK and dV for one key block, over every query head that shares its K/V head and the visible query blocks.
-kernel void {name}(
+        query_range, mask_block, masking = "", "", ""
+    alibi = ("\n          s -= slope_log2 * abs(float2(float(query + diagonal_offset - key), float(query + 1 + diagonal_offset - key)));"
+             if f.alibi else "")
+    dp_mma = ("""
+        simdgroup_float8x8 do_t;  // dO^T: element (d, query)
+        do_t.thread_elements() = tile_pair_t<LD_ROWS>(do_tile, d * 8, qf * 8, coord);
+        simdgroup_multiply_accumulate(dp_t[qf], v_d, do_t, dp_t[qf]);""" if want_dk else "")
+    ds = ("""
+          dp_t[qf].thread_elements() = p * (dp_t[qf].thread_elements() - float2(dd.x, dd.y)) * grad_factor;""" if want_dk else "")
+    accumulate_dv = ("""
+        simdgroup_float8x8 d_o;  // element (query, d)
+        d_o.thread_elements() = tile_pair<LD_ROWS>(do_tile, qf * 8, d * 8, coord);
+        simdgroup_multiply_accumulate(dv_frag[d], s_t[qf], d_o, dv_frag[d]);""" if want_dv else "")
+    accumulate_dk = ("""
+        simdgroup_float8x8 q;  // element (query, d)
+        q.thread_elements() = tile_pair<LD_ROWS>(q_tile, qf * 8, d * 8, coord);
+        simdgroup_multiply_accumulate(dk_frag[d], dp_t[qf], q, dk_frag[d]);""" if want_dk else "")
+    accumulators = " ".join(a for a, on in (("dk_frag[D_FRAGS],", want_dk), ("dv_frag[D_FRAGS],", want_dv)) if on)
+    zero = "\n".join(f"    {a}_frag[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);"
+                     for a, on in (("dk", want_dk), ("dv", want_dv)) if on)
+    stores = []
+    if want_dk:
+        stores.append(("dk", "dK", "DK_ROW", "dk_frag[d].thread_elements() * softmax_scale"))
+    if want_dv:
+        stores.append(("dv", "dV", "DV_ROW", "dv_frag[d].thread_elements()"))
+    store_text = "\n".join(f"""  {{
+    device input_t* out = {buf} + seq.batch * ints[{row_arg.replace('ROW', 'BATCH')}] + kv_head * ints[{row_arg.replace('ROW', 'HEAD')}] + seq.k_row * ints[{row_arg}];
+    const index_t out_row = index_t(key) * uint(ints[{row_arg}]);
+    {UNROLL}
+    for (int d = 0; d < D_FRAGS; ++d) {{
+      const float2 g = {value};
+      const int col = d * 8 + coord.x;
+      if (col < head_dim) out[out_row + col] = input_t(g.x);
+      if (col + 1 < head_dim) out[out_row + col + 1] = input_t(g.y);
+    }}
+  }}""" for _, buf, row_arg, value in stores)
+    what = {"dkdv": "dK and dV", "dk": "dK", "dv": "dV"}[part]
+    return f"""// {what} for one key block, over every query head that shares its K/V head and the visible query blocks.
+{kernel_attribute(tiles.threads)}
+void {name}(
     {params},
 {THREADGROUP_BUILTINS}) {{
-  threadgroup input_t q_tile[BLOCK_K * HEAD_DIM];
-  threadgroup input_t do_tile[BLOCK_K * HEAD_DIM];
-  const long batch = group.z, kv_head = group.y;
+{_constants("KV", tiles, f.dtype, f.head_dim, "dkdv")}
+  threadgroup input_t* q_tile = reinterpret_cast<threadgroup input_t*>(smem);  // Q: [BLOCK_K][LD_ROWS]
+  threadgroup input_t* do_tile = q_tile + BLOCK_K * LD_ROWS;  // dO: [BLOCK_K][LD_ROWS]
+  threadgroup float* m_tile = reinterpret_cast<threadgroup float*>(do_tile + BLOCK_K * LD_ROWS);  // per query: m
+  threadgroup float* l_tile = m_tile + BLOCK_K;  // log2 l
+  threadgroup float* d_tile = l_tile + BLOCK_K;  // D
+  threadgroup input_t* stats_tile_end = reinterpret_cast<threadgroup input_t*>(d_tile + BLOCK_K);{own_tiles}
+  const uint batch = group.z;
+  const int kv_head = int(group.y);
 {_common_setup(spec)}
-  const long first_key = long(group.x) * BLOCK_Q;
+  const int first_key = int(group.x) * BLOCK_Q, first_own = first_key;
   if (first_key >= seqlen_k) return;
-  const long last_key = min(first_key + BLOCK_Q, seqlen_k) - 1;
-  device const input_t* k_seq = K + seq.k_offset * ints[K_ROW] + batch * ints[K_BATCH] + kv_head * ints[K_HEAD];
-  device const input_t* v_seq = V + seq.k_offset * ints[V_ROW] + batch * ints[V_BATCH] + kv_head * ints[V_HEAD];
-  device input_t* dk_seq = dK + seq.k_offset * ints[DK_ROW] + batch * ints[DK_BATCH] + kv_head * ints[DK_HEAD];
-  device input_t* dv_seq = dV + seq.k_offset * ints[DV_ROW] + batch * ints[DV_BATCH] + kv_head * ints[DV_HEAD];
+  const int last_key = min(first_key + BLOCK_Q, seqlen_k) - 1, n_own = seqlen_k - first_key;
+  const float softmax_scale = floats[SOFTMAX_SCALE];
+  device const input_t* k_seq = K + seq.batch * ints[K_BATCH] + kv_head * ints[K_HEAD] + seq.k_row * ints[K_ROW];
+  device const input_t* v_seq = V + seq.batch * ints[V_BATCH] + kv_head * ints[V_HEAD] + seq.k_row * ints[V_ROW];
+  const uint k_stride = uint(ints[K_ROW]), v_stride = uint(ints[V_ROW]);
+  const uint q_stride = uint(ints[Q_ROW]), do_stride = uint(ints[DO_ROW]);
 
-  const long key = first_key + sg * 8 + coord.y;  // this lane's key row in every fragment
+  const int key = first_key + sg * 8 + coord.y;  // this lane's key row in every fragment
   const bool key_valid = key < seqlen_k;
-  simdgroup_float8x8 k_frag[D_FRAGS], v_frag[D_FRAGS], dk_frag[D_FRAGS], dv_frag[D_FRAGS];
+{setup}
+  simdgroup_float8x8 {accumulators.rstrip(',')};
+  {UNROLL}
   for (int d = 0; d < D_FRAGS; ++d) {{
-    k_frag[d].thread_elements() = key_valid ? load_pair(k_seq, key, ints[K_ROW], d * 8 + coord.x, head_dim) : float2(0.0f);
-    v_frag[d].thread_elements() = key_valid ? load_pair(v_seq, key, ints[V_ROW], d * 8 + coord.x, head_dim) : float2(0.0f);
-    dk_frag[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-    dv_frag[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+{zero}
   }}
 
-  for (long head = kv_head * ints[KV_GROUP]; head < (kv_head + 1) * ints[KV_GROUP]; ++head) {{
-    const float slope_log2 = {slope};
-    device const input_t* q_seq = Q + seq.q_offset * ints[Q_ROW] + batch * ints[Q_BATCH] + head * ints[Q_HEAD];
-    device const input_t* do_seq = dO + seq.q_offset * ints[DO_ROW] + batch * ints[DO_BATCH] + head * ints[DO_HEAD];
-    const long stats = seq.lse_offset + batch * ints[LSE_BATCH] + head * ints[LSE_HEAD];
-    long query_begin = 0, query_end = seqlen_q;
+  const int group_size = int(ints[KV_GROUP]);
+  for (int head = kv_head * group_size; head < (kv_head + 1) * group_size; ++head) {{
+    const float slope_log2 = {_slope(spec)};
+    device const input_t* q_seq = Q + seq.batch * ints[Q_BATCH] + head * ints[Q_HEAD] + seq.q_row * ints[Q_ROW];
+    device const input_t* do_seq = dO + seq.batch * ints[DO_BATCH] + head * ints[DO_HEAD] + seq.q_row * ints[DO_ROW];
+    const long stats_at = seq.batch * ints[LSE_BATCH] + head * ints[LSE_HEAD] + seq.q_row;
+    device const float2* stats_seq = STATS + stats_at;
+    device const float* d_seq = D + stats_at;
+    int query_begin = 0, query_end = seqlen_q;
 {query_range}
-    for (long q0 = query_begin; q0 < query_end; q0 += BLOCK_K) {{
-      load_tile(q_tile, BLOCK_K, q_seq, ints[Q_ROW], q0, seqlen_q, head_dim, tid);
-      load_tile(do_tile, BLOCK_K, do_seq, ints[DO_ROW], q0, seqlen_q, head_dim, tid);
+    for (int q0 = query_begin; q0 < query_end; q0 += BLOCK_K) {{  // the query loop
+      const bool edge = q0 + BLOCK_K > seqlen_q;
+      if (edge || RAGGED) {{
+        load_block<THREADS, BLOCK_K, LD_ROWS, false, true>(q_tile, q_seq, index_t(q0) * q_stride, q_stride, seqlen_q - q0, head_dim, tid);
+        load_block<THREADS, BLOCK_K, LD_ROWS, false, true>(do_tile, do_seq, index_t(q0) * do_stride, do_stride, seqlen_q - q0, head_dim, tid);
+      }} else {{
+        load_block<THREADS, BLOCK_K, LD_ROWS, false, false>(q_tile, q_seq, index_t(q0) * q_stride, q_stride, seqlen_q - q0, head_dim, tid);
+        load_block<THREADS, BLOCK_K, LD_ROWS, false, false>(do_tile, do_seq, index_t(q0) * do_stride, do_stride, seqlen_q - q0, head_dim, tid);
+      }}
+      if (tid < BLOCK_K) {{  // each query's statistics, once per block: (0, 0) and D = 0 past the sequence's end
+        const bool valid = q0 + tid < seqlen_q;
+        const float2 stats = valid ? stats_seq[q0 + tid] : float2(0.0f);
+        m_tile[tid] = stats.x;
+        l_tile[tid] = stats.y;
+        d_tile[tid] = valid ? d_seq[q0 + tid] : 0.0f;
+      }}
       threadgroup_barrier(mem_flags::mem_threadgroup);
+      // S^T = K Q^T{" and dP^T = V dO^T" if want_dk else ""}.
+      simdgroup_float8x8 s_t[K_FRAGS], dp_t[K_FRAGS];
+      {UNROLL}
       for (int qf = 0; qf < K_FRAGS; ++qf) {{
-        // S^T = K Q^T and dP^T = V dO^T for 8 queries.
-        simdgroup_float8x8 s_t = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-        simdgroup_float8x8 dp_t = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-        for (int d = 0; d < D_FRAGS; ++d) {{
-          simdgroup_float8x8 q_t, do_t;  // element (d, query)
-          q_t.thread_elements() = tile_fragment_transposed(q_tile, qf, d, coord);
-          do_t.thread_elements() = tile_fragment_transposed(do_tile, qf, d, coord);
-          simdgroup_multiply_accumulate(s_t, k_frag[d], q_t, s_t);
-          simdgroup_multiply_accumulate(dp_t, v_frag[d], do_t, dp_t);
+        s_t[qf] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+        dp_t[qf] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+      }}
+      {UNROLL}
+      for (int d = 0; d < D_FRAGS; ++d) {{
+        {reads["k"]}
+        {reads.get("v", "")}
+        {UNROLL}
+        for (int qf = 0; qf < K_FRAGS; ++qf) {{
+        simdgroup_float8x8 q_t;  // Q^T: element (d, query)
+        q_t.thread_elements() = tile_pair_t<LD_ROWS>(q_tile, d * 8, qf * 8, coord);
+        simdgroup_multiply_accumulate(s_t[qf], k_d, q_t, s_t[qf]);{dp_mma}
         }}
-        const float2 qk = s_t.thread_elements(), dpv = dp_t.thread_elements();
-        float2 p_t, ds_t;
-        for (int e = 0; e < 2; ++e) {{
-          const long query = q0 + qf * 8 + coord.x + e;
-          const bool query_valid = query < seqlen_q;
-          const float lse = query_valid ? LSE[stats + query] : INFINITY;
-          const float lse_log2 = isfinite(lse) ? lse * LOG2E : INFINITY;
-          float grad_factor;
-          p_t[e] = key_valid && isfinite(lse_log2) ?
-              probability(qk[e], query, key, seqlen_q, seqlen_k, lse_log2, slope_log2, ints, floats, grad_factor) : 0.0f;
-          ds_t[e] = p_t[e] == 0.0f ? 0.0f : p_t[e] * (dpv[e] - D[stats + query]) * grad_factor;
+      }}
+{mask_block}
+      {UNROLL}
+      for (int qf = 0; qf < K_FRAGS; ++qf) {{
+        const int at = qf * 8 + coord.x, query = q0 + at;
+        const float2 m = *reinterpret_cast<threadgroup const float2*>(m_tile + at);
+        const float2 l = *reinterpret_cast<threadgroup const float2*>(l_tile + at);
+        const float2 dd = *reinterpret_cast<threadgroup const float2*>(d_tile + at);
+        float2 grad_factor;
+        {{
+          float2 s = scores(s_t[qf].thread_elements(), floats, grad_factor);{alibi}
+          float2 p = exp2((s - m) - l);{masking}
+          s_t[qf].thread_elements() = p;{ds}
         }}
-        s_t.thread_elements() = p_t;
-        dp_t.thread_elements() = ds_t;
-        // dV += P^T dO and dK += dS^T Q.
-        for (int d = 0; d < D_FRAGS; ++d) {{
-          simdgroup_float8x8 q, d_o;  // element (query, d)
-          q.thread_elements() = tile_fragment(q_tile, qf, d, coord);
-          d_o.thread_elements() = tile_fragment(do_tile, qf, d, coord);
-          simdgroup_multiply_accumulate(dv_frag[d], s_t, d_o, dv_frag[d]);
-          simdgroup_multiply_accumulate(dk_frag[d], dp_t, q, dk_frag[d]);
+      }}
+      // {" and ".join(x for x, on in (("dV += P^T dO", want_dv), ("dK += dS^T Q", want_dk)) if on)}.
+      {UNROLL}
+      for (int d = 0; d < D_FRAGS; ++d) {{
+        {UNROLL}
+        for (int qf = 0; qf < K_FRAGS; ++qf) {{{accumulate_dv}{accumulate_dk}
         }}
       }}
       threadgroup_barrier(mem_flags::mem_threadgroup);
-    }}
+    }}  // the query loop
   }}
 
   if (!key_valid) return;
-  for (int d = 0; d < D_FRAGS; ++d) {{
-    const float2 gk = dk_frag[d].thread_elements() * floats[SOFTMAX_SCALE];
-    const float2 gv = dv_frag[d].thread_elements();
-    const int col = d * 8 + coord.x;
-    if (col < head_dim) {{
-      dk_seq[key * ints[DK_ROW] + col] = input_t(gk.x);
-      dv_seq[key * ints[DV_ROW] + col] = input_t(gv.x);
-    }}
-    if (col + 1 < head_dim) {{
-      dk_seq[key * ints[DK_ROW] + col + 1] = input_t(gk.y);
-      dv_seq[key * ints[DV_ROW] + col + 1] = input_t(gv.y);
-    }}
-  }}
+{store_text}
 }}
 """

@@ -1,33 +1,35 @@
 """What routing calls to run an `AttentionProblem` on the Metal kernels.
 
     unsupported_reason(problem, needs_grad) -> str | None   # None: the kernels run it
-    forward(problem, backend_name) -> (out, lse)            # backend_name: "mps" or "emulator"
+    forward(problem, backend_name) -> (out, lse, stats)     # backend_name: "mps" or "emulator"
     forward_launch(problem, backend_name) -> ForwardLaunch  # the same launch, replayable on other tensors
     side_buffers(problem) -> [tensor]                       # what a launch takes after q, k, v
-    backward(problem, out, lse, dout, backend_name) -> (dq, dk, dv)
+    backward(problem, out, stats, dout, backend_name) -> (dq, dk, dv)
+    stats_from_lse(lse) -> stats                            # for callers that kept only the LSE
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Sequence
 
 import torch
 
 from ..problem import AttentionProblem
 from ..runtime.backend import Backend, Kernel, get_backend
 from ..runtime.device import gpu_cores, gpu_family
-from .backward import backward_source
+from . import decode, decode_combine
+from .backward import PREPROCESS_ROWS, backward_source
 from .backward import kernel_names as backward_kernel_names
 from .forward import FLOAT_ARGS, INT_ARGS, combine_name, forward_source
-from .msl import side_buffer_names
 from .launch import ForwardLaunch
-from .spec import MSL_TYPES, ForwardSpec
+from .msl import side_buffer_names
+from .spec import MAX_VEC, MSL_TYPES, BackwardSpec, ForwardSpec
 from .tiles import key_splits, packed_heads
 
 LOG2E = math.log2(math.e)
-PREPROCESS_THREADS = 128  # one thread per query row
-COMBINE_THREADS = 64  # split-KV combine: one thread per (query row, head)
 
 
 def native_features() -> str:
@@ -41,21 +43,59 @@ def unsupported_reason(problem: AttentionProblem, needs_grad: bool) -> str | Non
         return "the Metal device is not Apple silicon (the kernels need simdgroup_matrix: Apple7/M1 or newer)"
     if problem.dropout_p > 0:
         return "dropout runs on the PyTorch reference"
+    # Until the generated kernels read them (the problem carries them; reference.py defines their semantics):
+    if problem.attn_mask is not None:
+        return "the kernels do not read attention masks (attn_mask) yet"
+    if problem.sinks is not None:
+        return "the kernels do not read attention sinks yet"
+    if problem.top_left_matters:
+        return "the kernels align causal/local masks and ALiBi bottom-right only (top-left is pending)"
     return None
 
 
 @functools.lru_cache(maxsize=1024)
 def _cached_spec(dtype: torch.dtype, head_dim: int, varlen: bool, masked: bool, softcap: bool,
-                 alibi: bool, kv_cache: str, split_kv: bool) -> ForwardSpec:
+                 alibi: bool, kv_cache: str, split_kv: bool, vec: int, wide: bool) -> ForwardSpec:
     return ForwardSpec.for_call(MSL_TYPES[str(dtype).removeprefix("torch.")], head_dim, gpu_family(),
                                 varlen=varlen, masked=masked, softcap=softcap, alibi=alibi, kv_cache=kv_cache,
-                                split_kv=split_kv)
+                                split_kv=split_kv, vec=vec, wide=wide)
 
 
 def _spec(p: AttentionProblem, split_kv: bool = False) -> ForwardSpec:
     cache = "" if p.kv_cache is None else "paged" if p.kv_cache.paged else "dense"
+    tensors = (p.q, p.k, p.v)
     return _cached_spec(p.q.dtype, p.head_dim, p.is_varlen, p.window_left >= 0 or p.window_right >= 0,
-                        p.softcap > 0, p.alibi_slopes is not None, cache, split_kv)
+                        p.softcap > 0, p.alibi_slopes is not None, cache, split_kv, load_vec(tensors),
+                        any(_span(t) >= WIDE_ELEMENTS for t in tensors))
+
+
+def forget_tiles() -> None:
+    """Drop the specs chosen so far and the launches remembered with them (kernels/tuning.py calls this when the
+    tuned table or a trial changes the tiles)."""
+    from .. import fastpath
+
+    _cached_spec.cache_clear()
+    _backward_spec.cache_clear()
+    fastpath.clear()
+
+
+WIDE_ELEMENTS = 1 << 32  # a tensor spanning this many elements needs 64-bit offsets (ForwardSpec.wide)
+
+
+def _span(t: torch.Tensor) -> int:
+    """Elements between the start of t's storage and its last element: what an offset into it can reach."""
+    return t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0) + 1
+
+
+def load_vec(tensors: Sequence[torch.Tensor], widest: int = MAX_VEC) -> int:
+    """The widest vector (elements) the block loaders may read from all of `tensors`: their storage offsets and
+    strides (but the last, 1) must be multiples of it, so every vector read is naturally aligned (buffers
+    themselves are 16-byte aligned). ForwardSpec.for_call narrows it further to divide the real head dim."""
+    vec = widest
+    for t in tensors:
+        while vec > 1 and (t.storage_offset() % vec or any(s % vec for s in t.stride()[:-1])):
+            vec //= 2
+    return vec
 
 
 def _strides(strides: tuple[int, ...], varlen: bool) -> list[int]:
@@ -80,13 +120,21 @@ def _launch_arguments(p: AttentionProblem, out_strides: tuple[int, ...], lse_str
         0 if varlen else p.q.shape[1], 0 if varlen else p.k.shape[1], p.head_dim, p.nheads // p.nheads_k,
         *_strides(p.q.stride(), varlen), *_strides(p.k.stride(), varlen), *_strides(p.v.stride(), varlen),
         *_strides(out_strides, varlen), *([0, lse_strides[0]] if varlen else lse_strides[:2]),
-        p.window_left, p.window_right, alibi.shape[-1] if alibi is not None and alibi.dim() == 2 else 0,
+        *_windows(p), alibi.shape[-1] if alibi is not None and alibi.dim() == 2 else 0,
         *_paging(p), packed_heads, splits, p.nheads, p.max_seqlen_q, p.batch * p.nheads * p.max_seqlen_q,
     ]
     score_scale = p.softmax_scale / p.softcap if p.softcap > 0 else p.softmax_scale * LOG2E
     floats = [score_scale, p.softcap * LOG2E]
     assert len(ints) == len(INT_ARGS) and len(floats) == len(FLOAT_ARGS)
     return ints, floats
+
+
+def _windows(p: AttentionProblem) -> tuple[int, int]:
+    """The window as the kernels take it: a side at least as long as every sequence is unbounded (-1), which keeps
+    the kernels' 32-bit mask arithmetic in range."""
+    left = -1 if p.window_left >= p.max_seqlen_k else p.window_left
+    right = -1 if p.window_right >= p.max_seqlen_q else p.window_right
+    return left, right
 
 
 def _paging(p: AttentionProblem) -> list[int]:
@@ -120,12 +168,20 @@ def _forward_kernels(spec: ForwardSpec, backend: Backend) -> tuple[Kernel, ...]:
 
 
 @functools.lru_cache(maxsize=256)
-def _backward_kernels(spec: ForwardSpec, backend: Backend):
+def _backward_spec(forward_spec: ForwardSpec) -> BackwardSpec:
+    return BackwardSpec.of(forward_spec, gpu_family())
+
+
+@functools.lru_cache(maxsize=256)
+def _backward_kernels(spec: BackwardSpec, backend: Backend) -> tuple[Kernel, ...]:
     library = backend.compile(backward_source(spec))
     return tuple(getattr(library, name) for name in backward_kernel_names(spec))
 
 
 def forward_launch(p: AttentionProblem, backend_name: str) -> ForwardLaunch:
+    launch = decode.plan(p, _backend(p, backend_name))  # short queries: the vector kernels
+    if launch is not None:
+        return launch
     tiles = _spec(p).tiles
     packed = packed_heads(p.max_seqlen_q, p.nheads, p.nheads_k, tiles.block_q)
     query_blocks = -(-p.max_seqlen_q * packed // tiles.block_q)
@@ -141,35 +197,50 @@ def forward_launch(p: AttentionProblem, backend_name: str) -> ForwardLaunch:
     steps = [(kernels[0], [query_blocks * splits * tiles.threads, head_groups, p.batch], [tiles.threads, 1, 1])]
     if splits == 1:
         return ForwardLaunch(steps, ints, floats, lse_shape)
-    rows = COMBINE_THREADS * -(-p.max_seqlen_q // COMBINE_THREADS)
-    steps.append((kernels[1], [rows, p.nheads, p.batch], [COMBINE_THREADS, 1, 1]))
+    steps.append((kernels[1], *decode_combine.combine_grid(p.max_seqlen_q, p.nheads, p.batch)))
     return ForwardLaunch(steps, ints, floats, lse_shape, partial_rows=splits * p.batch * p.nheads * p.max_seqlen_q,
                          partial_cols=spec.head_dim)
 
 
-def forward(p: AttentionProblem, backend_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(p: AttentionProblem, backend_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, stats): stats are what `backward` reads (ForwardLaunch)."""
     return forward_launch(p, backend_name)(p.q, p.k, p.v, side_buffers(p))
 
 
-def backward(p: AttentionProblem, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+def stats_from_lse(lse: torch.Tensor) -> torch.Tensor:
+    """The backward's statistics (row maximum, log2 of the row sum; log2 units) that make P = exp(S - lse) from a
+    natural-log LSE alone: (lse log2 e, 0), and (0, 0) for rows that saw no key (lse = +inf). Exact statistics
+    come from the forward itself (ForwardLaunch); these lose log2 l's bits where |lse| is large."""
+    m = torch.where(torch.isinf(lse), 0.0, lse * LOG2E)
+    return torch.stack((m, torch.zeros_like(m)), dim=-1).float()
+
+
+def backward(p: AttentionProblem, out: torch.Tensor, stats: torch.Tensor, dout: torch.Tensor,
              backend_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv for the gradient `dout` of `out` (P is recomputed from `lse`; nothing N x N is stored)."""
-    spec = _spec(p)
+    """dq, dk, dv for the gradient `dout` of `out` (P is recomputed from the forward's `stats`; nothing N x N is
+    stored)."""
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
+    forward_spec = _spec(p)
+    vec = load_vec((dout,), forward_spec.vec)
+    if vec != forward_spec.vec:
+        forward_spec = dataclasses.replace(forward_spec, vec=vec)
+    spec = _backward_spec(forward_spec)
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (p.q, p.k, p.v))
-    row_sums = torch.empty_like(lse)  # D = rowsum(dO * O)
-    ints, floats = _launch_arguments(p, out.stride(), lse.stride(), packed_heads=1, splits=1)  # neither applies here
+    row_sums = stats.new_empty(stats.shape[:-1])  # D = rowsum(dO * O)
+    ints, floats = _launch_arguments(p, out.stride(), _contiguous_strides(row_sums.shape), packed_heads=1, splits=1)
     for t in (dout, dq, dk, dv):
         ints += _strides(t.stride(), p.is_varlen)
     floats += [p.softmax_scale, 1.0 / p.softcap if p.softcap > 0 else 0.0]
-    preprocess, dq_kernel, dkdv_kernel = _backward_kernels(spec, _backend(p, backend_name))
-    args = (p.q, p.k, p.v, out, dout, lse, row_sums, dq, dk, dv, ints, floats, *side_buffers(p))
-    rows = PREPROCESS_THREADS * -(-p.max_seqlen_q // PREPROCESS_THREADS)
-    preprocess(*args, threads=[rows, p.nheads, p.batch], group_size=[PREPROCESS_THREADS, 1, 1])
-    threads = spec.tiles.threads
-    query_blocks = -(-p.max_seqlen_q // spec.block_q)
-    dq_kernel(*args, threads=[query_blocks * threads, p.nheads, p.batch], group_size=[threads, 1, 1])
-    key_blocks = -(-p.max_seqlen_k // spec.block_q)
-    dkdv_kernel(*args, threads=[key_blocks * threads, p.nheads_k, p.batch], group_size=[threads, 1, 1])
+    preprocess, dq_kernel, *dkdv_kernels = _backward_kernels(spec, _backend(p, backend_name))
+    args = (p.q, p.k, p.v, out, dout, stats, row_sums, dq, dk, dv, ints, floats, *side_buffers(p))
+    rows = -(-p.max_seqlen_q // PREPROCESS_ROWS)  # a SIMD group per query row
+    preprocess(*args, threads=[rows * 32 * PREPROCESS_ROWS, p.nheads, p.batch], group_size=[32 * PREPROCESS_ROWS, 1, 1])
+    t = spec.dq
+    dq_kernel(*args, threads=[-(-p.max_seqlen_q // t.block_q) * t.threads, p.nheads, p.batch],
+              group_size=[t.threads, 1, 1])
+    t = spec.dkdv
+    for kernel in dkdv_kernels:
+        kernel(*args, threads=[-(-p.max_seqlen_k // t.block_q) * t.threads, p.nheads_k, p.batch],
+               group_size=[t.threads, 1, 1])
     return dq, dk, dv

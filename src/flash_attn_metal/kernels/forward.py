@@ -3,24 +3,37 @@
 The algorithm, per threadgroup (one query block of one head of one sequence; with GQA packing the block's rows
 are (query row, head) pairs of one K/V head's group; with split-KV, one share of the key blocks):
 
-    Q fragments <- this SIMD group's 8 query rows (fp32, kept for the whole kernel)
+    Q <- this threadgroup's query rows (fp32 fragments in registers, or staged in threadgroup memory)
     for each key block that the causal/local mask (and the split) leaves visible:
-        tile <- K block;  S = Q K^T                    (8x8 simdgroup matrices, fp32 accumulation)
-        tile <- V block;  scale S to log2 units, apply softcap, ALiBi and (on boundary blocks only) the mask
-        online softmax: new max m', P = exp2(S - m'), l = l * exp2(m - m') + rowsum(P), O *= exp2(m - m')
+        tile <- K^T block;  S = Q K^T                   (8x8 simdgroup matrices, fp32 accumulation)
+        tile <- V block (issued before the softmax, which it overlaps)
+        S in log2 units, softcap, ALiBi, and the mask on the blocks it cuts
+        online softmax: m' = max(m, rowmax S), P = exp2(S - m'), l = l exp2(m - m') + rowsum P, O *= exp2(m - m')
         O += P V
-    O /= l, written once in the input dtype; LSE = (m + log2 l) * ln 2, in fp32
-    (split-KV: both in fp32 per split, and a combine kernel merges the splits through their LSE)
+    O /= l, written once in the input dtype; LSE = (m + log2 l) ln 2; the backward's statistics (m, log2 l)
+    (split-KV: O and the LSE in fp32 per split, and decode_combine.py's kernel merges the splits)
 
-Every fragment is fp32 (as MLX's steel attention does): elements are loaded by each lane in Apple's
-simdgroup_matrix layout and converted from the input dtype, so half, bfloat and float share one code path.
+This is MLX's steel attention forward (threadgroup tiles padded by 16 bytes, K stored transposed, V loaded
+before the softmax, every fragment in fp32) with the block loaders and register choices of kernels/tiles.py.
+The statistics keep the row maximum m and log2 l apart, so the backward recomputes P = exp2((S - m) - log2 l)
+exactly as the forward made it even where |S| is large (a single rounded LSE would lose log2 l's bits there).
 """
 
 from __future__ import annotations
 
-from .msl import HELPERS, PAGED_HELPERS, THREADGROUP_BUILTINS, key_range, parameter_list, side_buffer_names
+from .msl import (
+    THREADGROUP_BUILTINS,
+    UNROLL,
+    finish_header,
+    header,
+    kernel_attribute,
+    key_range,
+    parameter_list,
+    side_buffer_names,
+)
+from . import decode_combine
 from .spec import ForwardSpec
-from .tiles import MAX_SPLITS
+from .tiles import row_stride, threadgroup_bytes
 
 # Run-time integer arguments, in the order dispatch.py packs them into the `ints` buffer.
 INT_ARGS = (
@@ -39,11 +52,12 @@ FLOAT_ARGS = ("SCORE_SCALE", "SOFTCAP_LOG2")
 
 
 def buffer_names(spec: ForwardSpec) -> list[str]:
-    """The kernel's buffers in [[buffer(i)]] order. A split-KV forward writes fp32 partial outputs, and its combine
-    kernel (same buffers) merges them into O and LSE."""
+    """The kernel's buffers in [[buffer(i)]] order. A split-KV forward writes fp32 partial outputs and log2 LSEs in
+    decode_combine.py's layout, and the combine kernel there (same buffers) merges them into O, LSE and STATS."""
     if spec.split_kv:
-        return ["Q", "K", "V", "O_partial", "LSE_partial", "ints", "floats", *side_buffer_names(spec), "O", "LSE"]
-    return ["Q", "K", "V", "O", "LSE", "ints", "floats", *side_buffer_names(spec)]
+        return ["Q", "K", "V", "O_partial", "LSE_partial", "ints", "floats", *side_buffer_names(spec), "O", "LSE",
+                "STATS"]
+    return ["Q", "K", "V", "O", "LSE", "STATS", "ints", "floats", *side_buffer_names(spec)]
 
 
 def combine_name(spec: ForwardSpec) -> str:
@@ -52,178 +66,227 @@ def combine_name(spec: ForwardSpec) -> str:
 
 def forward_source(spec: ForwardSpec) -> str:
     t = spec.dtype
-    threads = spec.block_q // 8 * 32
+    tiles = spec.tiles
     declarations = {
         "Q": f"device const {t}* Q", "K": f"device const {t}* K", "V": f"device const {t}* V",
-        "O": f"device {t}* O", "LSE": "device float* LSE", "ints": "constant long* ints",
-        "floats": "constant float* floats", "O_partial": "device float* O_partial",
-        "LSE_partial": "device float* LSE_partial",
+        "O": f"device {t}* O", "LSE": "device float* LSE", "STATS": "device float2* STATS",
+        "ints": "constant long* ints", "floats": "constant float* floats",
+        "O_partial": "device float* O_partial", "LSE_partial": "device float* LSE_partial",
     }
     params = parameter_list(declarations, buffer_names(spec))
-    int_enum = ", ".join(INT_ARGS)
-    float_enum = ", ".join(FLOAT_ARGS)
-    return f"""#include <metal_stdlib>
-using namespace metal;
-
+    enums = f"enum IntArg {{ {', '.join(INT_ARGS)} }};\nenum FloatArg {{ {', '.join(FLOAT_ARGS)} }};"
+    smem = threadgroup_bytes("forward", tiles, spec.head_dim, t)
+    text = header(spec, enums) + f"""
 // {spec.name}: FlashAttention forward, generated by flash-attn-metal.
-// One threadgroup per (query block and key split, head or GQA group, sequence); K and V blocks stream
-// through threadgroup memory.
-typedef {t} input_t;
-constant int HEAD_DIM = {spec.head_dim};  // padded to a multiple of 8; the real head dim is ints[HEAD_DIM_REAL]
-constant int BLOCK_Q = {spec.block_q};    // query rows per threadgroup, 8 per SIMD group
-constant int BLOCK_K = {spec.block_k};    // keys per K/V block
-constant int THREADS = {threads};
-constant int D_FRAGS = HEAD_DIM / 8;  // 8x8 fragments across the head dim
-constant int K_FRAGS = BLOCK_K / 8;   // 8x8 fragments across a key block
-constant float LN2 = 0.69314718055994531f;
-constant float LOG2E = 1.44269504088896341f;
-constant float MASKED = -1.0e30f;     // a masked score in log2 units: finite, and exp2 of it is 0
-constant int MAX_SPLITS = {MAX_SPLITS};    // split-KV: the most key splits per query block
+// One threadgroup per (query block and key split, head or GQA group, sequence); K and V blocks stream through
+// threadgroup memory.
+constant constexpr int BLOCK_Q = {tiles.block_q};  // query rows per threadgroup, 8 per SIMD group
+constant constexpr int THREADS = {tiles.threads};
+constant constexpr int BLOCK_K = {tiles.block_k};  // keys per K/V block
+constant constexpr int K_FRAGS = BLOCK_K / 8;  // 8x8 fragments across a key block
+constant constexpr int LD_Q = {row_stride(spec.head_dim, t)};  // staged Q: [BLOCK_Q][LD_Q]
+constant constexpr int LD_KT = {row_stride(tiles.block_k, t)};  // K^T: [HEAD_DIM][LD_KT]
+constant constexpr int LD_V = {row_stride(spec.head_dim, t)};  // V: [BLOCK_K][LD_V]
+constant constexpr int KV_TILE = {max(spec.head_dim * row_stride(tiles.block_k, t), tiles.block_k * row_stride(spec.head_dim, t))};  // one tile holds K^T, then V
+constant constexpr int SMEM_VECTORS = {-(-smem // 16)};  // threadgroup memory in 16-byte units
 
-enum IntArg {{ {int_enum} }};
-enum FloatArg {{ {float_enum} }};
-
-{HELPERS}{PAGED_HELPERS if spec.kv_cache == "paged" else ""}
 {_kernel(spec, params)}{_combine_kernel(spec, params) if spec.split_kv else ""}"""
+    return finish_header(text, spec.vec)
 
 
 def _locate(spec: ForwardSpec) -> str:
-    """MSL giving this sequence's lengths and the offsets of its first q, k, v, out and lse elements."""
+    """MSL giving this sequence's lengths and the 64-bit offsets of its first q, k, v, out and lse elements."""
     if spec.kv_cache == "dense":
         return """  // Sequence b attends to rows cache_leftpad[b] .. cache_seqlens[b] - 1 of cache slot cache_batch_idx[b].
-  const long seqlen_q = ints[SEQLEN_Q];
-  const long k_first = cache_leftpad[batch], seqlen_k = cache_seqlens[batch] - k_first;
+  const int seqlen_q = int(ints[SEQLEN_Q]);
+  const int k_first = cache_leftpad[batch], seqlen_k = cache_seqlens[batch] - k_first;
   const long slot = cache_batch_idx[batch];
   const long q_start = batch * ints[Q_BATCH], o_start = batch * ints[O_BATCH], lse_start = batch * ints[LSE_BATCH];
   const long k_start = slot * ints[K_BATCH] + k_first * ints[K_ROW];
   const long v_start = slot * ints[V_BATCH] + k_first * ints[V_ROW];"""
     if spec.kv_cache == "paged":
         return """  // Sequence b attends to its rows 0 .. cache_seqlens[b] - 1, found through its row of the block table.
-  const long seqlen_q = ints[SEQLEN_Q], seqlen_k = cache_seqlens[batch];
+  const int seqlen_q = int(ints[SEQLEN_Q]), seqlen_k = cache_seqlens[batch];
   device const int* pages = block_table + batch * ints[TABLE_STRIDE];
   const long q_start = batch * ints[Q_BATCH], o_start = batch * ints[O_BATCH], lse_start = batch * ints[LSE_BATCH];
   const long k_start = 0, v_start = 0;  // rows are addressed through `pages`"""
     if spec.varlen:
-        return """  const long q_offset = cu_seqlens_q[batch], k_offset = cu_seqlens_k[batch];
-  const long seqlen_q = cu_seqlens_q[batch + 1] - q_offset, seqlen_k = cu_seqlens_k[batch + 1] - k_offset;
+        return """  const int q_offset = cu_seqlens_q[batch], k_offset = cu_seqlens_k[batch];
+  const int seqlen_q = cu_seqlens_q[batch + 1] - q_offset, seqlen_k = cu_seqlens_k[batch + 1] - k_offset;
   const long q_start = q_offset * ints[Q_ROW], k_start = k_offset * ints[K_ROW];
   const long v_start = k_offset * ints[V_ROW], o_start = q_offset * ints[O_ROW], lse_start = q_offset;"""
-    return """  const long seqlen_q = ints[SEQLEN_Q], seqlen_k = ints[SEQLEN_K];
+    return """  const int seqlen_q = int(ints[SEQLEN_Q]), seqlen_k = int(ints[SEQLEN_K]);
   const long q_start = batch * ints[Q_BATCH], k_start = batch * ints[K_BATCH];
   const long v_start = batch * ints[V_BATCH], o_start = batch * ints[O_BATCH], lse_start = batch * ints[LSE_BATCH];"""
 
 
-def _load_block(spec: ForwardSpec, matrix: str) -> str:
-    """MSL loading key block k0 of K or V (`matrix`) into kv_tile."""
+def _load_block(spec: ForwardSpec, matrix: str, checked: str) -> str:
+    """MSL loading key block k0 of K (transposed, into the K^T layout) or V into kv_tile."""
+    transposed, ld = ("true", "LD_KT") if matrix == "K" else ("false", "LD_V")
+    base = f"{matrix.lower()}_seq"
     if spec.kv_cache == "paged":
-        return (f"load_paged_tile(kv_tile, BLOCK_K, {matrix.lower()}_seq, ints[{matrix}_BATCH], ints[{matrix}_ROW], "
-                f"pages, ints[PAGE_SIZE], k0, seqlen_k, head_dim, tid)")
-    return f"load_tile(kv_tile, BLOCK_K, {matrix.lower()}_seq, ints[{matrix}_ROW], k0, seqlen_k, head_dim, tid)"
+        return (f"load_paged_block<THREADS, BLOCK_K, {ld}, {transposed}, {checked}>(kv_tile, {base}, pages, k0, page_size, "
+                f"{matrix.lower()}_page_stride, {matrix.lower()}_stride, seqlen_k - k0, head_dim, tid)")
+    return (f"load_block<THREADS, BLOCK_K, {ld}, {transposed}, {checked}>(kv_tile, {base}, index_t(k0) * "
+            f"{matrix.lower()}_stride, {matrix.lower()}_stride, seqlen_k - k0, head_dim, tid)")
+
+
+def _stage_q(spec: ForwardSpec) -> str:
+    if spec.tiles.stationary == "device":
+        return """  // Q, read from device memory (and the caches) at every block.
+  const index_t q_row = index_t(row) * uint(ints[Q_ROW]);"""
+    if spec.tiles.stationary == "registers":
+        return """  // Q, in registers for the whole kernel.
+  simdgroup_float8x8 q_frag[D_FRAGS];
+  const index_t q_row = index_t(row) * uint(ints[Q_ROW]);
+  """ + UNROLL + """
+  for (int d = 0; d < D_FRAGS; ++d)
+    q_frag[d].thread_elements() = row_valid ? device_pair(q_seq, q_row, d * 8 + coord.x, head_dim) : float2(0.0f);"""
+    return """  // Q, staged once in threadgroup memory (tile row r is packed row first_packed + r) and re-read at every block.
+  """ + UNROLL + """
+  for (int s = 0; s < (BLOCK_Q * (HEAD_DIM / VEC) + THREADS - 1) / THREADS; ++s) {
+    const int i = s * THREADS + tid, r = i / (HEAD_DIM / VEC), c = i % (HEAD_DIM / VEC) * VEC;
+    if (r >= BLOCK_Q) break;
+    const int p = first_packed + r, q_r = p / packed_heads, q_h = first_head + p % packed_heads;
+    const bool inside = q_r < seqlen_q && c < head_dim;
+    *reinterpret_cast<threadgroup load_t*>(q_tile + r * LD_Q + c) = inside ?
+        *reinterpret_cast<device const load_t*>(Q + q_start + q_h * ints[Q_HEAD] + q_r * ints[Q_ROW] + c) : load_t(0);
+  }"""
+
+
+def _q_fragment(spec: ForwardSpec) -> tuple[str, str]:
+    """(MSL reading fragment d of Q at the start of each d iteration, the expression naming it)."""
+    if spec.tiles.stationary == "registers":
+        return "", "q_frag[d]"
+    if spec.tiles.stationary == "device":
+        return """      simdgroup_float8x8 q_d;
+      q_d.thread_elements() = row_valid ? device_pair(q_seq, q_row, d * 8 + coord.x, head_dim) : float2(0.0f);
+""", "q_d"
+    return """      simdgroup_float8x8 q_d;
+      q_d.thread_elements() = tile_pair<LD_Q>(q_tile, sg * 8, d * 8, coord);
+""", "q_d"
 
 
 def _kernel(spec: ForwardSpec, params: str) -> str:
     if spec.masked:
-        block_visible = """    // Masks apply per element only on blocks that some (row, key) of the window cuts.
-    const bool inside = (window_left < 0 || k0 >= last_row + seqlen_k - seqlen_q - window_left) &&
-                        (window_right < 0 || k0 + BLOCK_K - 1 <= first_row + seqlen_k - seqlen_q + window_right);
-    const bool mask_block = !inside || k0 + BLOCK_K > seqlen_k;"""
+        mask_block = """    // The mask applies per element only on blocks that some (row, key) pair of the window excludes.
+    const bool inside = (window_left < 0 || k0 >= last_row + diagonal_offset - window_left) &&
+                        (window_right < 0 || k0 + BLOCK_K - 1 <= first_row + diagonal_offset + window_right);
+    const bool mask_block = edge || !inside;"""
         visible = ("key < seqlen_k && (window_left < 0 || key >= diagonal - window_left) && "
                    "(window_right < 0 || key <= diagonal + window_right)")
     else:
-        block_visible = """    const bool mask_block = k0 + BLOCK_K > seqlen_k;  // keys past the sequence's end"""
+        mask_block = "    const bool mask_block = edge;"
         visible = "key < seqlen_k"
     if spec.softcap:
-        transform = "    s = tanh(s * floats[SCORE_SCALE]) * floats[SOFTCAP_LOG2];  // softcap, in log2 units"
+        transform = "      float2 s = tanh(s_frag[kf].thread_elements() * score_scale) * softcap_log2;  // softcap, log2 units"
     else:
-        transform = "    s = s * floats[SCORE_SCALE];  // log2 units"
+        transform = "      float2 s = s_frag[kf].thread_elements() * score_scale;  // log2 units"
     alibi_setup = ("\n  const float slope_log2 = alibi_slopes[batch * ints[ALIBI_BATCH] + head] * LOG2E;  // this row's head"
                    if spec.alibi else "")
-    alibi_bias = ("""
-      for (int e = 0; e < 2; ++e) s[e] -= slope_log2 * abs(float(diagonal - (key0 + e)));  // ALiBi"""
+    alibi_bias = ("\n      s -= slope_log2 * abs(float2(float(diagonal - key0), float(diagonal - key0 - 1)));  // ALiBi"
                   if spec.alibi else "")
-    return f"""kernel void {spec.name}(
+    paged = ("\n  const uint page_size = uint(ints[PAGE_SIZE]);"
+             "\n  const index_t k_page_stride = index_t(ints[K_BATCH]), v_page_stride = index_t(ints[V_BATCH]);"
+             if spec.kv_cache == "paged" else "")
+    q_tile = ("\n  threadgroup input_t* q_tile = kv_tile + KV_TILE;  // Q: [BLOCK_Q][LD_Q]"
+              if spec.tiles.stationary == "threadgroup" else "")
+    q_read, q_name = _q_fragment(spec)
+    return f"""{kernel_attribute(spec.tiles.threads)}
+void {spec.name}(
     {params},
 {THREADGROUP_BUILTINS}) {{
-  threadgroup input_t kv_tile[BLOCK_K * HEAD_DIM];  // the current key block's K, then its V
+  threadgroup float4 smem[SMEM_VECTORS];  // 16-byte aligned storage for the tiles
+  threadgroup input_t* kv_tile = reinterpret_cast<threadgroup input_t*>(smem);  // K^T, then V{q_tile}
 
   // This threadgroup's sequence, query heads and rows. Its BLOCK_Q rows are packed (query row, head) pairs,
   // PACKED_HEADS heads per query row: with GQA packing, heads that share a K/V head share its K/V blocks.
-  const long batch = group.z;
-  const long packed_heads = ints[PACKED_HEADS], first_head = long(group.y) * packed_heads;
-  const long kv_head = first_head / ints[KV_GROUP];  // GQA/MQA: query heads share a K/V head
+  const uint batch = group.z;
+  const int packed_heads = int(ints[PACKED_HEADS]), first_head = int(group.y) * packed_heads;
+  const int kv_head = first_head / int(ints[KV_GROUP]);  // GQA/MQA: query heads share a K/V head
 {_locate(spec)}
-  const long num_splits = ints[NUM_SPLITS], split = long(group.x) % num_splits;  // split-KV: a share of the keys
-  const long packed_rows = seqlen_q * packed_heads, first_packed = long(group.x) / num_splits * BLOCK_Q;
+  const int num_splits = int(ints[NUM_SPLITS]), split = int(group.x) % num_splits;  // split-KV: a share of the keys
+  const int packed_rows = seqlen_q * packed_heads, first_packed = int(group.x) / num_splits * BLOCK_Q;
   if (first_packed >= packed_rows) return;  // the whole threadgroup leaves together
-  const long first_row = first_packed / packed_heads;  // the query rows this block spans
-  const long last_row = (min(first_packed + BLOCK_Q, packed_rows) - 1) / packed_heads;
+  const int first_row = first_packed / packed_heads;  // the query rows this block spans
+  const int last_row = (min(first_packed + BLOCK_Q, packed_rows) - 1) / packed_heads;
   const int head_dim = int(ints[HEAD_DIM_REAL]);
+  const int diagonal_offset = seqlen_k - seqlen_q;  // bottom-right aligned masks: row i faces key i + offset
+  const int window_left = int(ints[WINDOW_LEFT]), window_right = int(ints[WINDOW_RIGHT]);
+  const float score_scale = floats[SCORE_SCALE], softcap_log2 = floats[SOFTCAP_LOG2];
   device const input_t* k_seq = K + k_start + kv_head * ints[K_HEAD];
   device const input_t* v_seq = V + v_start + kv_head * ints[V_HEAD];
+  const uint k_stride = uint(ints[K_ROW]), v_stride = uint(ints[V_ROW]);{paged}
 
   // This lane holds, in every fragment, elements (row, col) and (row, col + 1) of one (query row, head).
   const ushort2 coord = fragment_coord(lane);
-  const long packed = first_packed + sg * 8 + coord.y;
-  const long row = packed / packed_heads, head = first_head + packed % packed_heads;
+  const int packed = first_packed + sg * 8 + coord.y;
+  const int row = packed / packed_heads, head = first_head + packed % packed_heads;
   const bool row_valid = row < seqlen_q;
-  device const input_t* q_seq = Q + q_start + head * ints[Q_HEAD];
-  device input_t* o_seq = O + o_start + head * ints[O_HEAD];
-  device float* lse_seq = LSE + lse_start + head * ints[LSE_HEAD];{alibi_setup}
-  const long diagonal = row + seqlen_k - seqlen_q;  // bottom-right aligned: the key facing this row
+  device const input_t* q_seq = Q + q_start + head * ints[Q_HEAD];{alibi_setup}
+  const int diagonal = row + diagonal_offset;
 
-  simdgroup_float8x8 q_frag[D_FRAGS], o_frag[D_FRAGS];
-  for (int d = 0; d < D_FRAGS; ++d) {{
-    q_frag[d].thread_elements() = row_valid ? load_pair(q_seq, row, ints[Q_ROW], d * 8 + coord.x, head_dim) : float2(0.0f);
-    o_frag[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-  }}
+{_stage_q(spec)}
+  simdgroup_float8x8 o_frag[D_FRAGS];
+  {UNROLL}
+  for (int d = 0; d < D_FRAGS; ++d) o_frag[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
   float row_max = MASKED, row_sum = 0.0f;
 
-  long key_begin = 0, key_end = seqlen_k;
+  int key_begin = 0, key_end = seqlen_k;
 {key_range(spec)}
   // Split-KV: this threadgroup takes its share of the key blocks (all of them when NUM_SPLITS is 1).
-  const long split_blocks = (key_end - key_begin + BLOCK_K * num_splits - 1) / (BLOCK_K * num_splits);
+  const int split_blocks = (key_end - key_begin + BLOCK_K * num_splits - 1) / (BLOCK_K * num_splits);
   key_begin += split * split_blocks * BLOCK_K;
   key_end = min(key_end, key_begin + split_blocks * BLOCK_K);
-  for (long k0 = key_begin; k0 < key_end; k0 += BLOCK_K) {{
+  for (int k0 = key_begin; k0 < key_end; k0 += BLOCK_K) {{  // the key loop
+    const bool edge = k0 + BLOCK_K > seqlen_k;  // the sequence's last block: rows past its end are zero-filled
     // S = Q K^T.
-    {_load_block(spec, "K")};
+    if (edge || RAGGED) {_load_block(spec, "K", "true")};
+    else {_load_block(spec, "K", "false")};
     threadgroup_barrier(mem_flags::mem_threadgroup);
     simdgroup_float8x8 s_frag[K_FRAGS];
-    for (int kf = 0; kf < K_FRAGS; ++kf) {{
-      s_frag[kf] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-      for (int d = 0; d < D_FRAGS; ++d) {{
-        simdgroup_float8x8 k_t;  // K^T: element (d, key) of the fragment
-        k_t.thread_elements() = tile_fragment_transposed(kv_tile, kf, d, coord);
-        simdgroup_multiply_accumulate(s_frag[kf], q_frag[d], k_t, s_frag[kf]);
+    {UNROLL}
+    for (int kf = 0; kf < K_FRAGS; ++kf) s_frag[kf] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    {UNROLL}
+    for (int d = 0; d < D_FRAGS; ++d) {{
+{q_read}      {UNROLL}
+      for (int kf = 0; kf < K_FRAGS; ++kf) {{
+        simdgroup_float8x8 k_t;  // K^T: element (d, key)
+        k_t.thread_elements() = tile_pair<LD_KT>(kv_tile, d * 8, kf * 8, coord);
+        simdgroup_multiply_accumulate(s_frag[kf], {q_name}, k_t, s_frag[kf]);
       }}
     }}
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    {_load_block(spec, "V")};  // overlaps the softmax below
+    if (edge || RAGGED) {_load_block(spec, "V", "true")};  // overlaps the softmax below
+    else {_load_block(spec, "V", "false")};
 
-{block_visible}
+{mask_block}
     float block_max = MASKED;
+    {UNROLL}
     for (int kf = 0; kf < K_FRAGS; ++kf) {{
-      float2 s = s_frag[kf].thread_elements();
-  {transform}
-      const long key0 = k0 + kf * 8 + coord.x;{alibi_bias}
+{transform}
+      const int key0 = k0 + kf * 8 + coord.x;{alibi_bias}
       if (mask_block) {{
+        {UNROLL}
         for (int e = 0; e < 2; ++e) {{
-          const long key = key0 + e;
+          const int key = key0 + e;
           if (!({visible})) s[e] = MASKED;
         }}
       }}
       s_frag[kf].thread_elements() = s;
       block_max = max(block_max, max(s.x, s.y));
     }}
-    // Online softmax; the four lanes of a row differ in lane bits 0 and 3.
+    // Online softmax; the four lanes of a row differ in lane bits 0 and 3. exp2 is taken of real scores only:
+    // masked ones select 0, so no arithmetic on the sentinel reaches a result.
     block_max = max(block_max, simd_shuffle_xor(block_max, 1));
     block_max = max(block_max, simd_shuffle_xor(block_max, 8));
     const float new_max = max(row_max, block_max);
-    const float shift = new_max == MASKED ? 0.0f : new_max;  // a row with no visible key yet keeps P = 0
-    const float correction = exp2(row_max - shift);
+    const float correction = row_max > MASKED ? exp2(row_max - new_max) : 0.0f;  // O and l are still 0 otherwise
     float block_sum = 0.0f;
+    {UNROLL}
     for (int kf = 0; kf < K_FRAGS; ++kf) {{
-      const float2 p = exp2(s_frag[kf].thread_elements() - shift);
+      const float2 s = s_frag[kf].thread_elements();
+      const float2 p = select(float2(0.0f), exp2(s - new_max), s > MASKED);
       s_frag[kf].thread_elements() = p;
       block_sum += p.x + p.y;
     }}
@@ -234,16 +297,18 @@ def _kernel(spec: ForwardSpec, params: str) -> str:
 
     // O = O * correction + P V.
     threadgroup_barrier(mem_flags::mem_threadgroup);
+    {UNROLL}
     for (int d = 0; d < D_FRAGS; ++d) {{
       o_frag[d].thread_elements() *= correction;
+      {UNROLL}
       for (int kf = 0; kf < K_FRAGS; ++kf) {{
-        simdgroup_float8x8 v;  // element (key, d) of the fragment
-        v.thread_elements() = tile_fragment(kv_tile, kf, d, coord);
+        simdgroup_float8x8 v;  // element (key, d)
+        v.thread_elements() = tile_pair<LD_V>(kv_tile, kf * 8, d * 8, coord);
         simdgroup_multiply_accumulate(o_frag[d], s_frag[kf], v, o_frag[d]);
       }}
     }}
     threadgroup_barrier(mem_flags::mem_threadgroup);
-  }}
+  }}  // the key loop
 
 {_epilogue(spec)}
 }}
@@ -252,55 +317,38 @@ def _kernel(spec: ForwardSpec, params: str) -> str:
 
 def _epilogue(spec: ForwardSpec) -> str:
     if spec.split_kv:
-        return """  // This split's O / l and LSE (-inf: it saw no key), in fp32 for the combine kernel.
+        return """  // This split's O / l and its LSE in log2 units (MASKED: it saw no key), in decode_combine.py's layout.
   if (!row_valid) return;
   const long part = split * ints[SPLIT_STRIDE] + (batch * ints[NHEADS] + head) * ints[MAX_SEQLEN_Q] + row;
   const float inv_sum = row_sum > 0.0f ? 1.0f / row_sum : 0.0f;
-  for (int d = 0; d < D_FRAGS; ++d) {
-    const float2 o = o_frag[d].thread_elements() * inv_sum;
-    O_partial[part * HEAD_DIM + d * 8 + coord.x] = o.x;
-    O_partial[part * HEAD_DIM + d * 8 + coord.x + 1] = o.y;
-  }
-  if (coord.x == 0) LSE_partial[part] = row_sum > 0.0f ? (row_max + log2(row_sum)) * LN2 : -INFINITY;"""
-    return """  // O /= l, written once; LSE = (m + log2 l) ln 2. A row that saw no key gets O = 0 and LSE = +inf.
+  device float* o_part = O_partial + part * HEAD_DIM;
+  """ + UNROLL + """
+  for (int d = 0; d < D_FRAGS; ++d)
+    *reinterpret_cast<device float2*>(o_part + d * 8 + coord.x) = o_frag[d].thread_elements() * inv_sum;
+  if (coord.x == 0) LSE_partial[part] = row_sum > 0.0f ? row_max + log2(row_sum) : MASKED;"""
+    return """  // O /= l, written once. A row that saw no key gets O = 0, LSE = +inf and statistics (0, 0).
   if (!row_valid) return;
   const float inv_sum = row_sum > 0.0f ? 1.0f / row_sum : 0.0f;
+  device input_t* o_seq = O + o_start + head * ints[O_HEAD];
+  const index_t o_row = index_t(row) * uint(ints[O_ROW]);
+  """ + UNROLL + """
   for (int d = 0; d < D_FRAGS; ++d) {
     const float2 o = o_frag[d].thread_elements() * inv_sum;
     const int col = d * 8 + coord.x;
-    if (col < head_dim) o_seq[row * ints[O_ROW] + col] = input_t(o.x);
-    if (col + 1 < head_dim) o_seq[row * ints[O_ROW] + col + 1] = input_t(o.y);
+    if (VEC >= 2 && !RAGGED) {
+      *reinterpret_cast<device input2_t*>(o_seq + o_row + col) = PAIR(input_t(o.x), input_t(o.y));
+    } else {
+      if (col < head_dim) o_seq[o_row + col] = input_t(o.x);
+      if (col + 1 < head_dim) o_seq[o_row + col + 1] = input_t(o.y);
+    }
   }
-  if (coord.x == 0) lse_seq[row] = row_sum > 0.0f ? (row_max + log2(row_sum)) * LN2 : INFINITY;"""
+  if (coord.x == 0) {
+    const long at = lse_start + head * ints[LSE_HEAD] + row;
+    LSE[at] = row_sum > 0.0f ? (row_max + log2(row_sum)) * LN2 : as_type<float>(INF_BITS);
+    STATS[at] = row_sum > 0.0f ? float2(row_max, log2(row_sum)) : float2(0.0f);
+  }""".replace("PAIR", f"{spec.dtype}2")
 
 
 def _combine_kernel(spec: ForwardSpec, params: str) -> str:
-    """Split-KV's second kernel, one thread per (query row, head, sequence): the splits' outputs weighted by
-    w_s = exp(LSE_s - max LSE), out = sum w_s O_s / sum w_s and LSE = max LSE + log sum w_s."""
-    return f"""
-kernel void {combine_name(spec)}(
-    {params},
-    uint3 position [[thread_position_in_grid]]) {{
-  const long batch = position.z, head = position.y, row = position.x;
-{_locate(spec)}
-  if (row >= seqlen_q) return;
-  const long num_splits = ints[NUM_SPLITS], split_stride = ints[SPLIT_STRIDE];
-  const long part = (batch * ints[NHEADS] + head) * ints[MAX_SEQLEN_Q] + row;  // this row in split 0
-  float top = -INFINITY;
-  for (long s = 0; s < num_splits; ++s) top = max(top, LSE_partial[part + s * split_stride]);
-  float weight[MAX_SPLITS];
-  float total = 0.0f;
-  for (long s = 0; s < num_splits; ++s) {{
-    weight[s] = top == -INFINITY ? 0.0f : exp(LSE_partial[part + s * split_stride] - top);
-    total += weight[s];
-  }}
-  const float inv_total = total > 0.0f ? 1.0f / total : 0.0f;  // no split saw a key: O = 0, LSE = +inf
-  device input_t* o = O + o_start + head * ints[O_HEAD] + row * ints[O_ROW];
-  for (int c = 0; c < int(ints[HEAD_DIM_REAL]); ++c) {{
-    float sum = 0.0f;
-    for (long s = 0; s < num_splits; ++s) sum += weight[s] * O_partial[(part + s * split_stride) * HEAD_DIM + c];
-    o[c] = input_t(sum * inv_total);
-  }}
-  LSE[lse_start + head * ints[LSE_HEAD] + row] = total > 0.0f ? top + log(total) : INFINITY;
-}}
-"""
+    """Split-KV's second kernel, shared with the decode kernels (decode_combine.py)."""
+    return decode_combine.combine_kernel(combine_name(spec), params, _locate(spec), spec.head_dim)

@@ -17,9 +17,10 @@ class ForwardLaunch:
     """One forward call with everything but its tensors decided: the kernels, their packed arguments and grids.
 
     Calling it on q, k, v (and the side buffers) of the shapes, strides, dtype and device it was planned for
-    allocates out (contiguous, as ops' fake allocates it), lse and any split-KV partial outputs, and encodes the
-    kernels in order. `steps` are (kernel, threads, group_size); a split-KV call has two, the forward writing
-    fp32 partials of `partial_rows` x `partial_cols` and the combine kernel merging them."""
+    allocates out (contiguous, as ops' fake allocates it), lse, the backward's statistics (lse's shape + (2,): the
+    row maximum and log2 of the row sum, in log2 units) and any split-KV partial outputs, and encodes the kernels in
+    order. `steps` are (kernel, threads, group_size); a split-KV call has two, the forward writing fp32 partials of
+    `partial_rows` x `partial_cols` in decode_combine.py's layout and the combine kernel merging them."""
 
     __slots__ = ("steps", "ints", "floats", "lse_shape", "partial_rows", "partial_cols")
 
@@ -29,15 +30,17 @@ class ForwardLaunch:
         self.partial_rows, self.partial_cols = partial_rows, partial_cols
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 extra: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                 extra: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(out, lse, stats)."""
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = q.new_empty(self.lse_shape, dtype=torch.float32)
+        stats = q.new_empty((*self.lse_shape, 2), dtype=torch.float32)
         if self.partial_rows:
             o_partial = q.new_empty((self.partial_rows, self.partial_cols), dtype=torch.float32)
             lse_partial = q.new_empty((self.partial_rows,), dtype=torch.float32)
-            args = (q, k, v, o_partial, lse_partial, self.ints, self.floats, *extra, out, lse)
+            args = (q, k, v, o_partial, lse_partial, self.ints, self.floats, *extra, out, lse, stats)
         else:
-            args = (q, k, v, out, lse, self.ints, self.floats, *extra)
+            args = (q, k, v, out, lse, stats, self.ints, self.floats, *extra)
         for kernel, threads, group_size in self.steps:
             kernel(*args, threads=threads, group_size=group_size)
-        return out, lse
+        return out, lse, stats

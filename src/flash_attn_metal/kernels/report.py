@@ -1,36 +1,46 @@
-"""Static figures of every kernel configuration (`python -m flash_attn_metal kernels --report`) and the
-representative set of generated forward and backward kernels (`--dump DIR`), for review and for compiling with
-`xcrun metal`.
+"""Static figures of every kernel configuration (`python -m flash_attn_metal kernels --report [--json]`) and the
+representative set of generated kernels (`--dump DIR`), for review and for compiling with `xcrun metal`.
 
-Device-memory traffic of the forward per (batch, head), with N = seqlen_q = seqlen_k and s bytes per element:
-Q is read once, K and V once per block of BLOCK_Q query rows, O is written once and LSE in fp32, so
-    bytes(N) = (2 d s + 4) N + (2 d s / BLOCK_Q) N^2.
-FlashAttention's I/O analysis (Dao et al. 2022, Algorithm 1 and Theorem 2) moves the same terms with its own
-row block B_r = min(ceil(M / 4d), d) for an on-chip memory of M elements; the table puts both side by side
-with M = 32 KiB (Apple's threadgroup memory) and evaluates them at N = 4096.
+One record per (family, dtype, head dim, kernel) with the figures kernels/cost.py defines: threads, threadgroup
+memory, estimated registers per thread, 64-bit integer operations in the hot loop (read off the generated MSL),
+and the issue-slot model's MMA share. The forward records add its device-memory traffic per (batch, head), with
+N = seqlen_q = seqlen_k and s bytes per element: Q is read once, K and V once per block of BLOCK_Q query rows, O
+is written once and LSE in fp32, so
+    bytes(N) = (2 d s + 4) N + (2 d s / BLOCK_Q) N^2,
+beside FlashAttention's own traffic (Dao et al. 2022, Algorithm 1 and Theorem 2) with its row block
+B_r = min(ceil(M / 4d), d) for M = 32 KiB of on-chip memory (Apple's threadgroup memory), at N = 4096.
+
+Targets (the design's, checked by tests/test_kernels_tiles.py): registers <= 128, no 64-bit integer operation in
+a hot loop, threadgroup memory <= 32 KiB, threads <= 1024, forward MMA share >= 0.75 at d = 64 and 128 and
+>= 0.6 at d = 256, dq and dkdv MMA share >= 0.6. These are static figures, not timings.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 
+from . import decode_report
 from .backward import backward_source
+from .backward import kernel_names as backward_kernel_names
+from .cost import int64_ops_in_hot_loop, mlx_threadgroup_bytes_per_mma, registers, step_cost
 from .forward import forward_source
-from .spec import ForwardSpec
+from .spec import BackwardSpec, ForwardSpec
 from .tiles import (
     DTYPE_BYTES,
     THREADGROUP_MEMORY_LIMIT,
     THREADS_LIMIT,
-    backward_threadgroup_bytes,
-    forward_threadgroup_bytes,
-    forward_tiles,
-    packed_heads,
+    TILE_TABLES,
+    Tiles,
+    threadgroup_bytes,
 )
 
-FAMILIES = ("apple7", "apple9")  # apple8 shares apple7's tiles, apple10 apple9's
+FAMILIES = ("apple7", "apple9")  # apple8 shares apple7's tables, apple10 apple9's
 DTYPES = ("half", "bfloat", "float")
 HEAD_DIMS = (32, 40, 64, 80, 96, 128, 160, 192, 224, 256)  # the dumped set
 REPORT_HEAD_DIMS = tuple(range(8, 257, 8))  # every padded head dim: the report covers the whole tile table
+KERNELS = ("forward", "dq", "dkdv")
 FEATURES = (  # (varlen, masked, softcap, alibi, kv_cache, split_kv)
     (False, False, False, False, "", False),
     (False, True, False, False, "", False),
@@ -42,14 +52,15 @@ FEATURES = (  # (varlen, masked, softcap, alibi, kv_cache, split_kv)
     (False, False, False, False, "paged", True),
 )
 REPORT_N = 4096
-DECODE_SHAPE = (32, 8, 128)  # (query heads, K/V heads, head dim) of the decode figure: a Llama-3-8B layer
+TARGETS = {"registers_per_thread": 128, "int64_ops_per_key_block": 0, "threadgroup_bytes": THREADGROUP_MEMORY_LIMIT,
+           "threads": THREADS_LIMIT}
 
 
-def representative_specs() -> list[ForwardSpec]:
+def representative_specs(families: tuple[str, ...] = FAMILIES) -> list[ForwardSpec]:
     return [
         ForwardSpec.for_call(dtype, d, family, varlen=varlen, masked=masked, softcap=softcap, alibi=alibi,
                              kv_cache=kv_cache, split_kv=split_kv)
-        for family in FAMILIES for dtype in DTYPES for d in HEAD_DIMS
+        for family in families for dtype in DTYPES for d in HEAD_DIMS
         for varlen, masked, softcap, alibi, kv_cache, split_kv in FEATURES
     ]
 
@@ -68,19 +79,26 @@ def common_specs(family: str) -> list[ForwardSpec]:
     ]
 
 
-def kernel_sources(spec: ForwardSpec) -> dict[str, str]:
+def backward_spec(spec: ForwardSpec, family: str) -> BackwardSpec | None:
+    """The backward of a spec, unless it is forward only (a kv cache: flash_attn_with_kvcache is inference only;
+    a split)."""
+    return None if spec.kv_cache or spec.split_kv else BackwardSpec.of(spec, family)
+
+
+def kernel_sources(spec: ForwardSpec, family: str = "apple9") -> dict[str, str]:
     """File name -> MSL of a spec's kernels: the forward (with its combine kernel when split), and the backward
-    unless the spec is forward only (a kv cache: flash_attn_with_kvcache is inference only; a split)."""
+    unless the spec is forward only."""
     out = {f"{spec.name}.metal": forward_source(spec)}
-    if not spec.kv_cache and not spec.split_kv:
-        out[f"{spec.name.replace('forward', 'backward')}.metal"] = backward_source(spec)
+    backward = backward_spec(spec, family)
+    if backward is not None:
+        out[f"{backward.name}.metal"] = backward_source(backward)
     return out
 
 
 def sources() -> dict[str, str]:
-    """File name -> MSL for the kernels of every representative spec."""
-    return {name: source for spec in dict.fromkeys(representative_specs())
-            for name, source in kernel_sources(spec).items()}
+    """File name -> MSL for the kernels of every representative spec, the decode kernels' too."""
+    return {**{name: source for family in FAMILIES for spec in representative_specs((family,))
+               for name, source in kernel_sources(spec, family).items()}, **decode_report.sources()}
 
 
 def dump(directory: Path) -> list[Path]:
@@ -104,59 +122,106 @@ def flash_attention_rows(head_dim: int, elem_bytes: int) -> int:
     return min(-(-m // (4 * head_dim)), head_dim)
 
 
-def report_rows() -> list[dict]:
-    rows = []
-    for family in FAMILIES:
-        for dtype in DTYPES:
-            for d in REPORT_HEAD_DIMS:
-                tiles = forward_tiles(family, d)
-                s = DTYPE_BYTES[dtype]
-                linear, quadratic = kernel_traffic(tiles.block_q, d, s)
-                fa_rows = flash_attention_rows(d, s)
-                _, fa_quadratic = kernel_traffic(fa_rows, d, s)
-                rows.append({
-                    "family": family, "dtype": dtype, "head_dim": d, "block_q": tiles.block_q,
-                    "block_k": tiles.block_k, "threads": tiles.threads,
-                    "threadgroup_bytes": forward_threadgroup_bytes(tiles, d, dtype),
-                    "backward_threadgroup_bytes": backward_threadgroup_bytes(tiles, d, dtype),
-                    # Q and O fragments across the head dim plus S fragments across a key block, 2 floats each
-                    "fragments_per_thread": 2 * (d // 8) + tiles.block_k // 8,
-                    "bytes_per_n": linear, "bytes_per_n2": quadratic, "fa_block_rows": fa_rows,
-                    "fa_bytes_per_n2": fa_quadratic,
-                    "bytes_at_n": linear * REPORT_N + quadratic * REPORT_N**2,
-                    "fa_bytes_at_n": linear * REPORT_N + fa_quadratic * REPORT_N**2,
-                })
-    return rows
+@functools.lru_cache(maxsize=None)
+def _int64_ops(family: str, dtype: str, head_dim: int) -> dict[str, int]:
+    """Per kernel, the most 64-bit integer operations any feature set puts in its hot loop."""
+    worst = dict.fromkeys(KERNELS, 0)
+    for varlen, masked, softcap, alibi, kv_cache, split_kv in FEATURES:
+        spec = ForwardSpec.for_call(dtype, head_dim, family, varlen=varlen, masked=masked, softcap=softcap,
+                                    alibi=alibi, kv_cache=kv_cache, split_kv=split_kv)
+        worst["forward"] = max(worst["forward"], int64_ops_in_hot_loop(forward_source(spec), spec.name))
+        backward = backward_spec(spec, family)
+        if backward is not None:
+            source = backward_source(backward)
+            dq, *dkdv = backward_kernel_names(backward)[1:]
+            worst["dq"] = max(worst["dq"], int64_ops_in_hot_loop(source, dq))
+            worst["dkdv"] = max(worst["dkdv"], *(int64_ops_in_hot_loop(source, name) for name in dkdv))
+    return worst
 
 
-def decode_traffic(cached_rows: int, nheads: int, nheads_k: int, head_dim: int, elem_bytes: int,
-                   block_q: int) -> tuple[int, int]:
-    """(kernel, bound): device bytes one decode step (one query row) of one sequence reads from a kv cache of
-    `cached_rows` rows. Every forward threadgroup reads its K/V head's rows once, in place; GQA packing puts a
-    group's query heads in one threadgroup. The bound reads each K/V row once."""
-    per_head = 2 * cached_rows * head_dim * elem_bytes
-    packed = packed_heads(1, nheads, nheads_k, block_q)
-    threadgroups = nheads // packed * -(-packed // block_q)
-    return per_head * threadgroups, per_head * nheads_k
+def record(family: str, dtype: str, head_dim: int, kernel: str) -> dict:
+    tiles: Tiles = TILE_TABLES[kernel](family, dtype, head_dim)
+    parts = ("dk", "dv") if kernel == "dkdv" and tiles.split else (kernel,)
+    costs = [step_cost(part, tiles, head_dim, dtype) for part in parts]
+    out = {
+        "family": family, "dtype": dtype, "head_dim": head_dim, "kernel": kernel,
+        "threads": tiles.threads, "threadgroup_bytes": threadgroup_bytes(kernel, tiles, head_dim, dtype),
+        "registers_per_thread": max(registers(part, tiles, head_dim) for part in parts),
+        "int64_ops_per_key_block": _int64_ops(family, dtype, head_dim)[kernel],
+        "mma_share": round(min(c.mma_share for c in costs), 3),
+        "threadgroup_bytes_per_mma": round(max(c.threadgroup_bytes_per_mma for c in costs), 1),
+        "block_q": tiles.block_q, "block_k": tiles.block_k, "stationary": tiles.stationary, "split": tiles.split,
+        "tiles": tiles.reason,
+    }
+    if kernel == "forward":
+        s = DTYPE_BYTES[dtype]
+        linear, quadratic = kernel_traffic(tiles.block_q, head_dim, s)
+        fa_rows = flash_attention_rows(head_dim, s)
+        _, fa_quadratic = kernel_traffic(fa_rows, head_dim, s)
+        out.update(bytes_per_n=linear, bytes_per_n2=quadratic, fa_block_rows=fa_rows, fa_bytes_per_n2=fa_quadratic,
+                   bytes_at_n=linear * REPORT_N + quadratic * REPORT_N**2,
+                   fa_bytes_at_n=linear * REPORT_N + fa_quadratic * REPORT_N**2)
+    return out
+
+
+def report_records() -> list[dict]:
+    """The block kernels' records, then the decode kernels' (decode_report.py: their traffic per token against the
+    I/O bound in place of an MMA share)."""
+    return [record(family, dtype, d, kernel) for family in FAMILIES for dtype in DTYPES for d in REPORT_HEAD_DIMS
+            for kernel in KERNELS] + decode_report.report_records()
+
+
+def mma_share_target(kernel: str, head_dim: int) -> float | None:
+    """The design's floor on the MMA share: forward 0.75 at d = 64 and 128 and 0.6 at d = 256 (the head dims the
+    anchors were measured at), dq and dkdv 0.6 at every head dim."""
+    if kernel != "forward":
+        return 0.6
+    return {64: 0.75, 128: 0.75, 256: 0.6}.get(head_dim)
+
+
+def missed_targets(records: list[dict]) -> list[str]:
+    """Every record's figure that misses its target, in words (empty when all hold)."""
+    missed = []
+    for r in records:
+        where = f"{r['family']} {r['dtype']} d={r['head_dim']} {r['kernel']}"
+        for key, limit in TARGETS.items():
+            if r[key] > limit:
+                missed.append(f"{where}: {key} {r[key]} > {limit}")
+        target = mma_share_target(r["kernel"], r["head_dim"]) if "mma_share" in r else None
+        if target is not None and r["mma_share"] < target:
+            missed.append(f"{where}: mma_share {r['mma_share']} < {target}")
+    return missed
+
+
+def format_json() -> str:
+    return json.dumps(report_records(), indent=1)
 
 
 def format_report() -> str:
-    header = (f"{'family':<7} {'dtype':<6} {'d':>4} {'BQ':>3} {'BK':>3} {'threads':>7} {'tg bytes':>8} "
-              f"{'bwd tg':>6} {'frags/thr':>9} {'bytes(N) = a N + b N^2':>22} {'FA B_r':>6} {'FA b':>6} "
-              f"{'MB @N=' + str(REPORT_N):>10} {'FA MB':>7}")
-    lines = [header, "-" * len(header)]
-    for r in report_rows():
-        traffic = f"{r['bytes_per_n']:>7} N + {r['bytes_per_n2']:>5.1f} N^2"
-        lines.append(f"{r['family']:<7} {r['dtype']:<6} {r['head_dim']:>4} {r['block_q']:>3} {r['block_k']:>3} "
-                     f"{r['threads']:>7} {r['threadgroup_bytes']:>8} {r['backward_threadgroup_bytes']:>6} "
-                     f"{r['fragments_per_thread']:>9} {traffic:>22} {r['fa_block_rows']:>6} "
-                     f"{r['fa_bytes_per_n2']:>6.1f} {r['bytes_at_n'] / 1e6:>10.1f} {r['fa_bytes_at_n'] / 1e6:>7.1f}")
-    h, hk, d = DECODE_SHAPE
-    for family in FAMILIES:
-        kernel, bound = decode_traffic(REPORT_N, h, hk, d, DTYPE_BYTES["half"], forward_tiles(family, d).block_q)
-        lines.append(f"{family}: kv-cache decode, one step of one sequence over {REPORT_N} cached rows (h={h}, "
-                     f"hk={hk}, d={d}, half), read in place with GQA packing: {kernel / 1e6:.1f} MB (bound "
-                     f"{bound / 1e6:.1f} MB)")
+    header = (f"{'family':<7} {'dtype':<6} {'d':>4} {'kernel':<7} {'rows':>4} {'step':>4} {'thr':>4} "
+              f"{'stationary':<11} {'tg bytes':>8} {'regs':>4} {'i64':>3} {'MMA share':>9} {'tg B/MMA':>8} "
+              f"{'bytes(N) = a N + b N^2':>22} {'MB @N=' + str(REPORT_N):>10} {'FA MB':>7}")
+    lines = [
+        "Static figures per kernel (kernels/cost.py): rows a threadgroup owns and rows per step of its hot loop,",
+        "threads, where the stationary operands live, threadgroup memory, estimated registers per thread, 64-bit",
+        "integer operations in the hot loop, the issue-slot model's share of MMA cycles (metal-benchmarks",
+        "throughputs), threadgroup bytes per MMA, and the forward's device traffic against FlashAttention's.",
+        "No Apple GPU timing is implied.", "", header, "-" * len(header)]
+    for r in report_records():
+        if r["kernel"] == "decode":
+            continue  # decode_report.format_report() below
+        traffic = (f"{r['bytes_per_n']:>7} N + {r['bytes_per_n2']:>5.1f} N^2" if r["kernel"] == "forward" else "")
+        mb = (f"{r['bytes_at_n'] / 1e6:>10.1f} {r['fa_bytes_at_n'] / 1e6:>7.1f}" if r["kernel"] == "forward" else "")
+        stationary = r["stationary"] + (", split" if r["split"] else "")
+        lines.append(f"{r['family']:<7} {r['dtype']:<6} {r['head_dim']:>4} {r['kernel']:<7} {r['block_q']:>4} "
+                     f"{r['block_k']:>4} {r['threads']:>4} {stationary:<11} {r['threadgroup_bytes']:>8} "
+                     f"{r['registers_per_thread']:>4} {r['int64_ops_per_key_block']:>3} {r['mma_share']:>9.3f} "
+                     f"{r['threadgroup_bytes_per_mma']:>8.1f} {traffic:>22} {mb}")
+    lines += ["", decode_report.format_report(), ""]
+    lines.append(f"threadgroup bytes per MMA of MLX's steel attention forward (fp16, d=64; measured at 83% of an M3 "
+                 f"Max) through the same model: {mlx_threadgroup_bytes_per_mma():.1f}")
+    missed = missed_targets(report_records())
+    lines.append("targets: " + ("all met" if not missed else f"{len(missed)} missed: " + "; ".join(missed[:5])))
     lines.append(f"limits: {THREADGROUP_MEMORY_LIMIT} bytes of threadgroup memory and {THREADS_LIMIT} threads per "
-                 "threadgroup; apple8 uses apple7's tiles, apple10 apple9's")
+                 "threadgroup; apple8 uses apple7's tables, apple10 apple9's")
     return "\n".join(lines)

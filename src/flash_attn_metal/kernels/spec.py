@@ -1,7 +1,9 @@
-"""The frozen description of one generated kernel: everything that changes its source.
+"""The frozen description of one generated kernel source: everything that changes its code.
 
 Sequence lengths, strides, windows, scales and slopes are run-time arguments; a spec varies only in what
-changes the code: the dtype, the padded head dim, the tiles, and which features are compiled in.
+changes the code: the dtype, the padded head dim, the tiles, which features are compiled in, and three facts
+the host checks per call: how wide the block loaders may read (alignment), whether the real head dim is padded,
+and whether offsets need 64 bits.
 """
 
 from __future__ import annotations
@@ -9,49 +11,103 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from .tiles import Tiles, forward_tiles
+from .tiles import Tiles, dkdv_tiles, dq_tiles, forward_tiles
+from .tuning import current
 
 MSL_TYPES = {"float16": "half", "bfloat16": "bfloat", "float32": "float"}
 KV_CACHES = ("", "dense", "paged")  # K/V laid out like q; a kv cache with a slot per sequence; a paged kv cache
 HEAD_DIM_ALIGN = 8  # simdgroup_matrix fragments are 8 wide
+MAX_VEC = 4  # MSL vectors hold at most 4 elements: half4 (8 bytes), float4 (16 bytes)
 
 
 def padded_head_dim(head_dim: int) -> int:
     return -(-head_dim // HEAD_DIM_ALIGN) * HEAD_DIM_ALIGN
 
 
+def load_width(head_dim: int, limit: int = MAX_VEC) -> int:
+    """The widest power-of-two vector (<= limit elements) that divides the real head dim: a vector read then never
+    straddles the end of a row."""
+    vec = 1
+    while vec * 2 <= limit and head_dim % (vec * 2) == 0:
+        vec *= 2
+    return vec
+
+
 @dataclass(frozen=True)
 class ForwardSpec:
     dtype: str  # MSL scalar type: "half", "bfloat" or "float"
     head_dim: int  # padded to a multiple of 8; the real head dim is a run-time argument
-    block_q: int
-    block_k: int
+    tiles: Tiles
     varlen: bool  # sequences located by cu_seqlens instead of a batch stride
     masked: bool  # causal or local window
     softcap: bool
     alibi: bool
     kv_cache: str = ""  # one of KV_CACHES; forward only (flash_attn_with_kvcache has no backward)
     split_kv: bool = False  # keys split across threadgroups, merged by a combine kernel (forward only)
+    vec: int = MAX_VEC  # elements per device read of the block loaders; the host checked their alignment
+    ragged: bool = False  # the real head dim is below `head_dim`: columns past it are checked and zero-filled
+    wide: bool = False  # some tensor spans 2^32 elements or more: offsets are 64-bit
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHES or (self.kv_cache and self.varlen):
             raise ValueError(f"kv_cache must be one of {KV_CACHES} and comes without varlen, got {self.kv_cache!r}")
+        if self.vec not in (1, 2, 4):
+            raise ValueError(f"vec must be 1, 2 or 4, got {self.vec}")
 
     @classmethod
     def for_call(cls, dtype: str, head_dim: int, family: str, *, varlen: bool, masked: bool, softcap: bool,
-                 alibi: bool, kv_cache: str = "", split_kv: bool = False) -> "ForwardSpec":
+                 alibi: bool, kv_cache: str = "", split_kv: bool = False, vec: int = MAX_VEC,
+                 wide: bool = False) -> "ForwardSpec":
+        """The spec for a real head dim: padded, with the widest load that divides it (at most `vec`)."""
         d = padded_head_dim(head_dim)
-        tiles = forward_tiles(family, d)
-        return cls(dtype, d, tiles.block_q, tiles.block_k, varlen, masked, softcap, alibi, kv_cache, split_kv)
+        tiles = current("forward", family, dtype, d, masked) or forward_tiles(family, dtype, d)  # a tuned winner first
+        return cls(dtype, d, tiles, varlen, masked, softcap, alibi, kv_cache, split_kv, load_width(head_dim, vec),
+                   d != head_dim, wide)
 
     @property
-    def tiles(self) -> Tiles:
-        return Tiles(self.block_q, self.block_k, "")
+    def block_q(self) -> int:
+        return self.tiles.block_q
+
+    @property
+    def block_k(self) -> int:
+        return self.tiles.block_k
+
+    @functools.cached_property
+    def features(self) -> str:
+        """The host's loader facts and the compiled-in features, as a kernel-name suffix."""
+        return "".join(f"_{f}" for f, on in (
+            (f"v{self.vec}", self.vec != MAX_VEC), ("ragged", self.ragged), ("wide", self.wide),
+            ("varlen", self.varlen), ("masked", self.masked), ("softcap", self.softcap), ("alibi", self.alibi),
+            (f"{self.kv_cache}_cache", self.kv_cache), ("split", self.split_kv)) if on)
 
     @functools.cached_property
     def name(self) -> str:
-        features = "".join(f"_{f}" for f, on in (("varlen", self.varlen), ("masked", self.masked),
-                                                   ("softcap", self.softcap), ("alibi", self.alibi),
-                                                   (f"{self.kv_cache}_cache", self.kv_cache),
-                                                   ("split", self.split_kv)) if on)
-        return f"attention_forward_{self.dtype}_d{self.head_dim}_q{self.block_q}_k{self.block_k}{features}"
+        t = self.tiles
+        return (f"attention_forward_{self.dtype}_d{self.head_dim}_q{t.block_q}_k{t.block_k}"
+                f"{'' if t.stationary == 'registers' else '_' + t.stationary[:2]}{self.features}")
+
+
+@dataclass(frozen=True)
+class BackwardSpec:
+    """The backward kernels of a forward spec's features: preprocess, dq, and dkdv (or dk and dv)."""
+
+    forward: ForwardSpec
+    dq: Tiles
+    dkdv: Tiles
+
+    @classmethod
+    def of(cls, forward: ForwardSpec, family: str) -> "BackwardSpec":
+        if forward.kv_cache or forward.split_kv:
+            raise ValueError("kv-cache and split-KV specs are forward only")
+        d, t, masked = forward.head_dim, forward.dtype, forward.masked
+        return cls(forward, current("dq", family, t, d, masked) or dq_tiles(family, t, d),
+                   current("dkdv", family, t, d, masked) or dkdv_tiles(family, t, d))
+
+    @functools.cached_property
+    def name(self) -> str:
+        def tiles(t: Tiles) -> str:
+            return f"{t.block_q}x{t.block_k}{'' if t.stationary == 'registers' else t.stationary[:2]}"
+
+        f = self.forward
+        return (f"attention_backward_{f.dtype}_d{f.head_dim}_dq{tiles(self.dq)}_dkdv{tiles(self.dkdv)}"
+                f"{'s' if self.dkdv.split else ''}{f.features}")
