@@ -3,8 +3,8 @@ upstream decoders (test_dropout_s_dmask.py), `out` and the gradients against att
 with the mask read back from S_dmask, under the upstream rule (2x plain low-precision PyTorch's error for out
 and the softmax, 3x for gradients, plus a small slack).
 
-Each test runs on the reference path and on the kernel path (the emulator, strict); the kernel path is expected
-to fail until the kernels apply dropout themselves.
+Each test runs on the reference path and on the kernel path (the emulator, strict): both draw the same Philox bits
+(kernels/dropout.py), so both are checked against the mask their own S_dmask reveals.
 """
 
 from __future__ import annotations
@@ -20,10 +20,7 @@ from flash_attn_metal.reference import attention_ref
 from test_dropout_s_dmask import convert, dropout_fraction, normalize
 
 SLACK = 1e-4
-BACKENDS = [
-    pytest.param("reference"),
-    pytest.param("kernels", marks=pytest.mark.xfail(strict=True, reason="dropout kernels pending (lead)")),
-]
+BACKENDS = ["reference", "kernels"]
 
 
 @pytest.fixture(params=BACKENDS)

@@ -84,10 +84,11 @@ def test_compile_fullgraph_under_the_patch():
 
 
 def test_compile_fullgraph_traces_a_fallback_into_the_graph(monkeypatch):
-    """What the kernels cannot serve yet (here a mask) is traced as torch's SDPA; strict mode still refuses it."""
+    """What the kernels cannot serve (here a mask that requires grad) is traced as torch's SDPA; strict mode still
+    refuses it."""
     monkeypatch.delenv("FLASH_ATTN_METAL_STRICT")
     q, k, v = inputs()
-    mask = torch.rand(12, 12) > 0.3
+    mask = torch.randn(12, 12).requires_grad_()
 
     def attend(q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -127,18 +127,13 @@ def test_needs_grad_is_passed_to_the_kernels(stand_in_kernels):
     assert stand_in_kernels == [("unsupported_reason", True)]
 
 
-def test_dropout_probabilities_come_from_the_reference(monkeypatch, stand_in_kernels):
+def test_the_real_kernels_run_dropout_and_return_s_dmask(monkeypatch):
+    """Dropout runs in the kernels (strict: no fallback), and S_dmask comes back with it."""
     monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
-    assert routing.choose(problem(0.1), needs_grad=False, needs_probs=False) == "emulator"
-    with pytest.warns(RuntimeWarning, match="S_dmask"):
-        assert routing.choose(problem(0.1), needs_grad=False, needs_probs=True) is None
-
-
-def test_the_real_kernels_send_dropout_to_the_reference(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
-    with pytest.warns(RuntimeWarning, match="dropout"):
-        out = flash_attn_func(*inputs(), dropout_p=0.1)
-    assert out.shape == (1, 4, 2, 8) and flash_attn_metal.stats()["launches"] == {}
+    monkeypatch.setenv("FLASH_ATTN_METAL_STRICT", "1")
+    out, lse, s_dmask = flash_attn_func(*inputs(), dropout_p=0.1, return_attn_probs=True)
+    assert out.shape == (1, 4, 2, 8) and s_dmask.shape == (1, 2, 128, 128)
+    assert any("_dropout" in name for name in flash_attn_metal.stats()["launches"])
 
 
 def test_reset_stats_clears_counters():

@@ -3,12 +3,10 @@ and backward, under the upstream rule (tests/test_forward_kernels.py): |ours - f
 gradients) |plain low-precision PyTorch - float64 torch| + slack, where plain low-precision PyTorch is torch's math
 path computing in the inputs' dtype (no fp32 upcast), in three modes:
 
-- "kernels": the emulator in strict mode (a fallback fails the test). Masks, sinks and top-left causal with
-  seqlen_q != seqlen_k wait for kernel support: those cases are strict xfails until the kernels read them;
+- "kernels": the emulator in strict mode (a fallback fails the test): masks, sinks and top-left causal run there;
 - "reference": FLASH_ATTN_METAL_BACKEND=reference, which runs the same AttentionProblem on the pure-PyTorch
   reference: the Python layer (views, broadcasts, masks, alignment, GQA) checked today;
-- "fallback": the emulator without strict mode: what the kernels cannot serve yet runs on torch's own SDPA with
-  a warning, the rest on the kernels.
+- "fallback": the emulator without strict mode: every case here runs on the kernels, without a warning.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ from flash_attn_metal.sdpa import TORCH, plan
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MODES = ("kernels", "reference", "fallback")
-PENDING = pytest.mark.xfail(strict=True, reason="kernel support pending (lead)", raises=NotImplementedError)
 SLACK = {"out": 1e-5, "grad": 1e-4}
 
 
@@ -60,11 +57,6 @@ class Case:
     layout: str = "blhe"  # "blhe": (B, H, L, E) views of (B, L, H, E) tensors; "bhle": contiguous (B, H, L, E)
     B: int = 2
 
-    @property
-    def pending(self) -> bool:
-        """Needs what the kernels do not read yet: a mask, or top-left causal with L != S."""
-        return bool(self.mask) or (self.causal and self.L != self.S)
-
     def __str__(self) -> str:
         parts = [self.dtype, f"E{self.E}" + (f"-Ev{self.Ev}" if self.Ev else ""), f"{self.L}x{self.S}",
                  f"h{self.H}/{self.Hk}", self.layout]
@@ -92,8 +84,7 @@ CASES = [
 
 
 def grid():
-    return [pytest.param(case, mode, marks=[PENDING] if mode == "kernels" and case.pending else [], id=f"{case}-{mode}")
-            for case in CASES for mode in MODES]
+    return [pytest.param(case, mode, id=f"{case}-{mode}") for case in CASES for mode in MODES]
 
 
 def make_inputs(case: Case, seed: int):
@@ -177,8 +168,6 @@ def test_sdpa_matches_torch_in_float64(case: Case, mode: str, monkeypatch):
     counts = flash_attn_metal.stats()
     if mode == "reference":
         assert not counts["launches"] and not counts["fallbacks"] and not caught
-    elif case.pending:
-        assert counts["fallbacks"] and not counts["launches"]  # mode "fallback": torch ran it, announced
     else:
         assert counts["launches"] and not counts["fallbacks"]
 
@@ -198,8 +187,6 @@ def test_fully_masked_rows_give_what_torchs_math_path_gives(mode, monkeypatch):
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
             expected = F.scaled_dot_product_attention(q, k[:, :, :5], v[:, :, :5], attn_mask=mask[:, :5])
         expected_grads = torch.autograd.grad(expected.sum(), (q,))
-        if mode == "kernels":
-            continue  # below, as a strict xfail
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = scaled_dot_product_attention(q, k[:, :, :5], v[:, :, :5], attn_mask=mask[:, :5])
@@ -209,7 +196,6 @@ def test_fully_masked_rows_give_what_torchs_math_path_gives(mode, monkeypatch):
         assert torch.allclose(out, expected, atol=1e-5) and torch.allclose(dq, expected_grads[0], atol=1e-5)
 
 
-@PENDING
 def test_fully_masked_rows_on_the_kernels(monkeypatch):
     set_mode(monkeypatch, "kernels")
     q, k, v = (torch.randn(1, 2, 5, 32) for _ in range(3))
@@ -339,12 +325,12 @@ def test_what_the_kernels_cannot_serve_runs_on_torch_with_a_warning(name, monkey
         scaled_dot_product_attention(*args, **kwargs)
 
 
-def test_dropout_runs_on_torch(monkeypatch):
-    set_mode(monkeypatch, "fallback")
+def test_dropout_runs_on_the_kernels(monkeypatch):
+    set_mode(monkeypatch, "kernels")
     torch.manual_seed(15)
     q = torch.randn(2, 2, 64, 8)
-    with pytest.warns(RuntimeWarning, match="dropout"):
-        out = scaled_dot_product_attention(q, q, torch.ones_like(q), dropout_p=0.5)
+    out = scaled_dot_product_attention(q, q, torch.ones_like(q), dropout_p=0.5)
+    assert any("dropout" in name for name in flash_attn_metal.stats()["launches"])
     # Each output is the sum of the kept probabilities, rescaled by 2: 1 on average, not everywhere.
     assert abs(out.mean().item() - 1.0) < 0.1 and out.std().item() > 0.1
     assert torch.equal(scaled_dot_product_attention(q, q, q, dropout_p=-0.5), scaled_dot_product_attention(q, q, q))
@@ -355,7 +341,7 @@ SINK_CASES = {"full": dict(), "causal": dict(is_causal=True), "bool-mask": dict(
 
 
 @pytest.mark.parametrize("case, mode", [
-    pytest.param(case, mode, marks=[PENDING] if mode == "kernels" else [], id=f"{name}-{mode}")
+    pytest.param(case, mode, id=f"{name}-{mode}")
     for name, case in SINK_CASES.items() for mode in MODES])
 def test_sinks_match_the_float64_naive_attention(case, mode, monkeypatch):
     from naive import naive_attention
@@ -393,7 +379,7 @@ def test_sinks_match_the_float64_naive_attention(case, mode, monkeypatch):
 
 
 @pytest.mark.parametrize("sinks, error, match", [
-    (torch.zeros(4, dtype=torch.float64), TypeError, "sinks must be float32"),
+    (torch.zeros(4, dtype=torch.float64), flash_attn_metal.ArgumentError, "sinks must be float32"),
     (torch.zeros(2), ValueError, r"sinks must have shape \(4,\)"),
 ])
 def test_bad_sinks_are_rejected(sinks, error, match, monkeypatch):

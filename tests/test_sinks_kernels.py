@@ -1,8 +1,8 @@
 """`sinks=` through flash_attn_func, flash_attn_varlen_func and flash_attn_with_kvcache in the emulator, against the
 fp32 reference under the upstream rule: forward, lse and gradients, the sinks' own included (ops.sink_gradient).
 
-Strict mode ("kernels") is an xfail until the generated forward reads the sinks; without strict mode ("fallback")
-the same checks run today on the announced fallback to the reference.
+Strict mode: a fallback fails the test. The forward starts each row's softmax at its sink (or, split over keys, the
+combine kernel adds it once); the backward needs nothing of its own for them.
 """
 
 from __future__ import annotations
@@ -17,20 +17,14 @@ from flash_attn_metal import flash_attn_func, flash_attn_varlen_func, flash_attn
 from flash_attn_metal.problem import AttentionProblem, KVCache
 from flash_attn_metal.reference import attention
 
-PENDING = pytest.mark.xfail(strict=True, reason="kernel support pending (lead)", raises=NotImplementedError)
-MODES = [pytest.param("kernels", marks=PENDING), "fallback"]
 SLACK = 1e-4
 
 
 @pytest.fixture(autouse=True)
 def emulator(monkeypatch):
     monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
+    monkeypatch.setenv("FLASH_ATTN_METAL_STRICT", "1")
     flash_attn_metal.reset_stats()
-
-
-def set_mode(monkeypatch, mode):
-    if mode == "kernels":
-        monkeypatch.setenv("FLASH_ATTN_METAL_STRICT", "1")
 
 
 def run_quietly(fn, *args, **kwargs):
@@ -54,6 +48,7 @@ def assert_within_rule(ours, exact, low, factor, name):
 def check(leaves, run, make_problem, grads=True):
     """`run(*leaves)` -> (out, lse) against the reference on `make_problem(*leaves)`, and gradients for every leaf."""
     out, lse = run(*leaves)
+    assert flash_attn_metal.stats()["launches"]
     results = {}
     for upcast in (True, False):
         copies = [t.detach().clone().requires_grad_(grads) for t in leaves]
@@ -73,9 +68,7 @@ def check(leaves, run, make_problem, grads=True):
     assert ours[3].abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_padded_sinks_with_rows_that_see_no_key(mode, monkeypatch):
-    set_mode(monkeypatch, mode)
+def test_padded_sinks_with_rows_that_see_no_key():
     torch.manual_seed(0)
     q = torch.randn(2, 40, 4, 64, dtype=torch.float16, requires_grad=True)
     k, v = (torch.randn(2, 24, 2, 64, dtype=torch.float16, requires_grad=True) for _ in range(2))
@@ -88,9 +81,7 @@ def test_padded_sinks_with_rows_that_see_no_key(mode, monkeypatch):
     check([q, k, v, sinks], run, lambda q, k, v, s: problem(q, k, v, s, True, max_seqlen_q=40, max_seqlen_k=24))
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_varlen_sinks(mode, monkeypatch):
-    set_mode(monkeypatch, mode)
+def test_varlen_sinks():
     torch.manual_seed(1)
     cu_q, cu_k = torch.tensor([0, 17, 50], dtype=torch.int32), torch.tensor([0, 30, 41], dtype=torch.int32)
     q = torch.randn(50, 4, 64, dtype=torch.bfloat16, requires_grad=True)
@@ -106,24 +97,29 @@ def test_varlen_sinks(mode, monkeypatch):
     check([q, k, v, sinks], run, lambda q, k, v, s: problem(q, k, v, s, True, **varlen))
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_kvcache_sinks(mode, monkeypatch):
-    set_mode(monkeypatch, mode)
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("sq, path", [(3, "attention_decode"), (12, "attention_forward")])
+def test_kvcache_sinks(sq, path, splits):
+    """The decode kernels (short queries) and the block forward: unsplit, each row's softmax starts at (or, in
+    decode, ends with) its sink; split over keys, the combine kernel adds it once."""
     torch.manual_seed(2)
-    q = torch.randn(2, 3, 4, 32)
+    q = torch.randn(2, sq, 4, 32)
     k_cache, v_cache = torch.randn(2, 40, 2, 32), torch.randn(2, 40, 2, 32)
     sinks = torch.randn(4)
     seqlens = torch.tensor([17, 40], dtype=torch.int32)
 
     def run(q, sinks):
         return run_quietly(flash_attn_with_kvcache, q, k_cache, v_cache, cache_seqlens=seqlens, causal=True,
-                           sinks=sinks, return_softmax_lse=True)
+                           sinks=sinks, return_softmax_lse=True, num_splits=splits)
 
     def make_problem(q, sinks):
         return AttentionProblem(q=q, k=k_cache, v=v_cache, softmax_scale=32**-0.5, causal=True, window_left=-1,
-                                window_right=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0, max_seqlen_q=3,
+                                window_right=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0, max_seqlen_q=sq,
                                 max_seqlen_k=40, sinks=sinks,
                                 kv_cache=KVCache(seqlens, torch.zeros(2, dtype=torch.int32),
                                                  torch.arange(2, dtype=torch.int32), None))
 
     check([q, sinks], run, make_problem, grads=False)
+    launched = flash_attn_metal.stats()["launches"]
+    assert all(name.startswith(path) for name in launched)
+    assert any(name.endswith("_combine") for name in launched) == (splits > 1)

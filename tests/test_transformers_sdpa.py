@@ -1,15 +1,13 @@
 """A tiny random-config transformers LlamaForCausalLM with attn_implementation="sdpa" under patch_sdpa(), against
 the same weights with attn_implementation="eager" (the emulator on CPU; no download).
 
-An unpadded batch reaches SDPA with is_causal and seqlen_q == seqlen_k: the kernels serve it today (strict mode).
-A left-padded batch brings a (B, 1, L, S) bool mask with fully masked query rows at the padding: it runs on torch's
-SDPA with a warning until the kernels read masks, and its strict-mode twin is an xfail until then.
+An unpadded batch reaches SDPA with is_causal and seqlen_q == seqlen_k; a left-padded batch brings a (B, 1, L, S)
+bool mask with fully masked query rows at the padding. The kernels serve both (strict mode).
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -18,9 +16,6 @@ import flash_attn_metal
 from flash_attn_metal import patch_sdpa, routing
 
 transformers = pytest.importorskip("transformers")
-
-PENDING = pytest.mark.xfail(strict=True, reason="kernel support pending (lead)", raises=NotImplementedError)
-
 
 @pytest.fixture(autouse=True)
 def emulator(monkeypatch):
@@ -81,19 +76,10 @@ def test_unpadded_batch_runs_on_the_kernels(models, monkeypatch):
     assert any(name.startswith("attention_backward") for name in kernels)
 
 
-def test_left_padded_batch_runs_on_torch_with_a_warning_for_now(models):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        counts = check_against_eager(models, left_padding=5)
-    assert any("attn_mask" in reason for reason in counts["fallbacks"])
-    assert any("attn_mask" in str(w.message) for w in caught)
-
-
-@PENDING
 def test_left_padded_batch_on_the_kernels(models, monkeypatch):
     monkeypatch.setenv("FLASH_ATTN_METAL_STRICT", "1")
     counts = check_against_eager(models, left_padding=5)
-    assert counts["launches"]
+    assert any(name.startswith("attention_forward") and "_bool_mask" in name for name in counts["launches"])
 
 
 def test_a_wrong_attention_would_be_caught(models):

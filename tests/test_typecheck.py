@@ -47,10 +47,25 @@ PAIRS = {
         kernel("threadgroup half t[4]; out[i] = first(t);", "inline half first(device half* p) { return p[0]; }"),
         "no matching function for call to 'first'; candidate function not viable: no known conversion from "
         "'threadgroup half[4]' to 'device half *'", BODY_LINE),
-    "device pointer where a thread pointer is expected": (
-        kernel("float x = 1.0f; out[i] = get(&x);", "inline float get(thread float* p) { return *p; }"),
-        kernel("out[i] = get(out);", "inline float get(thread float* p) { return *p; }"),
+    "thread pointer where a device pointer is expected": (
+        kernel("out[i] = get(out);", "inline float get(device float* p) { return *p; }"),
+        kernel("float x = 1.0f; out[i] = get(&x);", "inline float get(device float* p) { return *p; }"),
         "no matching function for call to 'get'", BODY_LINE),
+    "element-wise conversion to a template parameter's or an alias's vector type": (
+        kernel("out[i] = conv<half4>(float4(1.0f)).x + H2(float2(1.0f)).y;",
+               "template <typename V> V conv(float4 x) { return V(x); } typedef vec<half, 2> H2;"),
+        kernel("out[i] = conv<half4>(float4(1.0f)).x + H2(float4(1.0f)).y;",
+               "template <typename V> V conv(float4 x) { return V(x); } typedef vec<half, 2> H2;"),
+        "a vector constructor's arguments must supply exactly as many elements as the vector has", BODY_LINE),
+    "device buffer copied into threadgroup memory, struct by struct": (
+        kernel("threadgroup Pair t[2]; t[0] = pairs(out)[0]; out[i] = t[0].a + t[0].sum();",
+               "struct Pair { float a, b; float sum() const { return a + b; } }; "
+               "inline device Pair* pairs(device float* p) { return (device Pair*)p; }"),
+        kernel("threadgroup Pair t[2]; t[0] = pairs(out)[0]; out[i] = t[0].a + t[0].sum();",
+               "struct Pair { float a, b; float sum() const { return a + b; } }; "
+               "inline device Pair* pairs(device float* p) { return p; }"),
+        "cannot initialize return object of type 'device Pair *' with an lvalue of type 'device float *'",
+        HELPER_LINE),
     "constant pointer where a device pointer is expected": (
         kernel("out[i] = get(out);", "inline float get(device float* p) { return *p; }"),
         kernel("out[i] = get(c);", "inline float get(device float* p) { return *p; }"),

@@ -7,7 +7,7 @@ same key replays that launch on its own tensors: about a quarter of the full pat
 
 The key holds everything the full path's decisions read, so a call that would fail validation, fall back or run
 a different kernel never shares a key with one that ran: the tensors' exact type (plain `torch.Tensor`), shapes,
-strides, dtypes and devices; the options as plain Python values (the type is part of the key, so `True` never
+strides, dtypes, devices and what the loads' alignment reads of their storage offsets; the options as plain Python values (the type is part of the key, so `True` never
 stands in for `1.0`); and the environment variables that choose the backend. Calls that need autograd, run under
 torch.compile, or pass tensors as options (ALiBi slopes, a tensor window or softcap) have no key and always
 take the full path.
@@ -44,8 +44,13 @@ def key(q: object, k: object, v: object, window_size: object, *scalars: object) 
     if not _PLAIN.issuperset(types):
         return None
     environ = os.environ
+    offsets = (q.storage_offset(), k.storage_offset(), v.storage_offset())
+    # What the kernels' choices read of the storage offsets: the loads' alignment (vectors of up to 4 elements)
+    # and whether offsets could outgrow 32 bits.
+    placement = ((offsets[0] | offsets[1] | offsets[2]) % 4, max(offsets) >> 31)
     return (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device, v.shape, v.stride(),
-            v.dtype, v.device, options, types, environ.get(settings.BACKEND), environ.get(settings.EMULATOR_DEBUG))
+            v.dtype, v.device, placement, options, types, environ.get(settings.BACKEND),
+            environ.get(settings.EMULATOR_DEBUG), environ.get(settings.EMULATOR_FAST_MATH))
 
 
 def get(call_key: tuple | None) -> Any:

@@ -73,35 +73,18 @@ def _get_block_size_n(device, head_dim: int, is_dropout: bool, is_causal: bool) 
     return s_dmask.block_size_n(head_dim, is_dropout, is_causal)
 
 
-def _rng_state(device: torch.device) -> Tensor:
-    """The state of `device`'s default generator, which the next dropout draw starts from."""
-    if device.type == "cuda":
-        return torch.cuda.get_rng_state(device)
-    if device.type == "mps":
-        return torch.mps.get_rng_state()
-    return torch.get_rng_state()
-
-
-def _set_rng_state(device: torch.device, state: Tensor) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    elif device.type == "mps":
-        torch.mps.set_rng_state(state)
-    else:
-        torch.set_rng_state(state)
-
-
 @contextlib.contextmanager
-def _replayed(rng_state: Optional[Tensor], device: torch.device) -> Iterator[None]:
-    """Run with `device`'s default generator set to `rng_state`, restoring its state after."""
+def _replayed(rng_state: Optional[Tensor]) -> Iterator[None]:
+    """Run with the generator the dropout draws come from (torch's default CPU generator on every device:
+    kernels/dropout.py) set to `rng_state`, restoring its state after."""
     if not isinstance(rng_state, torch.Tensor) or rng_state.dtype != torch.uint8:
         raise ValueError("rng_state must be the rng_state that the forward of this dropout call returned")
-    previous = _rng_state(device)
-    _set_rng_state(device, rng_state)
+    previous = torch.get_rng_state()
+    torch.set_rng_state(rng_state)
     try:
         yield
     finally:
-        _set_rng_state(device, previous)
+        torch.set_rng_state(previous)
 
 
 def _no_rng(device: torch.device) -> Tensor:
@@ -110,7 +93,7 @@ def _no_rng(device: torch.device) -> Tensor:
 
 def _forward(q: Tensor, call, dropout_p: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, lse, S_dmask, rng_state) of `call(return_attn_probs=True)`, without autograd history."""
-    rng_state = _rng_state(q.device) if dropout_p > 0 else _no_rng(q.device)
+    rng_state = torch.get_rng_state() if dropout_p > 0 else _no_rng(q.device)
     with torch.no_grad():
         out, lse, s_dmask = call()
     return out, lse, s_dmask, rng_state
@@ -129,7 +112,7 @@ def _gradients(problem: AttentionProblem, out: Tensor, lse: Tensor, dout: Tensor
     leaves = [t.detach().requires_grad_() for t in (problem.q, problem.k, problem.v)]
     with torch.enable_grad():
         if problem.dropout_p > 0:
-            with _replayed(rng_state, problem.q.device):
+            with _replayed(rng_state):
                 again = recompute(*leaves)
         else:  # routing announced the fallback above: the reference recomputes it
             again = reference.attention(dataclasses.replace(problem, q=leaves[0], k=leaves[1], v=leaves[2]))[0]
@@ -164,7 +147,7 @@ def _flash_attn_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
                          rng_state: Optional[Tensor] = None) -> Tensor:
     """Writes dq, dk, dv; returns softmax_d (b, h, round128(sq)) fp32. The backward is always deterministic."""
     window = (window_size_left, window_size_right)
-    problem = _problem(q, k, v, dropout_p, softmax_scale, causal, window, softcap, alibi_slopes)
+    problem = _problem(q, k, v, dropout_p, softmax_scale, causal, window, softcap, alibi_slopes, None)
     grads = _gradients(problem, out, softmax_lse, dout, lambda q_, k_, v_: flash_attn_func(
         q_, k_, v_, dropout_p, softmax_scale, causal, window, softcap, alibi_slopes), rng_state)
     _write((dq, dk, dv), grads)
@@ -242,8 +225,8 @@ def _flash_attn_varlen_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o
     """Writes dq, dk, dv; returns softmax_d (h, total_q + 128 * batch) fp32, sequence b's rows starting at
     cu_seqlens_q[b] + 128 * b (flash-attn's layout)."""
     window = (window_size_left, window_size_right)
-    problem = _problem(q, k, v, dropout_p, softmax_scale, causal, window, softcap, alibi_slopes, varlen=True,
-                       cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+    problem = _problem(q, k, v, dropout_p, softmax_scale, causal, window, softcap, alibi_slopes, None,
+                       varlen=True, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                        max_seqlen_k=max_seqlen_k)
     grads = _gradients(problem, out, softmax_lse, dout, lambda q_, k_, v_: flash_attn_varlen_func(
         q_, k_, v_, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,

@@ -92,7 +92,7 @@ def _attend(problem: AttentionProblem, return_attn_probs: bool, call_key: tuple 
         problem = dataclasses.replace(problem, dropout_rng=dropout.draw_seed_offset())
     needs_grad = problem_needs_grad(problem)
     needs_probs = return_attn_probs and problem.dropout_p > 0  # flash-attn's S_dmask is empty without dropout
-    backend = routing.choose(problem, needs_grad, needs_probs)
+    backend = routing.choose(problem, needs_grad)
     if backend is None:
         out, lse = reference.attention(problem)
         lse = lse.detach()  # as in flash-attn, only out carries a gradient
@@ -113,7 +113,11 @@ def problem_needs_grad(problem: AttentionProblem) -> bool:
 def run_kernels(problem: AttentionProblem, backend: str, needs_grad: bool,
                 call_key: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) from the kernels on `backend`. An eager inference call with a `fastpath` key has its launch
-    remembered under that key."""
+    remembered under that key. A dropout call without its (seed, offset) yet draws them here."""
+    if problem.dropout_p > 0 and problem.dropout_rng is None:
+        from .kernels import dropout
+
+        problem = dataclasses.replace(problem, dropout_rng=dropout.draw_seed_offset())
     if needs_grad or torch.compiler.is_compiling():
         from . import ops  # custom ops: autograd and torch.compile see the kernels as single ops
 
@@ -134,7 +138,10 @@ def _result(out: torch.Tensor, lse: torch.Tensor, probs: torch.Tensor | None, re
 
 def _padded(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs, sinks):
     """The padded-layout functions' common path: replay a remembered launch, else validate, route and run."""
-    call_key = fastpath.key(q, k, v, window_size, dropout_p, softmax_scale, causal, softcap, alibi_slopes, sinks)
+    # A dropout call draws a new seed every time: it never replays a launch (whose arguments hold the last seed).
+    dropping = not isinstance(dropout_p, (int, float)) or dropout_p > 0
+    call_key = None if dropping else fastpath.key(q, k, v, window_size, dropout_p, softmax_scale, causal, softcap,
+                                                  alibi_slopes, sinks)
     launch = fastpath.get(call_key)
     if launch is not None:
         out, lse, _ = launch(q, k, v)

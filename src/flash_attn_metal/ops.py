@@ -37,8 +37,8 @@ NAMESPACE = __name__.rpartition(".")[0].replace(".", "_")
 
 def _problem(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
              cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask=None, sinks=None, top_left=False,
-             cache_seqlens=None, cache_leftpad=None, cache_batch_idx=None, block_table=None,
-             num_splits=0) -> AttentionProblem:
+             dropout_p=0.0, dropout_seed=0, dropout_offset=0, cache_seqlens=None, cache_leftpad=None,
+             cache_batch_idx=None, block_table=None, num_splits=0) -> AttentionProblem:
     kv_cache = None if cache_seqlens is None else KVCache(cache_seqlens, cache_leftpad, cache_batch_idx, block_table)
     if cu_seqlens_q is not None and max_seqlen_q == validation.UNREAD:  # traced: see the module docstring
         max_seqlen_q = validation.longest("max_seqlen_q", validation.INT32_MAX,
@@ -48,8 +48,10 @@ def _problem(q, k, v, softmax_scale, causal, window_left, window_right, softcap,
     if kv_cache is not None and max_seqlen_k == validation.UNREAD:
         attended = cache_seqlens if cache_leftpad is None else cache_seqlens - cache_leftpad
         max_seqlen_k = int(attended.max()) if attended.numel() else 0
+    rng = (dropout_seed % (1 << 64), dropout_offset % (1 << 64)) if dropout_p > 0 else None  # int64 bits -> uint64
     return AttentionProblem(q=q, k=k, v=v, softmax_scale=softmax_scale, causal=causal, window_left=window_left,
-                            window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=0.0,
+                            window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes,
+                            dropout_p=dropout_p, dropout_rng=rng,
                             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                             max_seqlen_k=max_seqlen_k, kv_cache=kv_cache, num_splits=num_splits,
                             attn_mask=attn_mask, sinks=sinks, top_left=top_left)
@@ -64,21 +66,24 @@ def forward(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool,
             window_right: int, softcap: float, alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
             cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, backend: str,
             attn_mask: Optional[Tensor] = None, sinks: Optional[Tensor] = None, top_left: bool = False,
+            dropout_p: float = 0.0, dropout_seed: int = 0, dropout_offset: int = 0,
             cache_seqlens: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
             cache_batch_idx: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
             num_splits: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     from .kernels import dispatch
 
     problem = _problem(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, sinks, top_left,
-                       cache_seqlens, cache_leftpad, cache_batch_idx, block_table, num_splits)
+                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, sinks, top_left, dropout_p,
+                       dropout_seed, dropout_offset, cache_seqlens, cache_leftpad, cache_batch_idx, block_table,
+                       num_splits)
     return dispatch.forward(problem, backend)
 
 
 @forward.register_fake
 def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-      max_seqlen_q, max_seqlen_k, backend, attn_mask=None, sinks=None, top_left=False, cache_seqlens=None,
-      cache_leftpad=None, cache_batch_idx=None, block_table=None, num_splits=0):
+      max_seqlen_q, max_seqlen_k, backend, attn_mask=None, sinks=None, top_left=False, dropout_p=0.0,
+      dropout_seed=0, dropout_offset=0, cache_seqlens=None, cache_leftpad=None, cache_batch_idx=None,
+      block_table=None, num_splits=0):
     lse_shape = _lse_shape(q, cu_seqlens_q)
     return (q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32),
             q.new_empty((*lse_shape, 2), dtype=torch.float32))
@@ -89,24 +94,28 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: 
              causal: bool, window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor],
              cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
              backend: str, attn_mask: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
-             top_left: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+             top_left: bool = False, dropout_p: float = 0.0, dropout_seed: int = 0,
+             dropout_offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     from .kernels import dispatch
 
     problem = _problem(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, sinks, top_left)
+                       cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, sinks, top_left,
+                       dropout_p, dropout_seed, dropout_offset)
     return dispatch.backward(problem, out, stats, dout, backend)
 
 
 @backward.register_fake
 def _(dout, q, k, v, out, stats, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-      cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend, attn_mask=None, sinks=None, top_left=False):
+      cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend, attn_mask=None, sinks=None, top_left=False,
+      dropout_p=0.0, dropout_seed=0, dropout_offset=0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 FORWARD_ONLY_PARAMS = 5  # forward's last: the kv cache (whose calls never need autograd) and num_splits
 # The parameters after q, k, v that forward and backward share, in their order.
 SHARED_PARAMS = ("softmax_scale", "causal", "window_left", "window_right", "softcap", "alibi_slopes", "cu_seqlens_q",
-                 "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "backend", "attn_mask", "sinks", "top_left")
+                 "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "backend", "attn_mask", "sinks", "top_left",
+                 "dropout_p", "dropout_seed", "dropout_offset")
 
 
 def sink_gradient(sinks: Tensor, out: Tensor, dout: Tensor, lse: Tensor, varlen: bool) -> Tensor:
@@ -150,8 +159,15 @@ def run(problem: AttentionProblem, backend: str) -> tuple[Tensor, Tensor]:
     cache = (None,) * 4 if c is None else (c.seqlens, c.leftpad, c.batch_idx, c.block_table)
     out, lse, _ = forward(p.q, p.k, p.v, p.softmax_scale, p.causal, p.window_left, p.window_right, p.softcap,
                           p.alibi_slopes, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, backend,
-                          p.attn_mask, p.sinks, p.top_left, *cache, p.num_splits)
+                          p.attn_mask, p.sinks, p.top_left, p.dropout_p, *_dropout_rng(p), *cache, p.num_splits)
     return out, lse
+
+
+def _dropout_rng(p: AttentionProblem) -> tuple[int, int]:
+    """The call's dropout (seed, offset) as int64 bits, the ops' int arguments (0, 0 without dropout)."""
+    if p.dropout_rng is None:
+        return 0, 0
+    return tuple(v - (1 << 64) if v >= 1 << 63 else v for v in p.dropout_rng)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::check_kv_cache", mutates_args=())

@@ -60,16 +60,15 @@ def _caller_stacklevel() -> int:
     return level
 
 
-def choose(problem: AttentionProblem, needs_grad: bool, needs_probs: bool = False) -> str | None:
-    """"mps" or "emulator" when the kernels run this call, None (after announcing why) for the reference.
-    `needs_probs`: the caller wants flash-attn's S_dmask (dropout probabilities), which only the reference gives."""
-    backend, reason = decide(problem, needs_grad, needs_probs)
+def choose(problem: AttentionProblem, needs_grad: bool) -> str | None:
+    """"mps" or "emulator" when the kernels run this call, None (after announcing why) for the reference."""
+    backend, reason = decide(problem, needs_grad)
     if reason is not None:
         fallback(reason)
     return backend
 
 
-def decide(problem: AttentionProblem, needs_grad: bool, needs_probs: bool = False) -> tuple[str | None, str | None]:
+def decide(problem: AttentionProblem, needs_grad: bool) -> tuple[str | None, str | None]:
     """(backend, None) when the kernels run this call; (None, reason) when they cannot; (None, None) when the
     reference was asked for. Announces nothing."""
     setting = backend_setting()
@@ -86,8 +85,6 @@ def decide(problem: AttentionProblem, needs_grad: bool, needs_probs: bool = Fals
         return None, (f"the tensors are on {device}; the Metal kernels run on MPS tensors "
                       "(FLASH_ATTN_METAL_BACKEND=emulator runs them in the emulator)")
     reason = kernel_unsupported_reason(problem, needs_grad)
-    if reason is None and needs_probs:
-        reason = "return_attn_probs with dropout asks for S_dmask, which the kernels do not return"
     return (None, reason) if reason is not None else (backend, None)
 
 

@@ -22,18 +22,20 @@ except ImportError as exc:  # only on machines without CuPy
 
 # Functions without __device__ (the kernels' own helpers) compile for the device.
 NVRTC_OPTIONS = ("-std=c++17", "--device-as-default-execution-space", f"-I{INCLUDE_DIR}", "-w")
-ERROR_BYTES = 24  # sizeof(MslError) in include/msl_cuda.h
+ERROR_BYTES = 32  # sizeof(MslError) in include/msl_cuda.h
+# By code; an access's error names its buffer, or threadgroup memory (buffer -1). The CPU executor words them alike.
 _ERRORS = {
-    1: "buffer {buffer}: element {index} is out of bounds (the bound tensor holds {count})",
+    1: "{where}: element {element} is out of bounds (a {size}-byte access at byte {offset}; {holds} {extent} bytes)",
     2: "a simdgroup_matrix operation needs all 32 lanes of the SIMD group",
     3: "simdgroup_load/store with transpose_matrix and a nonzero matrix_origin: Apple does not document how they "
        "combine; offset the pointer instead",
+    4: "{where}: a misaligned {size}-byte access at byte {offset} (Metal needs {extent}-byte alignment)",
 }
 _modules: MemoryCache = MemoryCache()
 
 
-def _module(translation: Translation, debug: bool) -> "cupy.RawModule":
-    options = NVRTC_OPTIONS + (("-DMSL_DEBUG",) if debug else ())
+def _module(translation: Translation, debug: bool, fast_math: bool) -> "cupy.RawModule":
+    options = NVRTC_OPTIONS + (("-DMSL_DEBUG",) if debug else ()) + (("--use_fast_math",) if fast_math else ())
     key = cache_key(source=translation.cpp, headers=_headers_digest(), options=options)
 
     def build() -> "cupy.RawModule":
@@ -57,14 +59,15 @@ def _device_values(b: Bound, device: torch.device) -> tuple[int, int, object]:
 class CudaLibrary(Library):
     device_type = "cuda"
 
-    def __init__(self, translation: Translation, debug: bool) -> None:
+    def __init__(self, translation: Translation, debug: bool, fast_math: bool = False) -> None:
         super().__init__(translation.kernels)
-        self._module = _module(translation, debug)
+        self._module = _module(translation, debug, fast_math)
 
-    def _threadgroup_bytes(self, name: str) -> int:
-        out = cupy.zeros(1, dtype=cupy.uint64)
-        self._module.get_function(f"msl_threadgroup_bytes_{name}")((1,), (1,), (out,))
-        return int(out.get()[0])
+    def _limits(self, name: str) -> tuple[int, int]:
+        out = cupy.zeros(2, dtype=cupy.uint64)
+        self._module.get_function(f"msl_limits_{name}")((1,), (1,), (out,))
+        threadgroup_bytes, max_threads = out.get().tolist()
+        return int(threadgroup_bytes), int(max_threads)
 
     def _run(self, kernel: KernelFunction, bound: list[Bound], grid: tuple, group: tuple) -> None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -82,9 +85,16 @@ class CudaLibrary(Library):
                  shared_mem=kernel.static_thread_group_memory_length, stream=stream)
         raw = error.get(stream=stream).tobytes()  # synchronises: the emulator checks every launch
         code, buffer = (int.from_bytes(raw[i : i + 4], "little", signed=True) for i in (0, 4))
-        index, count = (int.from_bytes(raw[i : i + 8], "little", signed=True) for i in (8, 16))
+        offset, size, extent = (int.from_bytes(raw[i : i + 8], "little", signed=True) for i in (8, 16, 24))
         if code:
-            name = kernel.info.buffer_names.get(buffer, "?")
-            detail = _ERRORS[code].format(buffer=f"{buffer} ({name})", index=index, count=count)
+            if buffer == -2:
+                where, holds = "a pointer made from an address", ""
+            elif buffer < 0:
+                where, holds = "threadgroup memory", "the kernel has"
+            else:
+                name = kernel.info.buffer_names.get(buffer, "?")
+                where, holds = f"buffer {buffer} ({name})", "the bound tensor holds"
+            detail = _ERRORS[code].format(where=where, holds=holds, element=offset // max(size, 1), size=size,
+                                          offset=offset, extent=extent)
             raise KernelExecutionError(f"kernel {kernel.info.name}: {detail}")
         del owners

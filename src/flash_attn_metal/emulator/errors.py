@@ -41,3 +41,7 @@ class MSLCompileError(MSLError):
 class KernelExecutionError(MSLError):
     """A kernel failed while running: a barrier or SIMD collective that cannot complete, or (in debug mode)
     an out-of-bounds buffer access."""
+
+
+class EmulatorUnavailable(MSLError, RuntimeError):
+    """The emulator cannot run on this machine (no working C++ compiler); the message says what to set."""

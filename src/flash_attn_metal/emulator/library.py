@@ -101,11 +101,12 @@ class KernelFunction:
 
     thread_execution_width = SIMD_WIDTH
 
-    def __init__(self, library: "Library", info: KernelInfo, threadgroup_bytes: int) -> None:
+    def __init__(self, library: "Library", info: KernelInfo, threadgroup_bytes: int, max_threads: int) -> None:
         self._library = library
         self.info = info
         self.static_thread_group_memory_length = threadgroup_bytes
-        self.max_threads_per_threadgroup = min(MAX_THREADS_PER_THREADGROUP, info.max_threads or MAX_THREADS_PER_THREADGROUP)
+        # [[max_total_threads_per_threadgroup(N)]] lowers the limit, as it lowers the pipeline's on Metal.
+        self.max_threads_per_threadgroup = min(MAX_THREADS_PER_THREADGROUP, max_threads or MAX_THREADS_PER_THREADGROUP)
         self._buffers = sorted((p for p in info.params if p.buffer_index is not None), key=lambda p: p.buffer_index)
         if threadgroup_bytes > MAX_THREADGROUP_MEMORY:
             raise MSLCompileError(
@@ -183,7 +184,8 @@ class KernelFunction:
         if any(g <= 0 for g in group) or any(t < 0 for t in threads):
             raise ValueError(f"kernel {name}: group_size {group} and threads {threads} must be positive")
         if math.prod(group) > limit:
-            raise ValueError(f"kernel {name}: threadgroup size {math.prod(group)} exceeds {limit} limit")
+            why = "its [[max_total_threads_per_threadgroup]]" if limit < MAX_THREADS_PER_THREADGROUP else "Apple GPUs'"
+            raise ValueError(f"kernel {name}: threadgroup size {math.prod(group)} exceeds {limit} limit ({why})")
         pad = [1] * (3 - len(threads))
         return tuple(threads + pad), tuple(group + pad)  # type: ignore[return-value]
 
@@ -204,14 +206,15 @@ class Library:
         if function is None:
             if name not in self._infos:
                 raise AttributeError(f"no kernel named {name!r} (kernels: {', '.join(self._infos)})")
-            function = KernelFunction(self, self._infos[name], self._threadgroup_bytes(name))
+            function = KernelFunction(self, self._infos[name], *self._limits(name))
             self._functions[name] = function
         return function
 
     def __dir__(self) -> list[str]:
         return sorted(self._infos)
 
-    def _threadgroup_bytes(self, name: str) -> int:
+    def _limits(self, name: str) -> tuple[int, int]:
+        """The kernel's threadgroup memory in bytes and its [[max_total_threads_per_threadgroup]] (0: none)."""
         raise NotImplementedError
 
     def _run(self, kernel: KernelFunction, bound: list[Bound], grid: tuple, group: tuple) -> None:

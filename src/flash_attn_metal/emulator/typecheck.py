@@ -1,8 +1,9 @@
 """`typecheck(source)`: compile MSL with a real clang front end (libclang, in process) under a Metal shim.
 
 include/metal_typecheck.h declares Metal for clang: `device`, `constant` and `threadgroup` are distinct address
-spaces (`thread` is the default one), vectors are ext_vector types, and the standard library has Metal's
-signatures. Its library half is served from memory as `<metal_stdlib>`, from a virtual include directory.
+spaces (SYCL's, under which `thread`, the default space, holds the others: see the shim), vectors are ext_vector
+types, and the standard library has Metal's signatures. Its library half is served from memory as
+`<metal_stdlib>`, from a virtual include directory.
 
 libclang's own lexer reads the source first. The few spellings C++ lacks are rewritten token by token, never
 across lines, and the columns they move are mapped back, so diagnostics carry MSL lines and columns:
@@ -10,7 +11,9 @@ across lines, and the columns they move are mapped back, so diagnostics carry MS
 - Metal's attributes (`[[buffer(0)]]`, `[[thread_position_in_grid]]`, `[[kernel]]`, ...) become
   `[[clang::annotate("metal.<name>", args)]]`, so that kernel signatures can be checked on clang's AST;
 - half literals (`1.0h`) get clang's `f16` suffix, and unsuffixed floating literals an `f` (Metal has no double);
-- `vec<T, N>(...)` becomes the shim's vector constructor, as `float4(...)` does through a macro.
+- `vec<T, N>(...)`, and `T(...)` for a template parameter or alias T, become the shim's conversions, which are
+  element-wise for vectors, as `float4(...)` is through a macro;
+- member functions repeated for each address space of `this` become one (C++ cannot qualify `this`).
 Then the rules clang cannot see: the non-public `__asm` and `#pragma METAL` are refused; threadgroup variables
 are declared only in kernels and never initialized; program-scope variables are in the constant address space;
 every kernel parameter is a device or constant buffer or a built-in input of an allowed type.
@@ -29,18 +32,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import Diagnostic, MSLCompileError
+from .msl import STDLIB_HEADERS
 
 SHIM_PATH = Path(__file__).parent / "include" / "metal_typecheck.h"
 INCLUDE_DIR = "/metal-typecheck/include"  # never on disk: clang gets every file under it from memory
 SHIM_FILE = f"{INCLUDE_DIR}/metal_typecheck.h"
 CONSTANTS_PATH = SHIM_PATH.with_name("msl_constants.h")  # the math constants the shim shares with the runtime
 CONSTANTS_FILE = f"{INCLUDE_DIR}/msl_constants.h"
-# <metal_stdlib> and the sub-headers a kernel may name instead; each serves the library half of the shim.
-STDLIB_HEADERS = frozenset({
-    "metal_stdlib", "metal_atomic", "metal_common", "metal_compute", "metal_geometric", "metal_integer",
-    "metal_math", "metal_numeric", "metal_relational", "metal_simdgroup", "metal_simdgroup_matrix",
-    "metal_type_traits", "metal_types",
-})
+# <metal_stdlib> and the sub-headers a kernel may name instead (msl.STDLIB_HEADERS) each serve the library half.
 # The source reaches clang under this module's own path, its content replaced from memory: clang keeps a
 # precompiled preamble only for a main file that exists on disk.
 MAIN_FILE = str(Path(__file__).resolve())
@@ -51,6 +50,8 @@ PREFIX = {True: b"#include <metal_stdlib>\nnamespace metal_tc {}\n",
           False: b"#include <metal_typecheck.h>\nnamespace metal_tc {}\n"}
 PREFIX_LINES = 2
 CLANG_ARGS = ("-x", "c++", "-std=c++17", "-ffreestanding", "-nostdinc", "-nostdinc++", "-fsyntax-only", "-w",
+              "-flax-vector-conversions=none",  # Metal converts no vector type to another implicitly
+              "-Xclang", "-fsycl-is-device",  # the shim's address spaces are SYCL's (see metal_typecheck.h)
               "-ferror-limit=50", "-isystem", INCLUDE_DIR)
 
 # Kernel-parameter attributes of Metal's built-in inputs, by the types they allow.
@@ -68,7 +69,7 @@ INDEX_ATTRIBUTES = frozenset({  # uint or ushort
 # Attributes rewritten to clang annotations; clang ignores any other attribute, as Apple's compiler does.
 METAL_ATTRIBUTES = POSITION_ATTRIBUTES | INDEX_ATTRIBUTES | {
     "kernel", "buffer", "threadgroup", "max_total_threads_per_threadgroup", "host_name"}
-ADDRESS_SPACES = {1: "device", 2: "constant", 3: "threadgroup"}  # as numbered in the shim
+ADDRESS_SPACES = {"__global": "device", "__private": "constant", "__local": "threadgroup"}  # as the shim spells them
 CACHE_SIZE = 4096
 
 
@@ -273,8 +274,8 @@ def _diagnostic(where: Any, source: _Tokens, shifts: dict[int, list[_Shift]], me
 
 def _metal_spelling(message: str) -> str:
     """Clang's message with the shim's address spaces and scalar types spelled as Metal spells them."""
-    for number, name in ADDRESS_SPACES.items():
-        message = message.replace(f"__attribute__((address_space({number})))", name)
+    for spelling, name in ADDRESS_SPACES.items():
+        message = re.sub(rf"\b{spelling}\b", name, message)
     message = message.replace("_Float16", "half").replace("__bf16", "bfloat")
     return re.sub(r"((?:unsigned )?\w+) __attribute__\(\(ext_vector_type\((\d)\)\)\)",
                   lambda m: _SCALAR_NAMES.get(m[1], m[1]) + m[2], message)
@@ -287,7 +288,11 @@ _SCALAR_NAMES = {"unsigned char": "uchar", "unsigned short": "ushort", "unsigned
 # Tokens
 
 
-_LITERAL, _COMMENT = 3, 4  # CXTokenKind
+_IDENTIFIER, _LITERAL, _COMMENT = 2, 3, 4  # CXTokenKind
+# After these, `T(` is not a functional cast; the shim's vector types construct through macros of their own.
+_NOT_A_CAST_AFTER = frozenset({".", "->", "::", "operator", "typename", "class", "struct", "~", "typedef"})
+_SHIM_MACRO_TYPES = frozenset(f"{t}{n}" for t in ("bool", "char", "uchar", "short", "ushort", "int", "uint", "long",
+                                                  "ulong", "half", "bfloat", "float") for n in (2, 3, 4))
 
 
 class _Tokens:
@@ -417,14 +422,17 @@ class _Scope:
     kind: str  # "namespace", "record", "function" (a body, or any block inside one) or "other" (an initializer)
     kernel: bool = False  # a kernel's body, or a block inside one
     depth: int = 0  # open parentheses and brackets
+    by_space: dict[str, str] = field(default_factory=dict)  # a record's member functions qualified by `this`'s space
 
 
 _ASM = frozenset({"asm", "__asm", "__asm__"})
 _ACCESS = frozenset({"public", "private", "protected"})
 # What ends a function's declaration before its body (`}`: a constructor's member initializer in braces).
 _FUNCTION_BODY_AFTER = frozenset({")", "const", "noexcept", "override", "final", "mutable", "volatile", "]", "&",
-                                  "&&", "}"})
+                                  "&&", "}", "device", "constant", "threadgroup", "thread"})
 _OPEN, _CLOSE = frozenset({"(", "["}), frozenset({")", "]"})
+_SPACE_WORDS = frozenset({"device", "constant", "threadgroup", "thread"})
+_THIS_QUALIFIERS = _SPACE_WORDS | {"const", "volatile"}
 
 
 class _Scanner:
@@ -443,6 +451,7 @@ class _Scanner:
         tokens = self.tokens
         get, texts, kinds = tokens.get, tokens.text, tokens.kind
         in_attribute_until = 0
+        type_names = self.type_names()
         for i, text in enumerate(texts):
             if text in _ASM:
                 self.error(i, f"inline assembly (`{text}`) is not public MSL")
@@ -457,8 +466,33 @@ class _Scanner:
                 in_attribute_until = self.attributes(i)
             elif text == "vec" and get(i + 1) == "<":
                 self.vector_constructor(i)
+            elif text in type_names and get(i + 1) == "(" and get(i - 1) not in _NOT_A_CAST_AFTER and not (
+                    get(i + 2) in ("*", "&") and kinds[i + 3] == _IDENTIFIER and get(i + 4) == ")"):  # `T (&a)[4]`
+                # `T4(x)` with T4 a template parameter or an alias: Metal converts element-wise, clang's
+                # functional cast of a vector would reinterpret its bits.
+                self.edits.insert(tokens.start[i], "::metal_tc::cast<")
+                self.edits.insert(tokens.end[i], ">")
         self.structure([i for i in range(len(tokens)) if not tokens.directive[i]])
         return self.found
+
+    def type_names(self) -> set[str]:
+        """The names of template type parameters, typedefs and aliases (a name's scope is not followed)."""
+        tokens = self.tokens
+        get, texts = tokens.get, tokens.text
+        names = set()
+        for i, text in enumerate(texts):
+            if text in ("typename", "class") and get(i - 1) in ("<", ",") and tokens.kind[i + 1] == _IDENTIFIER:
+                names.add(texts[i + 1])
+            elif text == "using" and tokens.kind[i + 1] == _IDENTIFIER and get(i + 2) == "=":
+                names.add(texts[i + 1])
+            elif text == "typedef":
+                j, depth = i + 1, 0
+                while j < len(texts) and not (texts[j] == ";" and depth == 0):
+                    depth += (texts[j] in ("(", "[", "<")) - (texts[j] in (")", "]", ">"))
+                    j += 1
+                if tokens.kind[j - 1] == _IDENTIFIER:
+                    names.add(texts[j - 1])
+        return names - _SHIM_MACRO_TYPES
 
     def literal(self, i: int) -> None:
         """Half literals get clang's f16 suffix; unsuffixed floating literals are float, as in Metal."""
@@ -563,6 +597,8 @@ class _Scanner:
                     stack.append(_Scope("other"))
                 else:
                     stack.append(_classify([texts[k] for k in code[declaration:position]]))
+                    if scope.kind == "record" and stack[-1].kind == "function":
+                        self.this_space_qualified(code, declaration, position, scope)
                 statement_start = True
             elif text == "}":
                 closed = stack.pop() if len(stack) > 1 else scope
@@ -577,6 +613,38 @@ class _Scanner:
                 statement_start = True  # after a label
             elif text == ":" and scope.kind == "record" and position and texts[code[position - 1]] in _ACCESS:
                 declaration = position + 1
+
+    def this_space_qualified(self, code: list[int], declaration: int, brace: int, record: _Scope) -> None:
+        """`T& operator[](int i) device { ... }`: C++ has no address space for `this`. Such versions that differ only
+        in it (as generated code spells one per space) are one function to clang, whose default space holds every
+        other: the first version is kept without its address spaces, and the others, which must say the same, go."""
+        tokens, texts = self.tokens, self.tokens.text
+        k = brace - 1
+        spaces = []
+        while k > declaration and texts[code[k]] in _THIS_QUALIFIERS:
+            if texts[code[k]] in _SPACE_WORDS:
+                spaces.append(code[k])
+            k -= 1
+        if texts[code[k]] != ")" or not spaces:
+            return
+        depth, end = 0, brace
+        for end in range(brace, len(code)):
+            depth += {"{": 1, "}": -1}.get(texts[code[end]], 0)
+            if depth == 0:
+                break
+        key = " ".join(texts[code[j]] for j in range(declaration, brace) if texts[code[j]] not in _SPACE_WORDS)
+        body = " ".join(texts[code[j]] for j in range(brace, end + 1))
+        if key not in record.by_space:  # kept, in the default space (its return type's too)
+            record.by_space[key] = body
+            for j in range(declaration, brace):
+                if texts[code[j]] in _SPACE_WORDS:
+                    self.edits.replace(tokens.start[code[j]], tokens.end[code[j]], "")
+        elif record.by_space[key] == body:
+            first, last = tokens.start[code[declaration]], tokens.end[code[end]]
+            self.edits.replace(first, last, "\n" * tokens.data[first:last].count(b"\n"))
+        else:
+            self.error(code[declaration], "member functions that differ in more than the address space of `this` "
+                                          "are not modelled (by the type check nor the emulator)")
 
     def threadgroup_variable(self, statement: list[int], scope: _Scope) -> None:
         """A statement that starts with `threadgroup`: variables (made static), or a pointer or reference."""
@@ -684,7 +752,7 @@ def _check_declarations(ci: Any, tu: Any, source: _Tokens, shifts: dict[int, lis
                 continue
             if kind in (K.NAMESPACE, K.LINKAGE_SPEC):
                 visit(c)
-            elif kind == K.VAR_DECL and c.type.get_address_space() != 2:
+            elif kind == K.VAR_DECL and _space(c.type) != "constant":
                 error(c, f"program-scope variable '{c.spelling}' must be declared in the constant address space")
             elif kind == K.FUNCTION_DECL and "metal.kernel" in _annotations(ci, c):
                 _check_kernel(ci, c, error)
@@ -702,6 +770,12 @@ def _kind(x: Any) -> Any:
         return None
 
 
+def _space(t: Any) -> str | None:
+    """The Metal address space of a type (device, constant or threadgroup), or None for thread memory."""
+    words = t.get_canonical().spelling.replace("*", " ").replace("&", " ").split()
+    return next((ADDRESS_SPACES[w] for w in words if w in ADDRESS_SPACES), None)
+
+
 def _annotations(ci: Any, cursor: Any) -> list[str]:
     return [c.spelling for c in cursor.get_children() if _kind(c) == ci.CursorKind.ANNOTATE_ATTR]
 
@@ -713,15 +787,15 @@ def _check_kernel(ci: Any, kernel: Any, error: Callable[[Any, str], None]) -> No
     for p in kernel.get_arguments():
         attributes = [a.removeprefix("metal.") for a in _annotations(ci, p) if a.startswith("metal.")]
         t = p.type.get_canonical()
-        space = t.get_pointee().get_address_space() if _kind(t) in (T.POINTER, T.LVALUEREFERENCE) else 0
+        space = _space(t.get_pointee()) if _kind(t) in (T.POINTER, T.LVALUEREFERENCE) else None
         name, spelled = p.spelling, _metal_spelling(p.type.spelling)
         inputs = [a for a in attributes if a in POSITION_ATTRIBUTES or a in INDEX_ATTRIBUTES]
         if "buffer" in attributes:
-            if space not in (1, 2):
+            if space not in ("device", "constant"):
                 error(p, f"kernel parameter '{name}' with [[buffer(n)]] must be a device or constant pointer or "
                          f"reference, not '{spelled}'")
         elif "threadgroup" in attributes:
-            if space != 3:
+            if space != "threadgroup":
                 error(p, f"kernel parameter '{name}' with [[threadgroup(n)]] must be a threadgroup pointer or "
                          f"reference, not '{spelled}'")
         elif inputs:
@@ -730,7 +804,7 @@ def _check_kernel(ci: Any, kernel: Any, error: Callable[[Any, str], None]) -> No
             if element not in (T.UINT, T.USHORT) or count > (1 if index else 3):
                 allowed = "uint or ushort" if index else "uint, uint2, uint3, ushort, ushort2 or ushort3"
                 error(p, f"kernel parameter '{name}' with [[{inputs[0]}]] must be {allowed}, not '{spelled}'")
-        elif space not in (1, 2, 3):
+        elif space is None:
             error(p, f"kernel parameter '{name}' of type '{spelled}' must be a device or constant pointer or "
                      "reference ([[buffer(n)]]) or carry a built-in input attribute such as "
                      "[[thread_position_in_grid]]")

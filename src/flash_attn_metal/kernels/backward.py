@@ -20,7 +20,16 @@ a fixed order: the backward is bitwise deterministic. kernels/tiles.py chooses w
 from __future__ import annotations
 
 from .forward import FLOAT_ARGS, INT_ARGS
-from .msl import THREADGROUP_BUILTINS, UNROLL, finish_header, header, kernel_attribute, parameter_list, side_buffer_names
+from .msl import (
+    THREADGROUP_BUILTINS,
+    UNROLL,
+    finish_header,
+    header,
+    kernel_attribute,
+    mask_declaration,
+    parameter_list,
+    side_buffer_names,
+)
 from .spec import BackwardSpec
 from .tiles import STATS_PER_QUERY, Tiles, row_stride, threadgroup_bytes
 
@@ -51,7 +60,7 @@ def backward_source(spec: BackwardSpec) -> str:
         "D": "device float* D", "dQ": f"device {t}* dQ", "dK": f"device {t}* dK", "dV": f"device {t}* dV",
         "ints": "constant long* ints", "floats": "constant float* floats",
     }
-    params = parameter_list(declarations, buffer_names(spec))
+    params = parameter_list({**declarations, **mask_declaration(f)}, buffer_names(spec))
     names = kernel_names(spec)
     enums = (f"enum IntArg {{ {', '.join(BACKWARD_INT_ARGS)} }};\n"
              f"enum FloatArg {{ {', '.join(BACKWARD_FLOAT_ARGS)} }};")
@@ -122,6 +131,31 @@ def _visible(spec: BackwardSpec, query: str, key: str) -> str:
         return f"{key} < seqlen_k"
     return (f"{key} < seqlen_k && (window_left < 0 || {key} >= {query} + diagonal_offset - window_left) && "
             f"(window_right < 0 || {key} <= {query} + diagonal_offset + window_right)")
+
+
+def _mask_score(f, pointer: str, index: str, length: str, stride: str) -> str:
+    """MSL applying the attention mask's element at `index` (clamped inside the sequence: a position past it is not
+    visible anyway) of the row or column `pointer` to score s[e], clearing `v` where the mask removes it."""
+    if not f.mask:
+        return ""
+    cast = "bool" if f.mask == "bool" else "float"
+    return f"\n          s[e] = masked_score(s[e], {cast}({pointer}[index_t(min({index}, {length} - 1)) * {stride}]), v);"
+
+
+def _dropout_dp(f, keep: str) -> str:
+    """MSL dropping dP's elements where the forward dropped P, scaled by 1 / (1 - p): dP = (dO V^T) * M / (1 - p)
+    (kernels/dropout.py); `keep` is the keep bits, or the MSL computing them."""
+    if not f.dropout:
+        return ""
+    declare = "" if keep == "keep" else f"\n      const bool2 keep = {keep};"
+    return declare + "\n      dp = select(float2(0.0f), dp * floats[DROPOUT_SCALE], keep);"
+
+
+def _dropout_stream(f, head: str) -> str:
+    if not f.dropout:
+        return ""
+    return (f"\n  const DropoutStream drop = dropout_stream(ulong(ints[DROPOUT_SEED]), ulong(ints[DROPOUT_OFFSET]), batch, "
+            f"uint({head}), uint(ints[NHEADS]), uint(ints[DROPOUT_THRESHOLD]));")
 
 
 def _preprocess_kernel(spec: BackwardSpec, name: str, params: str) -> str:
@@ -197,7 +231,7 @@ def _common_setup(spec: BackwardSpec) -> str:
     return f"""  const Sequence seq = {_locate_call(spec)};
   const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
   const int head_dim = int(ints[HEAD_DIM_REAL]);
-  const int diagonal_offset = seqlen_k - seqlen_q;  // bottom-right aligned masks: row i faces key i + offset
+  const int diagonal_offset = ints[BOTTOM_RIGHT] ? seqlen_k - seqlen_q : 0;  // row i faces key i + offset
   const int window_left = int(ints[WINDOW_LEFT]), window_right = int(ints[WINDOW_RIGHT]);
   const ushort2 coord = fragment_coord(lane);"""
 
@@ -222,6 +256,8 @@ def _dq_kernel(spec: BackwardSpec, name: str, params: str) -> str:
     else:
         inside = "    const bool mask_block = edge;  // keys past the sequence's end"
         key_range = ""
+    if f.mask:
+        inside = "    const bool mask_block = true;  // an attention mask is read for every element"
     alibi = ("\n        s -= slope_log2 * abs(float2(float(row + diagonal_offset - key0), float(row + diagonal_offset - key0 - 1)));"
              if f.alibi else "")
     return f"""// dQ for one query block, over the key blocks its rows can see.
@@ -251,7 +287,7 @@ void {name}(
   const int row = first_row + sg * 8 + coord.y;  // this lane's query row in every fragment
   const bool row_valid = row < seqlen_q;
   const float2 stats = row_valid ? STATS[stats_at + row] : float2(0.0f);  // (m, log2 l); (0, 0): no key or no row
-  const float d_row = row_valid ? D[stats_at + row] : 0.0f;
+  const float d_row = row_valid ? D[stats_at + row] : 0.0f;{_dq_extras(f)}
 {setup}
   simdgroup_float8x8 dq_frag[D_FRAGS];
   {UNROLL}
@@ -296,9 +332,19 @@ void {name}(
       const int key0 = k0 + kf * 8 + coord.x;
       float2 grad_factor;
       float2 s = scores(s_frag[kf].thread_elements(), floats, grad_factor);{alibi}
+      bool2 visible = bool2(true);
+      if (mask_block) {{
+        {UNROLL}
+        for (int e = 0; e < 2; ++e) {{
+          const int key = key0 + e;
+          bool v = {_visible(spec, "row", "key")};{_mask_score(f, "mask_row", "key", "seqlen_k", "mask_col")}
+          visible[e] = v;
+        }}
+      }}
       float2 p = exp2((s - stats.x) - stats.y);
-      if (mask_block) p = select(float2(0.0f), p, bool2({_visible(spec, "row", "key0")}, {_visible(spec, "row", "key0 + 1")}));
-      s_frag[kf].thread_elements() = p * (dp_frag[kf].thread_elements() - d_row) * grad_factor;
+      if (mask_block) p = select(float2(0.0f), p, visible);
+      float2 dp = dp_frag[kf].thread_elements();{_dropout_dp(f, "dropout_keep_row_pair(drop, uint(row), uint(key0))")}
+      s_frag[kf].thread_elements() = p * (dp - d_row) * grad_factor;
     }}
     // dQ += dS K.
     {UNROLL}
@@ -326,6 +372,26 @@ void {name}(
 """
 
 
+def _dq_extras(f) -> str:
+    text = _dropout_stream(f, "head")
+    if f.mask:
+        text += f"""
+  device const {f.mask}* mask_row = attn_mask + batch * ints[MASK_BATCH] + head * ints[MASK_HEAD] +
+                                    min(row, seqlen_q - 1) * ints[MASK_ROW];  // this row of the attention mask
+  const uint mask_col = uint(ints[MASK_COL]);"""
+    return text
+
+
+def _dkdv_extras(f) -> str:
+    text = _dropout_stream(f, "head").replace("\n  ", "\n    ")
+    if f.mask:
+        text += f"""
+    device const {f.mask}* mask_key = attn_mask + batch * ints[MASK_BATCH] + head * ints[MASK_HEAD] +
+                                      min(key, seqlen_k - 1) * ints[MASK_COL];  // this key's column of the mask
+    const uint mask_row_stride = uint(ints[MASK_ROW]);"""
+    return text
+
+
 def _dkdv_kernel(spec: BackwardSpec, name: str, params: str, part: str) -> str:
     """`part`: "dkdv" (both accumulators), "dk" or "dv" (one each, for the split at large head dims)."""
     f, tiles = spec.forward, spec.dkdv
@@ -344,18 +410,21 @@ def _dkdv_kernel(spec: BackwardSpec, name: str, params: str, part: str) -> str:
       // Q, dO and K rows are zero-filled, their statistics (0, 0), so they add nothing).
       const bool mask_block = !((window_left < 0 || first_key >= q0 + BLOCK_K - 1 + diagonal_offset - window_left) &&
                                 (window_right < 0 || first_key + BLOCK_Q - 1 <= q0 + diagonal_offset + window_right));"""
-        masking = (f"\n          if (mask_block) p = select(float2(0.0f), p, bool2({_visible(spec, 'query', 'key')}, "
-                   f"{_visible(spec, 'query + 1', 'key')}));")
     else:
-        query_range, mask_block, masking = "", "", ""
+        query_range, mask_block = "", "      const bool mask_block = false;"
+    if f.mask:
+        mask_block = "      const bool mask_block = true;  // an attention mask is read for every element"
     alibi = ("\n          s -= slope_log2 * abs(float2(float(query + diagonal_offset - key), float(query + 1 + diagonal_offset - key)));"
              if f.alibi else "")
     dp_mma = ("""
         simdgroup_float8x8 do_t;  // dO^T: element (d, query)
         do_t.thread_elements() = tile_pair_t<LD_ROWS>(do_tile, d * 8, qf * 8, coord);
         simdgroup_multiply_accumulate(dp_t[qf], v_d, do_t, dp_t[qf]);""" if want_dk else "")
-    ds = ("""
-          dp_t[qf].thread_elements() = p * (dp_t[qf].thread_elements() - float2(dd.x, dd.y)) * grad_factor;""" if want_dk else "")
+    ds = (f"""
+          float2 dp = dp_t[qf].thread_elements();{_dropout_dp(f, "keep")}
+          dp_t[qf].thread_elements() = p * (dp - float2(dd.x, dd.y)) * grad_factor;""" if want_dk else "")
+    keep = ("\n          const bool2 keep = dropout_keep_column_pair(drop, uint(query), uint(key));" if f.dropout else "")
+    p_after = "dropout_apply(p, keep, floats[DROPOUT_SCALE])" if f.dropout else "p"
     accumulate_dv = ("""
         simdgroup_float8x8 d_o;  // element (query, d)
         d_o.thread_elements() = tile_pair<LD_ROWS>(do_tile, qf * 8, d * 8, coord);
@@ -424,7 +493,7 @@ void {name}(
     device const input_t* do_seq = dO + seq.batch * ints[DO_BATCH] + head * ints[DO_HEAD] + seq.q_row * ints[DO_ROW];
     const long stats_at = seq.batch * ints[LSE_BATCH] + head * ints[LSE_HEAD] + seq.q_row;
     device const float2* stats_seq = STATS + stats_at;
-    device const float* d_seq = D + stats_at;
+    device const float* d_seq = D + stats_at;{_dkdv_extras(f)}
     int query_begin = 0, query_end = seqlen_q;
 {query_range}
     for (int q0 = query_begin; q0 < query_end; q0 += BLOCK_K) {{  // the query loop
@@ -472,8 +541,18 @@ void {name}(
         float2 grad_factor;
         {{
           float2 s = scores(s_t[qf].thread_elements(), floats, grad_factor);{alibi}
-          float2 p = exp2((s - m) - l);{masking}
-          s_t[qf].thread_elements() = p;{ds}
+          bool2 visible = bool2(true);
+          if (mask_block) {{
+            {UNROLL}
+            for (int e = 0; e < 2; ++e) {{
+              const int q = query + e;
+              bool v = {_visible(spec, "q", "key")};{_mask_score(f, "mask_key", "q", "seqlen_q", "mask_row_stride")}
+              visible[e] = v;
+            }}
+          }}
+          float2 p = exp2((s - m) - l);
+          if (mask_block) p = select(float2(0.0f), p, visible);{keep}
+          s_t[qf].thread_elements() = {p_after};  // P^T{" after dropout" if f.dropout else ""}, for dV{ds}
         }}
       }}
       // {" and ".join(x for x, on in (("dV += P^T dO", want_dv), ("dK += dS^T Q", want_dk)) if on)}.

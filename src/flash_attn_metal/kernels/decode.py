@@ -80,13 +80,13 @@ def spec_for(p: AttentionProblem) -> DecodeSpec:
     cache = "" if p.kv_cache is None else "paged" if p.kv_cache.paged else "dense"
     d = padded_head_dim(p.head_dim)
     return _cached_spec(MSL_TYPES[str(p.q.dtype).removeprefix("torch.")], d, load_width(p, d), p.is_varlen,
-                        left >= 0 or right >= 0, p.softcap > 0, p.alibi_slopes is not None, cache)
+                        left >= 0 or right >= 0, p.softcap > 0, p.alibi_slopes is not None, cache, p.sinks is not None)
 
 
 @functools.lru_cache(maxsize=1024)
 def _cached_spec(dtype: str, head_dim: int, vec: int, varlen: bool, masked: bool, softcap: bool, alibi: bool,
-                 kv_cache: str) -> DecodeSpec:
-    return DecodeSpec(dtype, head_dim, vec, varlen, masked, softcap, alibi, kv_cache)
+                 kv_cache: str, sinks: bool) -> DecodeSpec:
+    return DecodeSpec(dtype, head_dim, vec, varlen, masked, softcap, alibi, kv_cache, sinks)
 
 
 def load_width(p: AttentionProblem, head_dim: int) -> int:
@@ -176,6 +176,8 @@ def plan(p: AttentionProblem, backend: Backend) -> ForwardLaunch | None:
         return None
     if p.q.requires_grad or p.k.requires_grad or p.v.requires_grad:
         return None
+    if p.attn_mask is not None or p.top_left_matters or p.dropout_p > 0:
+        return None  # the block forward has these
     spec = spec_for(p)
     geo = geometry(spec, p.batch, p.max_seqlen_q, p.nheads, p.nheads_k, p.max_seqlen_k, gpu_cores(), p.num_splits)
     lse_shape = (p.nheads, p.q.shape[0]) if p.is_varlen else (p.batch, p.nheads, p.q.shape[1])

@@ -37,12 +37,14 @@ REQUIRED_INT_ARGS = ("HEAD_DIM_REAL", "O_ROW", "O_HEAD", "LSE_HEAD", "NUM_SPLITS
                      "SPLIT_STRIDE")
 
 
-def combine_kernel(name: str, params: str, locate: str, head_dim: int) -> str:
+def combine_kernel(name: str, params: str, locate: str, head_dim: int, sinks: bool = False) -> str:
     """MSL of a combine kernel named `name` with the parameter list `params` (its forward's, so one launch binds
     both the same way: O_partial, LSE_partial, O, LSE, STATS (the backward's (m, log2 l), float2) and `ints`
     among them). `locate` is MSL that, given
     `const long batch`, defines `seqlen_q` (this sequence's query rows), and `o_start` and `lse_start` (long: the
-    offsets of its first O and LSE elements). `head_dim` is the padded HEAD_DIM."""
+    offsets of its first O and LSE elements). `head_dim` is the padded HEAD_DIM. `sinks`: the splits' partials leave
+    out the heads' sinks (a `sinks` buffer, with the `has_sink` / `sink_log2` helpers of kernels/msl.py), which
+    join the merged denominator here, once."""
     columns = -(-head_dim // SIMD_WIDTH)
     return f"""
 // {name}: split-KV combine (kernels/decode_combine.py's layout), one SIMD group per (query row, head, sequence).
@@ -61,10 +63,9 @@ kernel void {name}(
 
   // Lane s holds split s's LSE; lanes past the splits and splits that saw no key weigh 0.
   const float split_lse = lane < num_splits ? LSE_partial[part + lane * split_stride] : {FINITE_MIN};
-  const float top = simd_max(split_lse);
+  float top = simd_max(split_lse);{SINK_TOP if sinks else ""}
   const float weight = split_lse == {FINITE_MIN} ? 0.0f : exp2(split_lse - top);
-  const float total = simd_sum(weight);
-  // (Attention sinks, once AttentionProblem has them, add exp2(sink_log2 - top) to `total` here.)
+  float total = simd_sum(weight);{SINK_TOTAL if sinks else ""}
 
   // Lane l accumulates columns l, l + 32, ... of the weighted outputs, one split after the other.
   constexpr int COLUMNS = {columns};  // ceil(HEAD_DIM / 32)
@@ -98,6 +99,13 @@ kernel void {name}(
   }}
 }}
 """
+
+
+SINK_TOP = """
+  const float sink = sinks[head];  // the head's sink joins the denominator once, here
+  if (has_sink(sink)) top = max(top, sink_log2(sink));"""
+SINK_TOTAL = """
+  if (has_sink(sink)) total += exp2(sink_log2(sink) - top);"""
 
 
 def combine_grid(max_seqlen_q: int, nheads: int, batch: int) -> tuple[list[int], list[int]]:

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 
 from . import decode_combine
-from .msl import SIDE_BUFFERS, parameter_list, side_buffer_names
+from .msl import SIDE_BUFFERS, SINK_HELPERS, parameter_list, side_buffer_names
 from .spec import KV_CACHES, padded_head_dim
 
 SIMD_WIDTH = 32
@@ -70,6 +70,7 @@ class DecodeSpec:
     softcap: bool
     alibi: bool
     kv_cache: str = ""  # one of spec.KV_CACHES
+    sinks: bool = False  # per-head sink logits join each row's softmax denominator (the combine's, when split)
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHES or (self.kv_cache and self.varlen):
@@ -79,9 +80,10 @@ class DecodeSpec:
 
     @classmethod
     def for_call(cls, dtype: str, head_dim: int, *, vec: int | None = None, varlen: bool = False,
-                 masked: bool = False, softcap: bool = False, alibi: bool = False, kv_cache: str = "") -> "DecodeSpec":
+                 masked: bool = False, softcap: bool = False, alibi: bool = False, kv_cache: str = "",
+                 sinks: bool = False) -> "DecodeSpec":
         d = padded_head_dim(head_dim)
-        return cls(dtype, d, widest_vec(d) if vec is None else vec, varlen, masked, softcap, alibi, kv_cache)
+        return cls(dtype, d, widest_vec(d) if vec is None else vec, varlen, masked, softcap, alibi, kv_cache, sinks)
 
     @property
     def chunks(self) -> int:
@@ -102,7 +104,8 @@ class DecodeSpec:
     def name(self) -> str:
         features = "".join(f"_{f}" for f, on in (("varlen", self.varlen), ("masked", self.masked),
                                                    ("softcap", self.softcap), ("alibi", self.alibi),
-                                                   (f"{self.kv_cache}_cache", self.kv_cache)) if on)
+                                                   (f"{self.kv_cache}_cache", self.kv_cache),
+                                                   ("sinks", self.sinks)) if on)
         return f"attention_decode_{self.dtype}_d{self.head_dim}_v{self.vec}_r{self.rows}{features}"
 
     @property
@@ -180,13 +183,13 @@ constant float FINITE_MIN = {decode_combine.FINITE_MIN};  // -FLT_MAX: "no score
 enum IntArg {{ {", ".join(INT_ARGS)} }};
 enum FloatArg {{ {", ".join(FLOAT_ARGS)} }};
 
-{_helpers(spec)}
+{_helpers(spec)}{SINK_HELPERS if spec.sinks else ""}
 {_store_row(spec)}
 {_body(spec, body_params)}
 {_entry(spec, unsplit, False, side_args)}
 {_entry(spec, split, True, side_args)}
 {decode_combine.combine_kernel(combine, parameter_list(declarations, buffer_names(spec, True)),
-                               _locate_queries(spec), spec.head_dim)}"""
+                               _locate_queries(spec), spec.head_dim, spec.sinks)}"""
 
 
 def _vector_types(spec: DecodeSpec) -> str:
@@ -450,7 +453,7 @@ inline void decode_attention(
         #pragma clang loop unroll(full)
         for (int c = 0; c < CHUNKS; ++c) out[c] += group_out[(from * CHUNKS + c) * {SIMD_WIDTH} + lane];
       }}
-      store_row(first + r, top, total, out, O, LSE, STATS, O_partial, LSE_partial, ints, batch, kv_head, kv_group,
+      store_row(first + r, top, total, out, O, LSE, STATS, O_partial, LSE_partial, ints,{" sinks," if spec.sinks else ""} batch, kv_head, kv_group,
                 o_start, lse_start, split_index, head_dim, lane, split);
     }}
     threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -469,12 +472,12 @@ def _store_row(spec: DecodeSpec) -> str:
 // or LSE_partial = -FLT_MAX.
 inline void store_row(int packed, float top, float total, thread float_vec* out, device {spec.dtype}* O,
                       device float* LSE, device float2* STATS, device float* O_partial, device float* LSE_partial,
-                      constant long* ints,
+                      constant long* ints,{" device const float* sinks," if spec.sinks else ""}
                       long batch, int kv_head, int kv_group, long o_start, long lse_start, int split_index,
                       int head_dim, ushort lane, bool split) {{
   const int query_row = packed / kv_group, head = kv_head * kv_group + packed % kv_group;
-  // (Attention sinks, once AttentionProblem has them, add exp2(sink_log2 - top) to `total` here when not split.)
-  const float inv_total = total > 0.0f ? 1.0f / total : 0.0f;
+{_sink(spec)}
+  const float inv_total = total > 0.0f ? out_scale / total : 0.0f;
   if (!split) {{
     device input_t* o_row = O + o_start + long(query_row) * ints[O_ROW] + long(head) * ints[O_HEAD];
     #pragma clang loop unroll(full)
@@ -496,6 +499,21 @@ inline void store_row(int packed, float top, float total, thread float_vec* out,
   if (lane == 0) LSE_partial[part] = total > 0.0f ? top + log2(total) : FINITE_MIN;
 }}
 """
+
+
+def _sink(spec: DecodeSpec) -> str:
+    """MSL adding the head's sink to an unsplit row's denominator (a split's partials leave it to the combine):
+    the row's maximum becomes max(top, sink) and out, relative to the old one, is rescaled."""
+    if not spec.sinks:
+        return "  const float out_scale = 1.0f;"
+    return """  float out_scale = 1.0f;
+  const float sink = sinks[head];
+  if (!split && has_sink(sink)) {
+    const float sink2 = sink_log2(sink), new_top = max(top, sink2);
+    out_scale = total > 0.0f ? exp2(top - new_top) : 0.0f;  // no key yet: out is 0 and top the sentinel
+    total = total * out_scale + exp2(sink2 - new_top);
+    top = new_top;
+  }"""
 
 
 def _entry(spec: DecodeSpec, name: str, split: bool, side_args: str) -> str:

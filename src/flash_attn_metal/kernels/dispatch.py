@@ -20,7 +20,7 @@ import torch
 from ..problem import AttentionProblem
 from ..runtime.backend import Backend, Kernel, get_backend
 from ..runtime.device import gpu_cores, gpu_family
-from . import decode, decode_combine
+from . import decode, decode_combine, dropout
 from .backward import PREPROCESS_ROWS, backward_source
 from .backward import kernel_names as backward_kernel_names
 from .forward import FLOAT_ARGS, INT_ARGS, combine_name, forward_source
@@ -33,40 +33,41 @@ LOG2E = math.log2(math.e)
 
 
 def native_features() -> str:
-    return ("forward and backward in fp16/bf16/fp32, head dims up to 256, causal and local masks, softcap, "
-            "ALiBi, GQA/MQA, varlen, kv caches (dense and paged, read in place), strided inputs; dropout runs "
-            "the PyTorch reference")
+    return ("forward and backward in fp16/bf16/fp32, head dims up to 256, causal and local masks (bottom-right or "
+            "top-left), attention masks (bool or float, broadcast), sinks, dropout, softcap, ALiBi, GQA/MQA, varlen, "
+            "kv caches (dense and paged, read in place), decode vector kernels, strided inputs")
 
 
 def unsupported_reason(problem: AttentionProblem, needs_grad: bool) -> str | None:
     if problem.q.device.type == "mps" and gpu_family() is None:
         return "the Metal device is not Apple silicon (the kernels need simdgroup_matrix: Apple7/M1 or newer)"
-    if problem.dropout_p > 0:
-        return "dropout runs on the PyTorch reference"
-    # Until the generated kernels read them (the problem carries them; reference.py defines their semantics):
-    if problem.attn_mask is not None:
-        return "the kernels do not read attention masks (attn_mask) yet"
-    if problem.sinks is not None:
-        return "the kernels do not read attention sinks yet"
-    if problem.top_left_matters:
-        return "the kernels align causal/local masks and ALiBi bottom-right only (top-left is pending)"
+    if problem.attn_mask is not None and (problem.is_varlen or problem.kv_cache is not None):
+        return "attention masks apply to the padded layout only"
     return None
 
 
 @functools.lru_cache(maxsize=1024)
-def _cached_spec(dtype: torch.dtype, head_dim: int, varlen: bool, masked: bool, softcap: bool,
-                 alibi: bool, kv_cache: str, split_kv: bool, vec: int, wide: bool) -> ForwardSpec:
-    return ForwardSpec.for_call(MSL_TYPES[str(dtype).removeprefix("torch.")], head_dim, gpu_family(),
-                                varlen=varlen, masked=masked, softcap=softcap, alibi=alibi, kv_cache=kv_cache,
-                                split_kv=split_kv, vec=vec, wide=wide)
+def _cached_spec(dtype: torch.dtype, head_dim: int, varlen: bool, masked: bool, softcap: bool, alibi: bool,
+                 kv_cache: str, split_kv: bool, vec: int, wide: bool, mask: str, sinks: bool,
+                 dropout: bool) -> ForwardSpec:
+    return ForwardSpec.for_call(_msl_type(dtype), head_dim, gpu_family(), varlen=varlen, masked=masked,
+                                softcap=softcap, alibi=alibi, kv_cache=kv_cache, split_kv=split_kv, vec=vec,
+                                wide=wide, mask=mask, sinks=sinks, dropout=dropout)
+
+
+def _msl_type(dtype: torch.dtype) -> str:
+    return "bool" if dtype == torch.bool else MSL_TYPES[str(dtype).removeprefix("torch.")]
 
 
 def _spec(p: AttentionProblem, split_kv: bool = False) -> ForwardSpec:
     cache = "" if p.kv_cache is None else "paged" if p.kv_cache.paged else "dense"
     tensors = (p.q, p.k, p.v)
+    spanned = tensors if p.attn_mask is None else (*tensors, p.attn_mask)
     return _cached_spec(p.q.dtype, p.head_dim, p.is_varlen, p.window_left >= 0 or p.window_right >= 0,
                         p.softcap > 0, p.alibi_slopes is not None, cache, split_kv, load_vec(tensors),
-                        any(_span(t) >= WIDE_ELEMENTS for t in tensors))
+                        any(_span(t) >= WIDE_ELEMENTS for t in spanned),
+                        "" if p.attn_mask is None else _msl_type(p.attn_mask.dtype), p.sinks is not None,
+                        p.dropout_p > 0)
 
 
 def forget_tiles() -> None:
@@ -122,19 +123,27 @@ def _launch_arguments(p: AttentionProblem, out_strides: tuple[int, ...], lse_str
         *_strides(out_strides, varlen), *([0, lse_strides[0]] if varlen else lse_strides[:2]),
         *_windows(p), alibi.shape[-1] if alibi is not None and alibi.dim() == 2 else 0,
         *_paging(p), packed_heads, splits, p.nheads, p.max_seqlen_q, p.batch * p.nheads * p.max_seqlen_q,
+        0 if p.top_left else 1, *(p.attn_mask.stride() if p.attn_mask is not None else (0, 0, 0, 0)), *_dropout(p),
     ]
     score_scale = p.softmax_scale / p.softcap if p.softcap > 0 else p.softmax_scale * LOG2E
-    floats = [score_scale, p.softcap * LOG2E]
+    floats = [score_scale, p.softcap * LOG2E, 1.0 / (1.0 - p.dropout_p)]
     assert len(ints) == len(INT_ARGS) and len(floats) == len(FLOAT_ARGS)
     return ints, floats
 
 
 def _windows(p: AttentionProblem) -> tuple[int, int]:
-    """The window as the kernels take it: a side at least as long as every sequence is unbounded (-1), which keeps
-    the kernels' 32-bit mask arithmetic in range."""
-    left = -1 if p.window_left >= p.max_seqlen_k else p.window_left
-    right = -1 if p.window_right >= p.max_seqlen_q else p.window_right
-    return left, right
+    """The window as the kernels take it: a side longer than any query and key sequence together is unbounded (-1)
+    in either alignment, which keeps the kernels' 32-bit mask arithmetic in range."""
+    longest = p.max_seqlen_q + p.max_seqlen_k
+    return tuple(-1 if w >= longest else w for w in (p.window_left, p.window_right))
+
+
+def _dropout(p: AttentionProblem) -> tuple[int, int, int]:
+    """DROPOUT_SEED, DROPOUT_OFFSET (the call's draw, as int64 bits) and DROPOUT_THRESHOLD (kernels/dropout.py)."""
+    if p.dropout_p <= 0:
+        return 0, 0, 0
+    seed, offset = p.dropout_rng
+    return dropout.as_int64(seed), dropout.as_int64(offset), dropout.threshold(p.dropout_p)
 
 
 def _paging(p: AttentionProblem) -> list[int]:
@@ -145,14 +154,17 @@ def _paging(p: AttentionProblem) -> list[int]:
 
 
 def side_buffers(p: AttentionProblem) -> list[torch.Tensor]:
-    """The spec's side buffers (cu_seqlens, the kv cache's per-sequence rows, ALiBi slopes) in its order, dense:
-    a buffer binds storage without strides, and these are tiny."""
-    tensors = {"cu_seqlens_q": p.cu_seqlens_q, "cu_seqlens_k": p.cu_seqlens_k, "alibi_slopes": p.alibi_slopes}
+    """The spec's side buffers in its order: the attention mask as it is (the kernels read it through its strides,
+    stride 0 where it broadcasts), the others dense (a buffer binds storage without strides, and they are tiny:
+    cu_seqlens, the kv cache's per-sequence rows, ALiBi slopes, sinks)."""
+    tensors = {"cu_seqlens_q": p.cu_seqlens_q, "cu_seqlens_k": p.cu_seqlens_k, "alibi_slopes": p.alibi_slopes,
+               "sinks": p.sinks}
     if p.kv_cache is not None:
         c = p.kv_cache
         tensors.update(cache_seqlens=c.seqlens, cache_leftpad=c.leftpad, cache_batch_idx=c.batch_idx,
                        block_table=c.block_table)
-    return [tensors[name].contiguous() for name in side_buffer_names(_spec(p))]
+    return [p.attn_mask if name == "attn_mask" else tensors[name].contiguous()
+            for name in side_buffer_names(_spec(p))]
 
 
 def _backend(p: AttentionProblem, backend_name: str) -> Backend:

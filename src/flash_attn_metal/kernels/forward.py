@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from .msl import (
     THREADGROUP_BUILTINS,
+    mask_declaration,
     UNROLL,
     finish_header,
     header,
@@ -45,10 +46,13 @@ INT_ARGS = (
     # Split-KV (tiles.key_splits): splits per query block (1: none), and the partial outputs' layout, rows
     # ordered (split, sequence, head, query row), SPLIT_STRIDE = sequences * NHEADS * MAX_SEQLEN_Q rows a split.
     "NUM_SPLITS", "NHEADS", "MAX_SEQLEN_Q", "SPLIT_STRIDE",
+    "BOTTOM_RIGHT",  # 1: masks and ALiBi face row i with key i + seqlen_k - seqlen_q (flash-attn); 0: key i (torch SDPA)
+    "MASK_BATCH", "MASK_HEAD", "MASK_ROW", "MASK_COL",  # the attention mask's element strides (0: broadcast)
+    "DROPOUT_SEED", "DROPOUT_OFFSET", "DROPOUT_THRESHOLD",  # kernels/dropout.py: the call's draw, and p in 1/65536
 )
 # Run-time float arguments: SCORE_SCALE multiplies q.k (softmax_scale * log2(e), or softmax_scale / softcap
 # before the tanh); SOFTCAP_LOG2 = softcap * log2(e) multiplies the tanh.
-FLOAT_ARGS = ("SCORE_SCALE", "SOFTCAP_LOG2")
+FLOAT_ARGS = ("SCORE_SCALE", "SOFTCAP_LOG2", "DROPOUT_SCALE")  # DROPOUT_SCALE = 1 / (1 - p)
 
 
 def buffer_names(spec: ForwardSpec) -> list[str]:
@@ -73,7 +77,7 @@ def forward_source(spec: ForwardSpec) -> str:
         "ints": "constant long* ints", "floats": "constant float* floats",
         "O_partial": "device float* O_partial", "LSE_partial": "device float* LSE_partial",
     }
-    params = parameter_list(declarations, buffer_names(spec))
+    params = parameter_list({**declarations, **mask_declaration(spec)}, buffer_names(spec))
     enums = f"enum IntArg {{ {', '.join(INT_ARGS)} }};\nenum FloatArg {{ {', '.join(FLOAT_ARGS)} }};"
     smem = threadgroup_bytes("forward", tiles, spec.head_dim, t)
     text = header(spec, enums) + f"""
@@ -178,6 +182,10 @@ def _kernel(spec: ForwardSpec, params: str) -> str:
     else:
         mask_block = "    const bool mask_block = edge;"
         visible = "key < seqlen_k"
+    mask_apply = ""
+    if spec.mask:
+        mask_block = "    const bool mask_block = true;  // an attention mask is read for every element"
+        mask_apply = f"\n          s[e] = masked_score(s[e], {_mask_element(spec, 'key')}, visible);"
     if spec.softcap:
         transform = "      float2 s = tanh(s_frag[kf].thread_elements() * score_scale) * softcap_log2;  // softcap, log2 units"
     else:
@@ -211,7 +219,7 @@ void {spec.name}(
   const int first_row = first_packed / packed_heads;  // the query rows this block spans
   const int last_row = (min(first_packed + BLOCK_Q, packed_rows) - 1) / packed_heads;
   const int head_dim = int(ints[HEAD_DIM_REAL]);
-  const int diagonal_offset = seqlen_k - seqlen_q;  // bottom-right aligned masks: row i faces key i + offset
+  const int diagonal_offset = ints[BOTTOM_RIGHT] ? seqlen_k - seqlen_q : 0;  // row i faces key i + offset
   const int window_left = int(ints[WINDOW_LEFT]), window_right = int(ints[WINDOW_RIGHT]);
   const float score_scale = floats[SCORE_SCALE], softcap_log2 = floats[SOFTCAP_LOG2];
   device const input_t* k_seq = K + k_start + kv_head * ints[K_HEAD];
@@ -224,13 +232,13 @@ void {spec.name}(
   const int row = packed / packed_heads, head = first_head + packed % packed_heads;
   const bool row_valid = row < seqlen_q;
   device const input_t* q_seq = Q + q_start + head * ints[Q_HEAD];{alibi_setup}
-  const int diagonal = row + diagonal_offset;
+  const int diagonal = row + diagonal_offset;{_row_extras(spec)}
 
 {_stage_q(spec)}
   simdgroup_float8x8 o_frag[D_FRAGS];
   {UNROLL}
   for (int d = 0; d < D_FRAGS; ++d) o_frag[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-  float row_max = MASKED, row_sum = 0.0f;
+{_softmax_start(spec)}
 
   int key_begin = 0, key_end = seqlen_k;
 {key_range(spec)}
@@ -270,7 +278,8 @@ void {spec.name}(
         {UNROLL}
         for (int e = 0; e < 2; ++e) {{
           const int key = key0 + e;
-          if (!({visible})) s[e] = MASKED;
+          bool visible = {visible};{mask_apply}
+          if (!visible) s[e] = MASKED;
         }}
       }}
       s_frag[kf].thread_elements() = s;
@@ -289,7 +298,7 @@ void {spec.name}(
       const float2 p = select(float2(0.0f), exp2(s - new_max), s > MASKED);
       s_frag[kf].thread_elements() = p;
       block_sum += p.x + p.y;
-    }}
+    }}{_dropout_p(spec)}
     block_sum += simd_shuffle_xor(block_sum, 1);
     block_sum += simd_shuffle_xor(block_sum, 8);
     row_sum = row_sum * correction + block_sum;
@@ -316,11 +325,15 @@ void {spec.name}(
 
 
 def _epilogue(spec: ForwardSpec) -> str:
+    return _epilogue_text(spec).replace("SCALE", "floats[DROPOUT_SCALE]" if spec.dropout else "1.0f")
+
+
+def _epilogue_text(spec: ForwardSpec) -> str:
     if spec.split_kv:
         return """  // This split's O / l and its LSE in log2 units (MASKED: it saw no key), in decode_combine.py's layout.
   if (!row_valid) return;
   const long part = split * ints[SPLIT_STRIDE] + (batch * ints[NHEADS] + head) * ints[MAX_SEQLEN_Q] + row;
-  const float inv_sum = row_sum > 0.0f ? 1.0f / row_sum : 0.0f;
+  const float inv_sum = row_sum > 0.0f ? SCALE / row_sum : 0.0f;
   device float* o_part = O_partial + part * HEAD_DIM;
   """ + UNROLL + """
   for (int d = 0; d < D_FRAGS; ++d)
@@ -328,7 +341,7 @@ def _epilogue(spec: ForwardSpec) -> str:
   if (coord.x == 0) LSE_partial[part] = row_sum > 0.0f ? row_max + log2(row_sum) : MASKED;"""
     return """  // O /= l, written once. A row that saw no key gets O = 0, LSE = +inf and statistics (0, 0).
   if (!row_valid) return;
-  const float inv_sum = row_sum > 0.0f ? 1.0f / row_sum : 0.0f;
+  const float inv_sum = row_sum > 0.0f ? SCALE / row_sum : 0.0f;
   device input_t* o_seq = O + o_start + head * ints[O_HEAD];
   const index_t o_row = index_t(row) * uint(ints[O_ROW]);
   """ + UNROLL + """
@@ -349,6 +362,64 @@ def _epilogue(spec: ForwardSpec) -> str:
   }""".replace("PAIR", f"{spec.dtype}2")
 
 
+def _mask_element(spec: ForwardSpec, key: str) -> str:
+    """MSL reading this row's attention-mask element at `key` (bool, or a float in natural-log units); keys past the
+    sequence read its last column (they are not visible anyway)."""
+    return f"{'bool' if spec.mask == 'bool' else 'float'}(mask_row[index_t(min({key}, seqlen_k - 1)) * mask_col])"
+
+
+def _row_extras(spec: ForwardSpec) -> str:
+    """Per-lane set-up of the features read per element: the mask's row, the dropout stream."""
+    text = ""
+    if spec.mask:
+        text += f"""
+  // This row of the attention mask (rows past the sequence read row 0; their results are never stored).
+  device const {spec.mask}* mask_row = attn_mask + batch * ints[MASK_BATCH] + head * ints[MASK_HEAD] +
+                                       (row_valid ? row : 0) * ints[MASK_ROW];
+  const uint mask_col = uint(ints[MASK_COL]);"""
+    if spec.dropout:
+        text += """
+  const DropoutStream drop = dropout_stream(ulong(ints[DROPOUT_SEED]), ulong(ints[DROPOUT_OFFSET]), batch, uint(head),
+                                            uint(ints[NHEADS]), uint(ints[DROPOUT_THRESHOLD]));"""
+    return text
+
+
+def _softmax_start(spec: ForwardSpec) -> str:
+    text = "  float row_max = MASKED, row_sum = 0.0f;"
+    if spec.sinks and not spec.split_kv:  # a split's partials leave the sink to the combine kernel
+        text += """
+  // The head's sink joins the denominator as a logit without a value: m starts at it, and l at exp2(0) = 1.
+  const float sink = sinks[head];
+  if (has_sink(sink)) {
+    row_max = sink_log2(sink);
+    row_sum = 1.0f;
+  }"""
+    return text
+
+
+def _dropout_p(spec: ForwardSpec) -> str:
+    """MSL dropping P's elements (kernels/dropout.py) after the row sum took them: only P V sees the mask; the
+    epilogue scales O by 1 / (1 - p)."""
+    if not spec.dropout:
+        return ""
+    if spec.block_k % 16 == 0:  # two fragments side by side share each Philox draw (dropout_keep_row_quad)
+        return f"""
+    // Dropout: only P V sees it (l and the LSE keep every element); the epilogue scales O by 1 / (1 - p).
+    {UNROLL}
+    for (int kf = 0; kf < K_FRAGS; kf += 2) {{
+      const bool4 keep = dropout_keep_row_quad(drop, uint(row), uint(k0 + kf * 8 + coord.x));
+      s_frag[kf].thread_elements() = select(float2(0.0f), s_frag[kf].thread_elements(), bool2(keep[0], keep[1]));
+      s_frag[kf + 1].thread_elements() = select(float2(0.0f), s_frag[kf + 1].thread_elements(), bool2(keep[2], keep[3]));
+    }}"""
+    return f"""
+    // Dropout: only P V sees it (l and the LSE keep every element); the epilogue scales O by 1 / (1 - p).
+    {UNROLL}
+    for (int kf = 0; kf < K_FRAGS; ++kf) {{
+      const bool2 keep = dropout_keep_row_pair(drop, uint(row), uint(k0 + kf * 8 + coord.x));
+      s_frag[kf].thread_elements() = select(float2(0.0f), s_frag[kf].thread_elements(), keep);
+    }}"""
+
+
 def _combine_kernel(spec: ForwardSpec, params: str) -> str:
     """Split-KV's second kernel, shared with the decode kernels (decode_combine.py)."""
-    return decode_combine.combine_kernel(combine_name(spec), params, _locate(spec), spec.head_dim)
+    return decode_combine.combine_kernel(combine_name(spec), params, _locate(spec), spec.head_dim, spec.sinks)

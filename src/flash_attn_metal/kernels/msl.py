@@ -12,6 +12,7 @@ Conventions every kernel follows (they keep the kernels right under fast math an
 
 from __future__ import annotations
 
+from . import dropout
 from .spec import ForwardSpec
 from .tiles import DTYPE_BYTES, ROW_PAD_BYTES
 
@@ -33,6 +34,7 @@ SIDE_BUFFERS = {
     "cache_batch_idx": "device const int* cache_batch_idx",
     "block_table": "device const int* block_table",
     "alibi_slopes": "device const float* alibi_slopes",
+    "sinks": "device const float* sinks",
 }
 KV_CACHE_BUFFERS = {
     "": [],
@@ -43,12 +45,18 @@ KV_CACHE_BUFFERS = {
 
 def side_buffer_names(spec: ForwardSpec) -> list[str]:
     return ((["cu_seqlens_q", "cu_seqlens_k"] if spec.varlen else []) + KV_CACHE_BUFFERS[spec.kv_cache]
-            + (["alibi_slopes"] if spec.alibi else []))
+            + (["alibi_slopes"] if spec.alibi else []) + (["attn_mask"] if getattr(spec, "mask", "") else [])
+            + (["sinks"] if getattr(spec, "sinks", False) else []))
+
+
+def mask_declaration(spec: ForwardSpec) -> dict[str, str]:
+    """The attention mask's buffer, read through its strides (MASK_* ints; stride 0 on broadcast dimensions)."""
+    return {"attn_mask": f"device const {spec.mask}* attn_mask"} if spec.mask else {}
 
 
 def parameter_list(declarations: dict[str, str], names: list[str]) -> str:
-    """`declaration [[buffer(i)]]` for each buffer name, in order."""
-    buffers = {**declarations, **SIDE_BUFFERS}
+    """`declaration [[buffer(i)]]` for each buffer name, in order; a kernel's own declarations win."""
+    buffers = {**SIDE_BUFFERS, **declarations}
     return ",\n    ".join(f"{buffers[n]} [[buffer({i})]]" for i, n in enumerate(names))
 
 
@@ -82,7 +90,7 @@ constant constexpr float LOG2E = 1.44269504088896341f;
 
 {enums}
 
-{_HELPERS}{_PAGED_LOADER if spec.kv_cache == "paged" else ""}"""
+{_HELPERS}{_PAGED_LOADER if spec.kv_cache == "paged" else ""}{SINK_HELPERS if spec.mask or spec.sinks else ""}{MASK_HELPERS if spec.mask else ""}{dropout.MSL if spec.dropout else ""}"""
 
 
 _HELPERS = """// (column, row) of the first of the two elements this lane holds in an 8x8 simdgroup_matrix (Apple's layout).
@@ -147,6 +155,30 @@ inline void load_block(threadgroup input_t* tile, device const input_t* src, ind
   }
 }
 """.replace("UNROLL", UNROLL)
+
+# Float masks and sinks are logits in natural-log units, read as the kernels' log2-unit scores; -inf (by its bits,
+# which fast math cannot fold) means "masked" or "no sink". SINK_HELPERS serves every kernel family (the decode
+# kernels' too); MASK_HELPERS needs MASKED.
+SINK_HELPERS = """
+constant constexpr uint NEG_INF_BITS = 0xff800000u;  // -inf, recognised by its bits in a float mask or a sink
+constant constexpr float INPUT_LIMIT = 1.0e38f;  // float masks and sinks are clamped here: * log2(e) stays finite
+
+// A sink logit in log2 units, and whether there is one (a -inf sink adds nothing).
+inline float sink_log2(float sink) { return clamp(sink, -INPUT_LIMIT, INPUT_LIMIT) * M_LOG2E_F; }
+inline bool has_sink(float sink) { return as_type<uint>(sink) != NEG_INF_BITS; }
+"""
+MASK_HELPERS = """
+// A score (log2 units) under an attention mask's element: a float mask is added (a -inf one removes the element),
+// a bool mask keeps the element where it is True. `visible` turns false where the mask removes it.
+inline float masked_score(float s, float m, thread bool& visible) {
+  if (as_type<uint>(m) == NEG_INF_BITS) visible = false;
+  return s + clamp(m, -INPUT_LIMIT, INPUT_LIMIT) * M_LOG2E_F;
+}
+inline float masked_score(float s, bool m, thread bool& visible) {
+  visible = visible && m;
+  return s;
+}
+"""
 
 # For paged kv caches: a key block may span pages (any page size works); row r of the sequence sits in block
 # pages[r / page_size], at row r % page_size of that block.

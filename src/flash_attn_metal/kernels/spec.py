@@ -18,6 +18,7 @@ MSL_TYPES = {"float16": "half", "bfloat16": "bfloat", "float32": "float"}
 KV_CACHES = ("", "dense", "paged")  # K/V laid out like q; a kv cache with a slot per sequence; a paged kv cache
 HEAD_DIM_ALIGN = 8  # simdgroup_matrix fragments are 8 wide
 MAX_VEC = 4  # MSL vectors hold at most 4 elements: half4 (8 bytes), float4 (16 bytes)
+MASK_TYPES = ("", "bool", "half", "bfloat", "float")  # an attention mask's element type (torch SDPA's: bool, q's, fp32)
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -47,22 +48,27 @@ class ForwardSpec:
     vec: int = MAX_VEC  # elements per device read of the block loaders; the host checked their alignment
     ragged: bool = False  # the real head dim is below `head_dim`: columns past it are checked and zero-filled
     wide: bool = False  # some tensor spans 2^32 elements or more: offsets are 64-bit
+    mask: str = ""  # an attention mask's MSL element type ("bool": True takes part; a float type: added), or ""
+    sinks: bool = False  # per-head sink logits join each row's softmax denominator
+    dropout: bool = False  # P is dropped (kernels/dropout.py) before P V; the backward regenerates the same bits
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHES or (self.kv_cache and self.varlen):
             raise ValueError(f"kv_cache must be one of {KV_CACHES} and comes without varlen, got {self.kv_cache!r}")
         if self.vec not in (1, 2, 4):
             raise ValueError(f"vec must be 1, 2 or 4, got {self.vec}")
+        if self.mask not in MASK_TYPES:
+            raise ValueError(f"mask must be one of {MASK_TYPES}, got {self.mask!r}")
 
     @classmethod
     def for_call(cls, dtype: str, head_dim: int, family: str, *, varlen: bool, masked: bool, softcap: bool,
                  alibi: bool, kv_cache: str = "", split_kv: bool = False, vec: int = MAX_VEC,
-                 wide: bool = False) -> "ForwardSpec":
+                 wide: bool = False, mask: str = "", sinks: bool = False, dropout: bool = False) -> "ForwardSpec":
         """The spec for a real head dim: padded, with the widest load that divides it (at most `vec`)."""
         d = padded_head_dim(head_dim)
         tiles = current("forward", family, dtype, d, masked) or forward_tiles(family, dtype, d)  # a tuned winner first
         return cls(dtype, d, tiles, varlen, masked, softcap, alibi, kv_cache, split_kv, load_width(head_dim, vec),
-                   d != head_dim, wide)
+                   d != head_dim, wide, mask, sinks, dropout)
 
     @property
     def block_q(self) -> int:
@@ -78,6 +84,7 @@ class ForwardSpec:
         return "".join(f"_{f}" for f, on in (
             (f"v{self.vec}", self.vec != MAX_VEC), ("ragged", self.ragged), ("wide", self.wide),
             ("varlen", self.varlen), ("masked", self.masked), ("softcap", self.softcap), ("alibi", self.alibi),
+            (f"{self.mask}_mask", self.mask), ("sinks", self.sinks), ("dropout", self.dropout),
             (f"{self.kv_cache}_cache", self.kv_cache), ("split", self.split_kv)) if on)
 
     @functools.cached_property

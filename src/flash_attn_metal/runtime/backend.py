@@ -102,16 +102,18 @@ class Backend:
 
 
 def get_backend(name: str) -> Backend:
-    """The process's backend of that name. The emulator's debug builds (FLASH_ATTN_METAL_EMULATOR_DEBUG=1) are a
-    backend of their own, so switching the variable never reuses the other build's kernels."""
+    """The process's backend of that name. The emulator's debug builds (FLASH_ATTN_METAL_EMULATOR_DEBUG=1) and
+    fast-math builds (FLASH_ATTN_METAL_EMULATOR_FAST_MATH=1) are backends of their own, so switching a variable
+    never reuses another build's kernels."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKEND_NAMES))}, got {name!r}")
-    debug = name != "mps" and settings.flag(settings.EMULATOR_DEBUG)
-    return _backend(name, debug)
+    emulated = name != "mps"
+    return _backend(name, emulated and settings.flag(settings.EMULATOR_DEBUG),
+                    emulated and settings.flag(settings.EMULATOR_FAST_MATH))
 
 
 @functools.cache
-def _backend(name: str, debug: bool) -> Backend:
+def _backend(name: str, debug: bool, fast_math: bool = False) -> Backend:
     if name == "mps":
         from .mps import compile_library
 

@@ -4,17 +4,23 @@
 // scalar and vector types and the vector constructors. Part 2 is the Metal standard library, included only when the
 // source includes <metal_stdlib> (or a sub-header), so that a source that forgets it fails as under Apple's compiler.
 //
-// device, constant and threadgroup are distinct clang address spaces, and thread is the default one (a local
-// variable is a thread variable), so a pointer of one space never converts to another. Vectors are clang
-// ext_vector types, so vectors of different element types never convert implicitly. typecheck.py rewrites the
-// few spellings C++ lacks (threadgroup locals, half literals, attributes) before clang reads the source.
+// device, constant and threadgroup are distinct clang address spaces (SYCL's global, private and local: typecheck.py
+// runs clang with -fsycl-is-device), and thread is the default one (a local variable is a thread variable). So a
+// pointer of one named space never converts to another, nor a thread pointer to a named one; and since the default
+// space contains SYCL's, an object in any space copies, assigns and calls its methods as Metal allows. The price:
+// a device pointer converts to a thread pointer here, where Metal refuses it (the emulator's pointer types refuse it
+// too). Vectors are clang ext_vector types, so vectors of different element types never convert implicitly.
+// typecheck.py rewrites the few spellings C++ lacks (threadgroup locals, half literals, attributes) before clang
+// reads the source.
 
 #ifndef METAL_TYPECHECK_LANGUAGE
 #define METAL_TYPECHECK_LANGUAGE
 
-#define device __attribute__((address_space(1)))
-#define constant __attribute__((address_space(2))) const  // read-only, as in Metal
-#define threadgroup __attribute__((address_space(3)))
+#include "msl_constants.h"  // what Metal predefines: __METAL_VERSION__ and the rest, math constants
+
+#define device __attribute__((opencl_global))
+#define constant __attribute__((opencl_private)) const  // read-only, as in Metal
+#define threadgroup __attribute__((opencl_local))
 #define thread
 #define kernel __attribute__((annotate("metal.kernel")))
 
@@ -82,6 +88,8 @@ template <class T> constexpr bool is_integer = scalar_kind<typename shape<T>::el
 template <class T> constexpr bool is_arithmetic = scalar_kind<typename shape<T>::element>::value >= 2;
 template <class T> constexpr bool is_value = scalar_kind<typename shape<T>::element>::value >= 1 || __is_enum(T);
 template <class T> constexpr bool is_vector = shape<T>::size > 1;
+template <bool B, class A, class F> struct conditional_checked { static constexpr bool checked = A::checked; };
+template <class A, class F> struct conditional_checked<false, A, F> { static constexpr bool checked = F::checked; };
 template <bool B> using require = typename enable_if<B, int>::type;  // a default template argument: `= 0`
 // The result of a relational function: bool for a scalar, a bool vector for a vector.
 template <class T> struct bool_of { typedef bool type; };
@@ -110,6 +118,17 @@ constexpr bool is_atomic_element = is_same<T, int>::value || is_same<T, uint>::v
                                    is_same<T, float>::value || is_same<T, ulong>::value;
 // The checks run when a call instantiates the exception specification (no body to compile; as_type does the same).
 template <class V, class... A> V make(A... a) noexcept(vector_constructor<V, A...>::checked);
+// `T(x)` for a template parameter or alias T (typecheck.py rewrites it): a vector constructor for vectors, else any
+// construction C++ allows.
+template <class V, class... A> struct caster {
+  static constexpr bool checked = vector_constructor<V, A...>::checked;
+};
+template <class V, class... A> struct constructs {
+  static_assert(__is_constructible(V, A...), "no conversion to this type");
+  static constexpr bool checked = true;
+};
+template <class V, class... A>
+V cast(A... a) noexcept(conditional_checked<is_vector<V>, caster<V, A...>, constructs<V, A...>>::checked);
 }  // namespace metal_tc
 
 // float4(...) and friends construct vectors (a function-like macro expands only before a parenthesis;
@@ -165,26 +184,78 @@ template <class V, class... A> V make(A... a) noexcept(vector_constructor<V, A..
 #define MAXFLOAT 0x1.fffffep+127f
 #define HUGE_VALF __builtin_inff()
 #define MAXHALF __FLT16_MAX__
-#include "msl_constants.h"
 
 namespace metal {
-// ---- type traits (the subset kernels use) ----
+// ---- <metal_type_traits> ----
 template <bool B, class T = void> using enable_if = metal_tc::enable_if<B, T>;
 template <bool B, class T = void> using enable_if_t = typename metal_tc::enable_if<B, T>::type;
+template <class T, T v> struct integral_constant { static constexpr T value = v; typedef T value_type; };
+typedef integral_constant<bool, true> true_type;
+typedef integral_constant<bool, false> false_type;
 template <class A, class B> using is_same = metal_tc::is_same<A, B>;
 template <class A, class B> constexpr bool is_same_v = metal_tc::is_same<A, B>::value;
 template <bool B, class T, class F> struct conditional { typedef T type; };
 template <class T, class F> struct conditional<false, T, F> { typedef F type; };
 template <bool B, class T, class F> using conditional_t = typename conditional<B, T, F>::type;
-template <class T> struct is_floating_point { static constexpr bool value = metal_tc::scalar_kind<T>::value == 3; };
-template <class T> constexpr bool is_floating_point_v = is_floating_point<T>::value;
-template <class T> struct is_integral { static constexpr bool value = metal_tc::scalar_kind<T>::value == 2; };
-template <class T> constexpr bool is_integral_v = is_integral<T>::value;
 template <class T> struct remove_cv { typedef T type; };
 template <class T> struct remove_cv<const T> { typedef T type; };
 template <class T> struct remove_cv<volatile T> { typedef T type; };
 template <class T> struct remove_cv<const volatile T> { typedef T type; };
 template <class T> using remove_cv_t = typename remove_cv<T>::type;
+template <class T> struct remove_reference { typedef T type; };
+template <class T> struct remove_reference<T&> { typedef T type; };
+template <class T> struct remove_reference<T&&> { typedef T type; };
+template <class T> using remove_reference_t = typename remove_reference<T>::type;
+template <class T> struct is_floating_point {
+  static constexpr bool value = metal_tc::scalar_kind<remove_cv_t<T>>::value == 3;
+};
+template <class T> constexpr bool is_floating_point_v = is_floating_point<T>::value;
+template <class T> struct is_integral { static constexpr bool value = metal_tc::scalar_kind<remove_cv_t<T>>::value == 2 ||
+                                                                      metal_tc::scalar_kind<remove_cv_t<T>>::value == 1; };
+template <class T> constexpr bool is_integral_v = is_integral<T>::value;
+template <class T> struct is_arithmetic { static constexpr bool value = is_integral<T>::value || is_floating_point<T>::value; };
+template <class T> constexpr bool is_arithmetic_v = is_arithmetic<T>::value;
+template <class T> struct is_signed { static constexpr bool value = is_arithmetic<T>::value && T(-1) < T(0); };
+template <class T> constexpr bool is_signed_v = is_signed<T>::value;
+template <class T> struct is_unsigned { static constexpr bool value = is_integral<T>::value && !(T(-1) < T(0)); };
+template <class T> constexpr bool is_unsigned_v = is_unsigned<T>::value;
+template <class T> struct make_unsigned {};
+template <> struct make_unsigned<char> { typedef uchar type; };
+template <> struct make_unsigned<signed char> { typedef uchar type; };
+template <> struct make_unsigned<uchar> { typedef uchar type; };
+template <> struct make_unsigned<short> { typedef ushort type; };
+template <> struct make_unsigned<ushort> { typedef ushort type; };
+template <> struct make_unsigned<int> { typedef uint type; };
+template <> struct make_unsigned<uint> { typedef uint type; };
+template <> struct make_unsigned<long> { typedef ulong type; };
+template <> struct make_unsigned<ulong> { typedef ulong type; };
+template <class T> using make_unsigned_t = typename make_unsigned<T>::type;
+template <class T> struct make_signed {};
+template <> struct make_signed<char> { typedef signed char type; };
+template <> struct make_signed<signed char> { typedef signed char type; };
+template <> struct make_signed<uchar> { typedef signed char type; };
+template <> struct make_signed<short> { typedef short type; };
+template <> struct make_signed<ushort> { typedef short type; };
+template <> struct make_signed<int> { typedef int type; };
+template <> struct make_signed<uint> { typedef int type; };
+template <> struct make_signed<long> { typedef long type; };
+template <> struct make_signed<ulong> { typedef long type; };
+template <class T> using make_signed_t = typename make_signed<T>::type;
+
+// ---- packed vectors: a vector's elements with its element's alignment ----
+// Declared as the vector types themselves, under-aligned, so that they convert, compute and copy from any address
+// space as vectors do (the type check does not model packed_float3's 12-byte size).
+template <class T, int N> using packed_vec = T __attribute__((ext_vector_type(N), aligned(sizeof(T))));
+}  // namespace metal
+#define METAL_TC_PACKED(T)                                                                                   \
+  typedef T packed_##T##2 __attribute__((ext_vector_type(2), aligned(sizeof(T))));                          \
+  typedef T packed_##T##3 __attribute__((ext_vector_type(3), aligned(sizeof(T))));                          \
+  typedef T packed_##T##4 __attribute__((ext_vector_type(4), aligned(sizeof(T))));
+METAL_TC_PACKED(char) METAL_TC_PACKED(uchar) METAL_TC_PACKED(short) METAL_TC_PACKED(ushort) METAL_TC_PACKED(int)
+METAL_TC_PACKED(uint) METAL_TC_PACKED(long) METAL_TC_PACKED(ulong) METAL_TC_PACKED(half) METAL_TC_PACKED(bfloat)
+METAL_TC_PACKED(float) METAL_TC_PACKED(bool)
+#undef METAL_TC_PACKED
+namespace metal {
 
 // ---- numeric_limits: defined for Metal's scalar types only ----
 template <class T> struct numeric_limits;
@@ -221,7 +292,8 @@ METAL_TC_LIMITS(ulong, false, 0ul, 2ul * __LONG_MAX__ + 1ul, 0ul, 0ul, 0ul, 0ul,
 #undef METAL_TC_LIMITS
 
 // Reinterpret the bits of a scalar or vector as another type of the same size.
-template <class To, class From> To as_type(From x) noexcept(metal_tc::bit_cast<To, From>::checked);
+template <class To, class From>
+constexpr To as_type(From x) noexcept(metal_tc::bit_cast<To, From>::checked) { return __builtin_bit_cast(To, x); }
 
 // ---- math on float, half and bfloat scalars and vectors ----
 #define METAL_TC_FLOAT template <class T, metal_tc::require<metal_tc::is_float<T>> = 0>
@@ -374,7 +446,7 @@ simd_vote simd_ballot(bool x);
 simd_vote simd_active_threads_mask();
 
 // ---- SIMD-group matrices ----
-template <class T, int Cols, int Rows> struct simdgroup_matrix {
+template <class T, int Cols, int Rows = Cols> struct simdgroup_matrix {
   static_assert(metal_tc::is_matrix_element<T>, "simdgroup_matrix holds float, half or bfloat");
   static_assert(Cols == 8 && Rows == 8, "simdgroup_matrix is 8x8");
   simdgroup_matrix() = default;
@@ -389,7 +461,7 @@ typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
 typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
 typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
 
-template <class T, int Cols, int Rows> simdgroup_matrix<T, Cols, Rows> make_filled_simdgroup_matrix(T value);
+template <class T, int Cols, int Rows = Cols> simdgroup_matrix<T, Cols, Rows> make_filled_simdgroup_matrix(T value);
 template <class T, int Cols, int Rows>
 void simdgroup_load(thread simdgroup_matrix<T, Cols, Rows>& d, const device T* src, ulong elements_per_row = Cols,
                     ulong2 matrix_origin = 0, bool transpose_matrix = false);

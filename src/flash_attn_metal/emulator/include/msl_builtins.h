@@ -2,13 +2,24 @@
 // collectives, simdgroup_matrix load/store/multiply, atomics, and the builtin kernel attributes.
 #pragma once
 
-// Each barrier and collective knows its MSL line, so a divergence can be reported where it happens.
+// Each barrier and collective knows its MSL line, so a divergence can be reported where it happens: a last
+// parameter, `MSL_AT`, that a call cannot pass (its type converts from no argument a kernel could give).
 #ifndef MSL_SITE
 #define MSL_SITE __builtin_LINE()
 #endif
+namespace msl {
+struct SiteTag {};
+struct Site {
+  int line;
+  MSL_FN Site(SiteTag, int line_ = MSL_SITE) : line(line_) {}
+  MSL_FN operator int() const { return line; }
+};
+}  // namespace msl
+#define MSL_AT ::msl::Site site = ::msl::SiteTag()
+
+#include "msl_memory.h"
 
 namespace msl {
-template <class T> struct identity { typedef T type; };
 struct SumOp { template <class T> MSL_FN T operator()(T a, T b) const { return a + b; } };
 struct ProductOp { template <class T> MSL_FN T operator()(T a, T b) const { return a * b; } };
 struct MaxOp { template <class T> MSL_FN T operator()(T a, T b) const { return metal::max(a, b); } };
@@ -16,27 +27,6 @@ struct MinOp { template <class T> MSL_FN T operator()(T a, T b) const { return m
 struct AndOp { template <class T> MSL_FN T operator()(T a, T b) const { return a & b; } };
 struct OrOp { template <class T> MSL_FN T operator()(T a, T b) const { return a | b; } };
 struct XorOp { template <class T> MSL_FN T operator()(T a, T b) const { return a ^ b; } };
-
-// A builtin attribute value in the parameter's declared type (uint, ushort, uint2, uint3, ...).
-template <class T> struct attr_cast {
-  MSL_FN static T from(uint3 v) { return T(v.x); }
-  MSL_FN static T from(uint v) { return T(v); }
-};
-template <class U> struct attr_cast<vec<U, 2>> {
-  MSL_FN static vec<U, 2> from(uint3 v) { return vec<U, 2>(U(v.x), U(v.y)); }
-};
-template <class U> struct attr_cast<vec<U, 3>> {
-  MSL_FN static vec<U, 3> from(uint3 v) { return vec<U, 3>(U(v.x), U(v.y), U(v.z)); }
-};
-template <class T, class V> MSL_FN T attr(V v) { return attr_cast<T>::from(v); }
-
-// Kernel parameters from a launch's buffer table: pointers (raw, or bounds-checked in debug builds) and
-// references to a bound value.
-template <class T> struct binder;
-template <class T> struct binder<T*> {
-  MSL_FN static T* bind(const Launch* L, int i, const char*) { return (T*)L->buffers[i]; }
-};
-template <class T> MSL_FN T& bind_reference(const Launch* L, int i) { return *(T*)L->buffers[i]; }
 
 MSL_FN long matrix_offset(int r, int c, ulong elements_per_row, ulong2 origin, bool transpose) {
   if (transpose && (origin.x != 0 || origin.y != 0)) {
@@ -84,34 +74,81 @@ template <class T> inline T atomic_exchange(T* p, T v) { T r; __atomic_exchange(
 
 namespace metal {
 
-template <class T> using atomic = atomic_storage<T>;
+MSL_FN void threadgroup_barrier(mem_flags, MSL_AT) { ::msl::threadgroup_barrier_at(site); }
+MSL_FN void simdgroup_barrier(mem_flags, MSL_AT) { ::msl::simdgroup_barrier_at(site); }
 
-MSL_FN void threadgroup_barrier(mem_flags, int site = MSL_SITE) { ::msl::threadgroup_barrier_at(site); }
-MSL_FN void simdgroup_barrier(mem_flags, int site = MSL_SITE) { ::msl::simdgroup_barrier_at(site); }
+// ---- SIMD-group functions (and quad-group ones, over groups of four lanes) ----
+#define MSL_GROUP_REDUCTIONS(g, width)                                                                  \
+  template <class T> MSL_FN T g##_sum(T x, MSL_AT) { return ::msl::reduce_at(x, ::msl::SumOp(), site, width); } \
+  template <class T> MSL_FN T g##_product(T x, MSL_AT) { return ::msl::reduce_at(x, ::msl::ProductOp(), site, width); } \
+  template <class T> MSL_FN T g##_max(T x, MSL_AT) { return ::msl::reduce_at(x, ::msl::MaxOp(), site, width); } \
+  template <class T> MSL_FN T g##_min(T x, MSL_AT) { return ::msl::reduce_at(x, ::msl::MinOp(), site, width); } \
+  template <class T> MSL_FN T g##_and(T x, MSL_AT) { return ::msl::reduce_at(x, ::msl::AndOp(), site, width); } \
+  template <class T> MSL_FN T g##_or(T x, MSL_AT) { return ::msl::reduce_at(x, ::msl::OrOp(), site, width); } \
+  template <class T> MSL_FN T g##_xor(T x, MSL_AT) { return ::msl::reduce_at(x, ::msl::XorOp(), site, width); } \
+  MSL_FN bool g##_all(bool x, MSL_AT) { return ::msl::reduce_at<int>(x ? 1 : 0, ::msl::AndOp(), site, width) != 0; } \
+  MSL_FN bool g##_any(bool x, MSL_AT) { return ::msl::reduce_at<int>(x ? 1 : 0, ::msl::OrOp(), site, width) != 0; } \
+  template <class T> MSL_FN T g##_prefix_inclusive_sum(T x, MSL_AT) {                       \
+    return ::msl::prefix_at(x, T(0), true, ::msl::SumOp(), site, width); }                               \
+  template <class T> MSL_FN T g##_prefix_exclusive_sum(T x, MSL_AT) {                       \
+    return ::msl::prefix_at(x, T(0), false, ::msl::SumOp(), site, width); }                              \
+  template <class T> MSL_FN T g##_prefix_inclusive_product(T x, MSL_AT) {                   \
+    return ::msl::prefix_at(x, T(1), true, ::msl::ProductOp(), site, width); }                           \
+  template <class T> MSL_FN T g##_prefix_exclusive_product(T x, MSL_AT) {                   \
+    return ::msl::prefix_at(x, T(1), false, ::msl::ProductOp(), site, width); }
+MSL_GROUP_REDUCTIONS(simd, ::msl::SIMD_WIDTH)
+MSL_GROUP_REDUCTIONS(quad, 4)
+#undef MSL_GROUP_REDUCTIONS
 
-template <class T> MSL_FN T simd_sum(T x, int site = MSL_SITE) { return ::msl::reduce_at(x, ::msl::SumOp(), site); }
-template <class T> MSL_FN T simd_product(T x, int site = MSL_SITE) { return ::msl::reduce_at(x, ::msl::ProductOp(), site); }
-template <class T> MSL_FN T simd_max(T x, int site = MSL_SITE) { return ::msl::reduce_at(x, ::msl::MaxOp(), site); }
-template <class T> MSL_FN T simd_min(T x, int site = MSL_SITE) { return ::msl::reduce_at(x, ::msl::MinOp(), site); }
-template <class T> MSL_FN T simd_and(T x, int site = MSL_SITE) { return ::msl::reduce_at(x, ::msl::AndOp(), site); }
-template <class T> MSL_FN T simd_or(T x, int site = MSL_SITE) { return ::msl::reduce_at(x, ::msl::OrOp(), site); }
-template <class T> MSL_FN T simd_xor(T x, int site = MSL_SITE) { return ::msl::reduce_at(x, ::msl::XorOp(), site); }
-MSL_FN bool simd_all(bool x, int site = MSL_SITE) { return ::msl::reduce_at<int>(x ? 1 : 0, ::msl::AndOp(), site) != 0; }
-MSL_FN bool simd_any(bool x, int site = MSL_SITE) { return ::msl::reduce_at<int>(x ? 1 : 0, ::msl::OrOp(), site) != 0; }
-template <class T> MSL_FN T simd_prefix_inclusive_sum(T x, int site = MSL_SITE) { return ::msl::prefix_sum_at(x, true, site); }
-template <class T> MSL_FN T simd_prefix_exclusive_sum(T x, int site = MSL_SITE) { return ::msl::prefix_sum_at(x, false, site); }
-
-template <class T> MSL_FN T simd_shuffle(T x, ushort lane, int site = MSL_SITE) { return ::msl::shuffle_at(x, lane, site); }
-template <class T> MSL_FN T simd_broadcast(T x, ushort lane, int site = MSL_SITE) { return ::msl::shuffle_at(x, lane, site); }
-template <class T> MSL_FN T simd_shuffle_xor(T x, ushort mask, int site = MSL_SITE) {
-  return ::msl::shuffle_at(x, (int)(::msl::lane_id() ^ mask), site); }
-// The lanes whose source falls off the SIMD group keep their own value.
-template <class T> MSL_FN T simd_shuffle_up(T x, ushort delta, int site = MSL_SITE) {
-  int from = (int)::msl::lane_id() - (int)delta;
-  return ::msl::shuffle_at(x, from < 0 ? (int)::msl::lane_id() : from, site); }
-template <class T> MSL_FN T simd_shuffle_down(T x, ushort delta, int site = MSL_SITE) {
-  int from = (int)::msl::lane_id() + (int)delta;
-  return ::msl::shuffle_at(x, from >= ::msl::SIMD_WIDTH ? (int)::msl::lane_id() : from, site); }
+// Shuffles within groups of `w` lanes: the source lane of lane l is base + index, base = l - l % w.
+// A lane whose source falls outside its group keeps its own value (up/down) or wraps (rotate).
+#define MSL_GROUP_SHUFFLES(g, w)                                                                        \
+  template <class T> MSL_FN T g##_shuffle(T x, ushort lane, MSL_AT) {                      \
+    int l = (int)::msl::lane_id(); return ::msl::shuffle_at(x, l - l % (w) + (int)lane % (w), site); }  \
+  template <class T> MSL_FN T g##_broadcast(T x, ushort lane, MSL_AT) { return g##_shuffle(x, lane, site); } \
+  template <class T> MSL_FN T g##_shuffle_xor(T x, ushort mask, MSL_AT) {                  \
+    return ::msl::shuffle_at(x, (int)(::msl::lane_id() ^ (mask % (w))), site); }                        \
+  template <class T> MSL_FN T g##_shuffle_up(T x, ushort delta, MSL_AT) {                  \
+    int l = (int)::msl::lane_id(), i = l % (w) - (int)delta;                                            \
+    return ::msl::shuffle_at(x, i < 0 ? l : l - l % (w) + i, site); }                                   \
+  template <class T> MSL_FN T g##_shuffle_down(T x, ushort delta, MSL_AT) {                \
+    int l = (int)::msl::lane_id(), i = l % (w) + (int)delta;                                            \
+    return ::msl::shuffle_at(x, i >= (w) ? l : l - l % (w) + i, site); }                                \
+  template <class T> MSL_FN T g##_shuffle_rotate_up(T x, ushort delta, MSL_AT) {           \
+    int l = (int)::msl::lane_id(); int i = ((l % (w) - (int)delta) % (w) + (w)) % (w);                  \
+    return ::msl::shuffle_at(x, l - l % (w) + i, site); }                                               \
+  template <class T> MSL_FN T g##_shuffle_rotate_down(T x, ushort delta, MSL_AT) {         \
+    int l = (int)::msl::lane_id(); int i = (l % (w) + (int)delta) % (w);                                \
+    return ::msl::shuffle_at(x, l - l % (w) + i, site); }                                               \
+  template <class T> MSL_FN T g##_shuffle_and_fill_up(T x, T filling, ushort delta, ushort modulo,      \
+                                                     MSL_AT) {                             \
+    int l = (int)::msl::lane_id(), m = modulo, base = l - l % m, i = l % m - (int)delta;                \
+    T a = ::msl::shuffle_at(x, base + (i < 0 ? 0 : i), site);                                           \
+    T b = ::msl::shuffle_at(filling, base + (i < 0 ? i + m : 0), site);                                 \
+    return i < 0 ? b : a; }                                                                             \
+  template <class T> MSL_FN T g##_shuffle_and_fill_down(T x, T filling, ushort delta, ushort modulo,    \
+                                                       MSL_AT) {                           \
+    int l = (int)::msl::lane_id(), m = modulo, base = l - l % m, i = l % m + (int)delta;                \
+    T a = ::msl::shuffle_at(x, base + (i >= m ? m - 1 : i), site);                                      \
+    T b = ::msl::shuffle_at(filling, base + (i >= m ? i - m : 0), site);                                \
+    return i >= m ? b : a; }                                                                            \
+  template <class T> MSL_FN T g##_shuffle_and_fill_up(T x, T filling, ushort delta, MSL_AT) { \
+    return g##_shuffle_and_fill_up(x, filling, delta, ushort(w), site); }                               \
+  template <class T> MSL_FN T g##_shuffle_and_fill_down(T x, T filling, ushort delta, MSL_AT) { \
+    return g##_shuffle_and_fill_down(x, filling, delta, ushort(w), site); }                             \
+  template <class T> MSL_FN T g##_broadcast_first(T x, MSL_AT) {                           \
+    int l = (int)::msl::lane_id(), base = l - l % (w);                                                   \
+    uint active = (uint)(::msl::ballot_at(true, site) >> 32) >> base;                                   \
+    int first = 0;                                                                                      \
+    while (first < (w) && !((active >> first) & 1u)) ++first;                                           \
+    return ::msl::shuffle_at(x, base + first, site); }                                                  \
+  MSL_FN bool g##_is_first(MSL_AT) {                                                       \
+    int l = (int)::msl::lane_id(), base = l - l % (w);                                                   \
+    uint active = (uint)(::msl::ballot_at(true, site) >> 32) >> base;                                   \
+    return (active & ((1u << (l - base)) - 1u)) == 0; }
+MSL_GROUP_SHUFFLES(simd, 32)
+MSL_GROUP_SHUFFLES(quad, 4)
+#undef MSL_GROUP_SHUFFLES
 
 // The low 32 bits hold the votes; the high 32 bits the lanes that voted (for all()).
 struct simd_vote {
@@ -121,11 +158,8 @@ struct simd_vote {
   MSL_FN bool all() const { return (bits & 0xffffffffu) == (bits >> 32); }
   MSL_FN bool any() const { return (bits & 0xffffffffu) != 0; }
 };
-MSL_FN simd_vote simd_ballot(bool x, int site = MSL_SITE) { return simd_vote{::msl::ballot_at(x, site)}; }
-MSL_FN bool simd_is_first(int site = MSL_SITE) {
-  ulong active = ::msl::ballot_at(true, site) >> 32;
-  return (active & ((1ul << ::msl::lane_id()) - 1ul)) == 0;
-}
+MSL_FN simd_vote simd_ballot(bool x, MSL_AT) { return simd_vote{::msl::ballot_at(x, site)}; }
+MSL_FN simd_vote simd_active_threads_mask(MSL_AT) { return simd_vote{::msl::ballot_at(true, site)}; }
 
 // ---- simdgroup_matrix ----
 // matrix_origin is (column, row) in the source. With transpose_matrix, element (r, c) of the matrix is
@@ -148,13 +182,13 @@ MSL_FN void simdgroup_store(const simdgroup_matrix<T, 8, 8>& a, P dst, ulong ele
 template <class TD, class TA, class TB, class TC>
 MSL_FN void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
                                           const simdgroup_matrix<TB, 8, 8>& b, const simdgroup_matrix<TC, 8, 8>& c,
-                                          int site = MSL_SITE) {
+                                          MSL_AT) {
   ::msl::MatArg<TD, TA, TB, TC> arg{&d, &a, &b, &c};
   ::msl::matmul_at(arg, site);
 }
 template <class TD, class TA, class TB>
 MSL_FN void simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
-                               const simdgroup_matrix<TB, 8, 8>& b, int site = MSL_SITE) {
+                               const simdgroup_matrix<TB, 8, 8>& b, MSL_AT) {
   ::msl::MatArg<TD, TA, TB, TD> arg{&d, &a, &b, nullptr};
   ::msl::matmul_at(arg, site);
 }
@@ -164,7 +198,7 @@ MSL_FN simdgroup_matrix<T, 8, 8> operator*(const simdgroup_matrix<T, 8, 8>& a, c
   simdgroup_multiply(d, a, b);
   return d;
 }
-template <class T, int C, int R>
+template <class T, int C, int R = C>
 MSL_FN simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T value) {
   simdgroup_matrix<T, C, R> m;
   m.elements = vec<T, 2>(value);
@@ -172,25 +206,35 @@ MSL_FN simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T value) {
 }
 
 // ---- atomics on device and threadgroup memory (relaxed ordering is all Metal offers) ----
-template <class T> MSL_FN void atomic_store_explicit(atomic_storage<T>* obj, typename ::msl::identity<T>::type v, memory_order) { ::msl::atomic_store(&obj->value, v); }
-template <class T> MSL_FN T atomic_load_explicit(atomic_storage<T>* obj, memory_order) { return ::msl::atomic_load(&obj->value); }
-template <class T> MSL_FN T atomic_exchange_explicit(atomic_storage<T>* obj, typename ::msl::identity<T>::type v, memory_order) { return ::msl::atomic_exchange(&obj->value, v); }
-template <class T> MSL_FN bool atomic_compare_exchange_weak_explicit(atomic_storage<T>* obj, T* expected, typename ::msl::identity<T>::type desired, memory_order, memory_order) {
-  return ::msl::atomic_cas(&obj->value, expected, desired); }
+// `object` is a device or threadgroup pointer to an atomic<T> (a msl::ptr, or an address).
+#define MSL_ATOMIC_T typename ::msl::pointee<P>::type::value_type
+template <class P> MSL_FN void atomic_store_explicit(P object, typename ::msl::identity<MSL_ATOMIC_T>::type v, memory_order) {
+  ::msl::atomic_store(&::msl::address(object)->value, v); }
+template <class P> MSL_FN MSL_ATOMIC_T atomic_load_explicit(P object, memory_order) {
+  return ::msl::atomic_load(&::msl::address(object)->value); }
+template <class P> MSL_FN MSL_ATOMIC_T atomic_exchange_explicit(P object, typename ::msl::identity<MSL_ATOMIC_T>::type v, memory_order) {
+  return ::msl::atomic_exchange(&::msl::address(object)->value, v); }
+template <class P> MSL_FN bool atomic_compare_exchange_weak_explicit(P object, MSL_ATOMIC_T* expected,
+    typename ::msl::identity<MSL_ATOMIC_T>::type desired, memory_order, memory_order) {
+  return ::msl::atomic_cas(&::msl::address(object)->value, expected, desired); }
 #define MSL_ATOMIC_RMW(name, op)                                                                        \
-  template <class T> MSL_FN T atomic_fetch_##name##_explicit(atomic_storage<T>* obj, typename ::msl::identity<T>::type v, memory_order) { \
-    T old = ::msl::atomic_load(&obj->value);                                                            \
-    while (!::msl::atomic_cas(&obj->value, &old, T(op))) {}                                             \
+  template <class P> MSL_FN MSL_ATOMIC_T atomic_fetch_##name##_explicit(P object,                       \
+      typename ::msl::identity<MSL_ATOMIC_T>::type v, memory_order) {                                  \
+    typedef MSL_ATOMIC_T T;                                                                            \
+    T* value = &::msl::address(object)->value;                                                         \
+    T old = ::msl::atomic_load(value);                                                                 \
+    while (!::msl::atomic_cas(value, &old, T(op))) {}                                                  \
     return old; }
 MSL_ATOMIC_RMW(add, old + v) MSL_ATOMIC_RMW(sub, old - v) MSL_ATOMIC_RMW(max, metal::max(old, v))
 MSL_ATOMIC_RMW(min, metal::min(old, v)) MSL_ATOMIC_RMW(and, old & v) MSL_ATOMIC_RMW(or, old | v)
 MSL_ATOMIC_RMW(xor, old ^ v)
 #undef MSL_ATOMIC_RMW
+#undef MSL_ATOMIC_T
 
 }  // namespace metal
 
 template <class T, int C, int R>
-MSL_FN simdgroup_matrix<T, C, R>::simdgroup_matrix(T diagonal) {
+MSL_FN metal::simdgroup_matrix<T, C, R>::simdgroup_matrix(T diagonal) {
   int lane = (int)::msl::lane_id(), r = ::msl::lane_row(lane), c = ::msl::lane_col(lane);
   for (int j = 0; j < 2; ++j) elements.v[j] = r == c + j ? diagonal : T(0);
 }

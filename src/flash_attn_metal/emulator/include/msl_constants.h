@@ -1,6 +1,10 @@
-// MSL's float math constants (the spec's math constants section), shared by the emulator's runtime
-// (msl_math.h) and the type check's shim (metal_typecheck.h). INFINITY, NAN and the limits are each header's own.
+// What Metal predefines, shared by the emulator's runtime (msl_types.h, msl_math.h) and the type check's shim
+// (metal_typecheck.h): the language macros of Metal 3.1 on macOS 14, and the float math constants (the spec's math
+// constants section). INFINITY, NAN and the limits are each header's own (their types differ).
 #pragma once
+#define __METAL_VERSION__ 310
+#define __METAL__ 1
+#define __HAVE_BFLOAT__ 1
 #define M_E_F 2.71828182845904523536f
 #define M_LOG2E_F 1.44269504088896340736f
 #define M_LOG10E_F 0.434294481903251827651f

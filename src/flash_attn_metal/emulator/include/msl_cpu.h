@@ -10,11 +10,9 @@
 #define MSL_FN inline
 #define MSL_TARGET_CPU 1
 #include "msl_math.h"
-#define MSL_USER_NAMESPACE_USING
 
 namespace msl_sys {
 extern "C" {
-void* malloc(size_t);
 int snprintf(char*, size_t, const char*, ...);
 }
 }  // namespace msl_sys
@@ -96,6 +94,7 @@ struct Group {
   int simdgroup_count;
   int barrier_arrived, barrier_site;
   char* arena;
+  ulong arena_bytes;  // the kernel's threadgroup memory
   int ready[MAX_THREADS + 1];
   int head, tail;
   void* scheduler_sp;
@@ -106,9 +105,14 @@ struct Group {
 
 inline thread_local Group* group;
 inline thread_local Thread* current;
-inline thread_local char* stacks[MAX_THREADS];
-inline thread_local Thread thread_pool[MAX_THREADS];
-inline thread_local char arena_pool[32768] __attribute__((aligned(64)));
+
+// The memory a launch runs in, owned by the host: one per OS thread that runs threadgroups, shared by every
+// library, so that nothing stays behind when the thread ends. The fiber stacks follow it.
+struct Workspace {
+  alignas(64) char arena[32768];
+  Thread threads[MAX_THREADS];
+};
+constexpr size_t WORKSPACE_HEADER_BYTES = (sizeof(Workspace) + 63) & ~(size_t)63;
 
 inline void push_ready(Thread* t) {
   t->state = READY;
@@ -222,7 +226,7 @@ inline void describe_deadlock() {
   group->failed = true;
 }
 
-inline void run_group(Group& g) {
+inline void run_group(Group& g, char* stacks) {
   group = &g;
   g.alive = g.count;
   g.barrier_arrived = 0;
@@ -236,7 +240,6 @@ inline void run_group(Group& g) {
     sg.waiting = 0;
   }
   for (int i = 0; i < g.count; ++i) {
-    if (!stacks[i]) stacks[i] = (char*)msl_sys::malloc(FIBER_STACK_BYTES);
     Thread& t = g.threads[i];
     t.index_in_threadgroup = (uint)i;
     t.position_in_threadgroup = uint3((uint)i % g.size.x, ((uint)i / g.size.x) % g.size.y, (uint)i / (g.size.x * g.size.y));
@@ -244,7 +247,7 @@ inline void run_group(Group& g) {
     t.simdgroup = (uint)i / SIMD_WIDTH;
     t.arg = nullptr;
     g.simdgroups[t.simdgroup].lanes[t.lane] = &t;
-    ulong top = ((ulong)(stacks[i] + FIBER_STACK_BYTES)) & ~(ulong)15;
+    ulong top = ((ulong)(stacks + (i + 1) * FIBER_STACK_BYTES)) & ~(ulong)15;
     void** frame = (void**)(top - MSL_FRAME_WORDS * sizeof(void*));
     for (int w = 0; w < MSL_FRAME_WORDS; ++w) frame[w] = nullptr;
     frame[MSL_FRAME_ENTRY_SLOT] = (void*)&msl_fiber_entry;
@@ -259,44 +262,50 @@ inline void run_group(Group& g) {
   if (!g.failed && g.alive > 0) describe_deadlock();
 }
 
-// Run threadgroups [first, last) of the grid (linear index, x fastest). Returns 0, or 1 with `error` set.
-inline int launch(const Launch* L, uint first, uint last, char* error, int error_len,
+// Run threadgroups [first, last) of the grid (linear index, x fastest) in `workspace`, which has a fiber stack for
+// every thread of a threadgroup. Returns 0, or 1 with `error` set.
+inline int launch(const Launch* L, uint first, uint last, char* error, int error_len, void* workspace,
                   void (*body)(const Launch*), ulong threadgroup_bytes, const char* kernel) {
-  static_assert(sizeof(arena_pool) >= 32768, "Apple GPUs give a threadgroup 32 KiB");
-  Group* g = (Group*)msl_sys::malloc(sizeof(Group));
-  g->launch = L;
-  g->kernel = kernel;
-  g->body = body;
-  g->threads = thread_pool;
-  g->arena = arena_pool;
-  g->threads_per_grid = uint3(L->threads[0], L->threads[1], L->threads[2]);
+  static_assert(sizeof(Workspace::arena) >= 32768, "Apple GPUs give a threadgroup 32 KiB");
+  Workspace* ws = (Workspace*)workspace;
+  Group g;
+  g.launch = L;
+  g.kernel = kernel;
+  g.body = body;
+  g.threads = ws->threads;
+  g.arena = ws->arena;
+  g.arena_bytes = threadgroup_bytes;
+  g.threads_per_grid = uint3(L->threads[0], L->threads[1], L->threads[2]);
   uint3 gs(L->group_size[0], L->group_size[1], L->group_size[2]);
-  g->groups_per_grid = (g->threads_per_grid + gs - 1u) / gs;
+  g.groups_per_grid = (g.threads_per_grid + gs - 1u) / gs;
+  int status = 0;
   for (uint linear = first; linear < last; ++linear) {
-    uint3 p(linear % g->groups_per_grid.x, (linear / g->groups_per_grid.x) % g->groups_per_grid.y,
-            linear / (g->groups_per_grid.x * g->groups_per_grid.y));
-    g->position = p;
+    uint3 p(linear % g.groups_per_grid.x, (linear / g.groups_per_grid.x) % g.groups_per_grid.y,
+            linear / (g.groups_per_grid.x * g.groups_per_grid.y));
+    g.position = p;
     // Non-uniform dispatch: the last threadgroup of a dimension holds only the threads that exist.
-    g->size = metal::min(gs, g->threads_per_grid - p * gs);
-    g->count = (int)(g->size.x * g->size.y * g->size.z);
-    g->failed = false;
+    g.size = metal::min(gs, g.threads_per_grid - p * gs);
+    g.count = (int)(g.size.x * g.size.y * g.size.z);
+    g.failed = false;
     // Threadgroup memory starts as garbage: all-ones bytes are NaN in half, bfloat and float.
-    for (ulong b = 0; b < threadgroup_bytes; ++b) g->arena[b] = (char)0xff;
-    run_group(*g);
-    if (g->failed) {
-      msl_sys::snprintf(error, (size_t)error_len, "%s", g->message);
-      group = nullptr;
-      return 1;
+    __builtin_memset(g.arena, 0xff, threadgroup_bytes);
+    run_group(g, (char*)workspace + WORKSPACE_HEADER_BYTES);
+    if (g.failed) {
+      msl_sys::snprintf(error, (size_t)error_len, "%s", g.message);
+      status = 1;
+      break;
     }
   }
   group = nullptr;
-  return 0;
+  current = nullptr;
+  return status;
 }
 
 }  // namespace cpu
 
 // ---- what kernels see ----
 inline char* threadgroup_arena() { return cpu::group->arena; }
+inline ulong threadgroup_arena_bytes() { return cpu::group->arena_bytes; }
 inline uint lane_id() { return cpu::current->lane; }
 inline uint3 thread_position_in_grid(const Launch* L) {
   return cpu::group->position * uint3(L->group_size[0], L->group_size[1], L->group_size[2]) +
@@ -314,8 +323,24 @@ inline uint simdgroups_per_threadgroup(const Launch*) { return (uint)cpu::group-
 inline uint threads_per_simdgroup(const Launch*) { return SIMD_WIDTH; }
 inline uint thread_execution_width(const Launch*) { return SIMD_WIDTH; }
 
-[[noreturn]] inline void report_out_of_bounds(int buffer, const char* name, long index, long count) {
-  cpu::fail("buffer %d (%s): element %ld is out of bounds (the bound tensor holds %ld)", buffer, name, index, count);
+// An access of `size` bytes at byte `offset` of a buffer (or, for buffer -1, of threadgroup memory).
+[[noreturn]] inline void report_out_of_bounds(int buffer, const char* name, long offset, long size, long bytes) {
+  if (buffer < 0)
+    cpu::fail("threadgroup memory: element %ld is out of bounds (a %ld-byte access at byte %ld; the kernel has %ld "
+              "bytes)", offset / size, size, offset, bytes);
+  cpu::fail("buffer %d (%s): element %ld is out of bounds (a %ld-byte access at byte %ld; the bound tensor holds "
+            "%ld bytes)", buffer, name, offset / size, size, offset, bytes);
+}
+
+[[noreturn]] inline void report_misaligned(int buffer, const char* name, long offset, long size, long alignment) {
+  if (buffer == -2)
+    cpu::fail("%s: a misaligned %ld-byte access at address %#lx (Metal needs %ld-byte alignment)", name, size, offset,
+              alignment);
+  if (buffer < 0)
+    cpu::fail("threadgroup memory: a misaligned %ld-byte access at byte %ld (Metal needs %ld-byte alignment)", size,
+              offset, alignment);
+  cpu::fail("buffer %d (%s): a misaligned %ld-byte access at byte %ld (Metal needs %ld-byte alignment)", buffer, name,
+            size, offset, alignment);
 }
 
 inline void* out_of_bounds_sink() { return nullptr; }
@@ -336,28 +361,41 @@ inline void for_waiting(cpu::SimdGroup& sg, F f) {
 }
 template <class T> inline T garbage() { T t; __builtin_memset(&t, 0xff, sizeof(T)); return t; }
 
-template <class T> struct ReduceArg { T in, out; };
-template <class T, class F> inline T reduce_at(T x, F combine, int site) {
-  ReduceArg<T> a{x, x};
+// Reductions and scans run over the lanes of each group of `width` lanes (32: the SIMD group; 4: a quad).
+template <class T> struct ReduceArg { T in, out; int width; };
+template <class T, class F> inline T reduce_at(T x, F combine, int site, int width = SIMD_WIDTH) {
+  ReduceArg<T> a{x, x, width};
   cpu::collective(&a, [](cpu::SimdGroup& sg) {
-    bool first = true;
-    T acc{};
-    for_waiting<ReduceArg<T>>(sg, [&](int, ReduceArg<T>& l) { acc = first ? l.in : F()(acc, l.in); first = false; });
-    for_waiting<ReduceArg<T>>(sg, [&](int, ReduceArg<T>& l) { l.out = acc; });
+    int w = ((ReduceArg<T>*)cpu::current->arg)->width;
+    for (int g = 0; g < SIMD_WIDTH; g += w) {
+      bool first = true;
+      T acc{};
+      for_waiting<ReduceArg<T>>(sg, [&](int i, ReduceArg<T>& l) {
+        if (i / w == g / w) { acc = first ? l.in : F()(acc, l.in); first = false; } });
+      for_waiting<ReduceArg<T>>(sg, [&](int i, ReduceArg<T>& l) { if (i / w == g / w) l.out = acc; });
+    }
   }, site);
   return a.out;
 }
 
-template <class T> struct ScanArg { T in, out; bool inclusive; };
-template <class T> inline T prefix_sum_at(T x, bool inclusive, int site) {
-  ScanArg<T> a{x, x, inclusive};
+// `identity` is what an exclusive scan gives its group's first lane.
+template <class T> struct ScanArg { T in, out, identity; bool inclusive; int width; };
+template <class T, class F> inline T prefix_at(T x, T identity, bool inclusive, F combine, int site,
+                                               int width = SIMD_WIDTH) {
+  ScanArg<T> a{x, x, identity, inclusive, width};
   cpu::collective(&a, [](cpu::SimdGroup& sg) {
-    T acc = T(0);
-    for_waiting<ScanArg<T>>(sg, [&](int, ScanArg<T>& l) {
-      T before = acc;
-      acc = acc + l.in;
-      l.out = l.inclusive ? acc : before;
-    });
+    int w = ((ScanArg<T>*)cpu::current->arg)->width;
+    for (int g = 0; g < SIMD_WIDTH; g += w) {
+      bool first = true;
+      T acc{};
+      for_waiting<ScanArg<T>>(sg, [&](int i, ScanArg<T>& l) {
+        if (i / w != g / w) return;
+        T before = first ? l.identity : acc;
+        acc = first ? l.in : F()(acc, l.in);
+        first = false;
+        l.out = l.inclusive ? acc : before;
+      });
+    }
   }, site);
   return a.out;
 }
@@ -420,8 +458,16 @@ inline void matmul_at(MatArg<TD, TA, TB, TC>& arg, int site) {
 
 #include "msl_builtins.h"
 
-#define MSL_KERNEL_ENTRY(name, threadgroup_bytes)                                                     \
-  extern "C" int msl_launch_##name(const ::msl::Launch* L, uint first, uint last, char* err, int n) { \
-    return ::msl::cpu::launch(L, first, last, err, n, &msl_user::msl_entry_##name, threadgroup_bytes, #name);    \
-  }                                                                                                   \
-  extern "C" ulong msl_threadgroup_bytes_##name() { return threadgroup_bytes; }
+// Bytes of a workspace for threadgroups of up to `threads` threads.
+extern "C" ulong msl_workspace_bytes(uint threads) {
+  return ::msl::cpu::WORKSPACE_HEADER_BYTES + (ulong)threads * ::msl::FIBER_STACK_BYTES;
+}
+
+// The entry point of kernel `name` (its host name), its threadgroup memory and its
+// [[max_total_threads_per_threadgroup]] (0: none).
+#define MSL_KERNEL_ENTRY(name, threadgroup_bytes, max_threads)                                                   \
+  extern "C" int msl_launch_##name(const ::msl::Launch* L, uint first, uint last, char* err, int n, void* ws) { \
+    return ::msl::cpu::launch(L, first, last, err, n, ws, &msl_entry_##name, threadgroup_bytes, #name);        \
+  }                                                                                                             \
+  extern "C" ulong msl_threadgroup_bytes_##name() { return threadgroup_bytes; }                                 \
+  extern "C" uint msl_max_threads_##name() { return max_threads; }

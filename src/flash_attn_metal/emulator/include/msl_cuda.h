@@ -38,49 +38,99 @@
 #define float3 msl_float3
 #define float4 msl_float4
 
-#include "msl_math.h"
+// NVRTC declares CUDA's math in the global namespace, where MSL's `using namespace metal;` would make every call
+// ambiguous: Metal's functions of those names are renamed, in the prelude and the kernels alike.
+#define abs msl_abs
+#define acos msl_acos
+#define cospi msl_cospi
+#define sinpi msl_sinpi
+#define atanh msl_atanh
+#define acosh msl_acosh
+#define asinh msl_asinh
+#define all msl_all
+#define any msl_any
+#define asin msl_asin
+#define atan msl_atan
+#define atan2 msl_atan2
+#define cbrt msl_cbrt
+#define ceil msl_ceil
+#define copysign msl_copysign
+#define cos msl_cos
+#define cosh msl_cosh
+#define exp msl_exp
+#define exp10 msl_exp10
+#define exp2 msl_exp2
+#define fabs msl_fabs
+#define fdim msl_fdim
+#define floor msl_floor
+#define fma msl_fma
+#define fmax msl_fmax
+#define fmin msl_fmin
+#define fmod msl_fmod
+#define isfinite msl_isfinite
+#define isinf msl_isinf
+#define isnan msl_isnan
+#define ldexp msl_ldexp
+#define log msl_log
+#define log10 msl_log10
+#define log2 msl_log2
+#define max msl_max
+#define min msl_min
+#define nearbyint msl_nearbyint
+#define pow msl_pow
+#define rint msl_rint
+#define round msl_round
+#define rsqrt msl_rsqrt
+#define signbit msl_signbit
+#define sin msl_sin
+#define sinh msl_sinh
+#define sqrt msl_sqrt
+#define tan msl_tan
+#define tanh msl_tanh
+#define trunc msl_trunc
 
-// CUDA declares float math functions in the global namespace; kernels see metal's first.
-#define MSL_USER_NAMESPACE_USING                                                                      \
-  using metal::exp; using metal::exp2; using metal::log; using metal::log2; using metal::log10;       \
-  using metal::sqrt; using metal::rsqrt; using metal::tanh; using metal::sin; using metal::cos;        \
-  using metal::tan; using metal::fabs; using metal::floor; using metal::ceil; using metal::round;     \
-  using metal::trunc; using metal::rint; using metal::pow; using metal::fmod; using metal::fmax;      \
-  using metal::fmin; using metal::copysign; using metal::atan2; using metal::fma; using metal::max;   \
-  using metal::min; using metal::abs; using metal::isnan; using metal::isinf; using metal::isfinite;  \
-  using metal::signbit;
+#include "msl_math.h"
 
 // Error codes in msl_error.code.
 #define MSL_ERROR_OUT_OF_BOUNDS 1
 #define MSL_ERROR_PARTIAL_SIMD_MATRIX 2
 #define MSL_ERROR_TRANSPOSED_ORIGIN 3
+#define MSL_ERROR_MISALIGNED 4
 
+// The first error of a launch; for an access: its buffer (-1: threadgroup memory), byte offset and size, and the
+// memory's bytes (out of bounds) or the alignment it needed (misaligned).
 struct MslError {
   int code;
   int buffer;
-  long index;
-  long count;
+  long offset;
+  long size;
+  long extent;
 };
 extern "C" __device__ MslError msl_error;
 __device__ MslError msl_error;
 __device__ char msl_sink[64];
 extern __shared__ __align__(16) char msl_arena[];
+__shared__ ulong msl_arena_bytes;
 
 namespace msl {
 
 constexpr int SIMD_WIDTH = 32;
 
-MSL_FN void record_error(int code, int buffer, long index, long count) {
+MSL_FN void record_error(int code, int buffer, long offset, long size, long extent) {
   if (atomicCAS(&msl_error.code, 0, code) == 0) {
     msl_error.buffer = buffer;
-    msl_error.index = index;
-    msl_error.count = count;
+    msl_error.offset = offset;
+    msl_error.size = size;
+    msl_error.extent = extent;
   }
 }
-MSL_FN void report_out_of_bounds(int buffer, const char*, long index, long count) {
-  record_error(MSL_ERROR_OUT_OF_BOUNDS, buffer, index, count);
+MSL_FN void report_out_of_bounds(int buffer, const char*, long offset, long size, long bytes) {
+  record_error(MSL_ERROR_OUT_OF_BOUNDS, buffer, offset, size, bytes);
 }
-MSL_FN void report_transposed_origin() { record_error(MSL_ERROR_TRANSPOSED_ORIGIN, -1, 0, 0); }
+MSL_FN void report_misaligned(int buffer, const char*, long offset, long size, long alignment) {
+  record_error(MSL_ERROR_MISALIGNED, buffer, offset, size, alignment);
+}
+MSL_FN void report_transposed_origin() { record_error(MSL_ERROR_TRANSPOSED_ORIGIN, -1, 0, 0, 0); }
 MSL_FN void* out_of_bounds_sink() { return msl_sink; }
 
 MSL_FN uint3 launch_group_size(const Launch* L) { return uint3(L->group_size[0], L->group_size[1], L->group_size[2]); }
@@ -88,6 +138,7 @@ MSL_FN uint3 launch_threads(const Launch* L) { return uint3(L->threads[0], L->th
 
 // ---- what kernels see ----
 MSL_FN char* threadgroup_arena() { return msl_arena; }
+MSL_FN ulong threadgroup_arena_bytes() { return msl_arena_bytes; }
 MSL_FN uint lane_id() { return threadIdx.x % SIMD_WIDTH; }
 MSL_FN uint3 threadgroup_position_in_grid(const Launch*) { return uint3(blockIdx.x, blockIdx.y, blockIdx.z); }
 MSL_FN uint3 threads_per_threadgroup(const Launch* L) {
@@ -117,6 +168,7 @@ MSL_FN uint thread_execution_width(const Launch*) { return SIMD_WIDTH; }
 // the edge of a partial threadgroup, which then leave.
 MSL_FN bool enter(const Launch* L, ulong threadgroup_bytes) {
   for (ulong b = threadIdx.x; b < threadgroup_bytes; b += blockDim.x) msl_arena[b] = (char)0xff;
+  if (threadIdx.x == 0) msl_arena_bytes = threadgroup_bytes;
   __syncthreads();
   uint3 s = threads_per_threadgroup(L);
   return threadIdx.x < s.x * s.y * s.z;
@@ -135,27 +187,33 @@ template <class T> MSL_FN T shuffle_bits(unsigned mask, const T& v, int from) {
   return r;
 }
 
-template <class T, class F> MSL_FN T reduce_at(T x, F combine, int) {
+// Reductions and scans run over the active lanes of each group of `width` lanes (32: the warp; 4: a quad).
+template <class T, class F> MSL_FN T reduce_at(T x, F combine, int, int width = SIMD_WIDTH) {
   unsigned mask = __activemask();
+  int group = (int)lane_id() / width * width;
   T acc = x;
   bool first = true;
   for (int from = 0; from < SIMD_WIDTH; ++from)
     if (mask >> from & 1u) {
       T v = shuffle_bits(mask, x, from);
+      if (from < group || from >= group + width) continue;
       acc = first ? v : combine(acc, v);
       first = false;
     }
   return acc;
 }
 
-template <class T> MSL_FN T prefix_sum_at(T x, bool inclusive, int) {
+template <class T, class F> MSL_FN T prefix_at(T x, T identity, bool inclusive, F combine, int, int width = SIMD_WIDTH) {
   unsigned mask = __activemask();
-  T acc = T(0);
-  int lane = (int)lane_id();
+  int lane = (int)lane_id(), group = lane / width * width;
+  T acc = identity;
+  bool first = true;
   for (int from = 0; from < SIMD_WIDTH; ++from)
     if (mask >> from & 1u) {
       T v = shuffle_bits(mask, x, from);
-      if (from < lane || (inclusive && from == lane)) acc = acc + v;
+      if (from < group || from > lane || (!inclusive && from == lane)) continue;
+      acc = first ? v : combine(acc, v);
+      first = false;
     }
   return acc;
 }
@@ -180,7 +238,7 @@ template <class TD, class TA, class TB, class TC>
 MSL_FN void matmul_at(MatArg<TD, TA, TB, TC>& arg, int) {
   unsigned mask = __activemask();
   if (mask != 0xffffffffu) {
-    record_error(MSL_ERROR_PARTIAL_SIMD_MATRIX, -1, 0, 0);
+    record_error(MSL_ERROR_PARTIAL_SIMD_MATRIX, -1, 0, 0, 0);
     return;
   }
   int lane = (int)lane_id(), r = lane_row(lane), c = lane_col(lane);
@@ -204,8 +262,13 @@ MSL_FN void matmul_at(MatArg<TD, TA, TB, TC>& arg, int) {
 
 #include "msl_builtins.h"
 
-#define MSL_KERNEL_ENTRY(name, threadgroup_bytes)                                                     \
+// The entry point of kernel `name` (its host name), and a kernel that reports its threadgroup memory and its
+// [[max_total_threads_per_threadgroup]] (0: none).
+#define MSL_KERNEL_ENTRY(name, threadgroup_bytes, max_threads)                                        \
   extern "C" __global__ void msl_kernel_##name(const ::msl::Launch* L) {                              \
-    if (::msl::enter(L, threadgroup_bytes)) msl_user::msl_entry_##name(L);                                      \
+    if (::msl::enter(L, threadgroup_bytes)) msl_entry_##name(L);                                      \
   }                                                                                                   \
-  extern "C" __global__ void msl_threadgroup_bytes_##name(ulong* out) { *out = threadgroup_bytes; }
+  extern "C" __global__ void msl_limits_##name(ulong* out) {                                          \
+    out[0] = threadgroup_bytes;                                                                       \
+    out[1] = max_threads;                                                                             \
+  }
