@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import flash_attn_metal
-from flash_attn_metal import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from flash_attn_metal import flash_attn_func, flash_attn_varlen_func
 from flash_attn_metal.emulator import typecheck
 from flash_attn_metal.kernels import decode, decode_combine, decode_kernel, decode_report, dispatch
 from flash_attn_metal.problem import AttentionProblem, KVCache

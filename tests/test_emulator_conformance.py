@@ -6,10 +6,8 @@ emulator (a missing barrier, a wrong lane layout) would be caught.
 
 from __future__ import annotations
 
-import math
 
 import pytest
-import torch
 
 from emulator_support import DEVICES
 from flash_attn_metal.emulator import compile_shader

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from emulator_support import DEVICES, lane_coordinates
-from flash_attn_metal.emulator import KernelExecutionError, MSLCompileError, UnsupportedMSL, compile_shader, typecheck
+from flash_attn_metal.emulator import KernelExecutionError, MSLCompileError, compile_shader, typecheck
 
 HEADER = "#include <metal_stdlib>\nusing namespace metal;\n"
 

@@ -4,7 +4,6 @@ static caches and loss gradients. All fp32 with head dim 32, so a few kernel spe
 
 from __future__ import annotations
 
-import inspect
 
 import pytest
 import torch
@@ -187,10 +186,6 @@ def test_a_4d_mask_is_refused_with_a_clear_message():
     assert logits(model, name, input_ids=ids, attention_mask=mask).shape == (3, 10, 64)
 
 
-SINKS = "sinks" in inspect.signature(flash_attn_metal.flash_attn_func).parameters
-
-
-@pytest.mark.skipif(not SINKS, reason="needs flash_attn_func's sinks= keyword (issue 'SDPA drop-in'), not merged yet")
 def test_gpt_oss_sinks_match_eager():
     torch.manual_seed(0)
     config = transformers.GptOssConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
@@ -202,11 +197,3 @@ def test_gpt_oss_sinks_match_eager():
     ours = logits(model, integration.register(), input_ids=ids, attention_mask=mask)
     eager = logits(model, "eager", input_ids=ids, attention_mask=mask)
     assert (ours[mask.bool()] - eager[mask.bool()]).abs().max().item() <= TOL
-
-
-@pytest.mark.skipif(SINKS, reason="only while flash_attn_func has no sinks= keyword")
-def test_s_aux_without_sinks_support_is_refused():
-    q = torch.randn(1, 2, 4, 32)
-    with pytest.raises(NotImplementedError, match="sinks"):
-        integration.attention(torch.nn.Module(), q, q, q, None, s_aux=torch.zeros(2))
-    assert integration.attention(torch.nn.Module(), q, q, q, None)[0].shape == (1, 4, 2, 32)

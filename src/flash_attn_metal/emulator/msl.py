@@ -424,7 +424,7 @@ class _Reader:
     def class_scope(self, brace: int, close: int) -> None:
         """A class body: member functions' bodies, nested classes, and the field names."""
         tokens = self.tokens
-        i, start, depth = brace + 1, brace + 1, 0
+        i, start = brace + 1, brace + 1
         by_space: dict[str, str] = {}  # member functions qualified by an address space of `this`: head -> body
         while i < close:
             text = tokens[i].text

@@ -64,9 +64,6 @@ def _with_s_aux(function):
     @functools.wraps(function)
     def call(*args, s_aux=None, **kwargs):
         if s_aux is not None:
-            if "sinks" not in signature.parameters:
-                raise NotImplementedError("s_aux (attention sinks) needs the sinks= keyword, which this "
-                                          "flash-attn-metal build lacks")
             kwargs["sinks"] = s_aux.float()
         return function(*args, **kwargs)
 

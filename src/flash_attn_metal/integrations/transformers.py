@@ -26,8 +26,6 @@ logits, e.g. gpt-oss). transformers stays optional: it is imported by `register(
 
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Any, Optional
 
 import torch
@@ -150,16 +148,6 @@ def _int32(cu_seqlens: Tensor) -> Tensor:
     return cu_seqlens.to(torch.int32)
 
 
-@functools.cache
-def _takes_sinks() -> bool:
-    return "sinks" in inspect.signature(flash_attn_func).parameters
-
-
 def _sinks(s_aux: Optional[Tensor]) -> dict:
     """The `sinks=` keyword for gpt-oss's `s_aux` (fp32 per-head sink logits)."""
-    if s_aux is None:
-        return {}
-    if not _takes_sinks():
-        raise NotImplementedError("s_aux (attention sinks, e.g. gpt-oss) needs flash_attn_func's sinks= keyword, "
-                                  "which this flash-attn-metal lacks")
-    return {"sinks": s_aux.float()}
+    return {} if s_aux is None else {"sinks": s_aux.float()}

@@ -31,7 +31,7 @@ from .msl import (
     side_buffer_names,
 )
 from .spec import BackwardSpec
-from .tiles import STATS_PER_QUERY, Tiles, row_stride, threadgroup_bytes
+from .tiles import Tiles, row_stride, threadgroup_bytes
 
 BACKWARD_INT_ARGS = INT_ARGS + (
     "DO_BATCH", "DO_ROW", "DO_HEAD", "DQ_BATCH", "DQ_ROW", "DQ_HEAD",
@@ -239,7 +239,7 @@ def _common_setup(spec: BackwardSpec) -> str:
 def _dq_kernel(spec: BackwardSpec, name: str, params: str) -> str:
     f, tiles = spec.forward, spec.dq
     staged = tiles.stationary == "threadgroup"
-    tiles_decl = (f"""  threadgroup input_t* k_tile = reinterpret_cast<threadgroup input_t*>(smem);  // K: [BLOCK_K][LD_ROWS]
+    tiles_decl = ("""  threadgroup input_t* k_tile = reinterpret_cast<threadgroup input_t*>(smem);  // K: [BLOCK_K][LD_ROWS]
   threadgroup input_t* vt_tile = k_tile + BLOCK_K * LD_ROWS;  // V^T: [HEAD_DIM][LD_COLS]"""
                   + ("""
   threadgroup input_t* q_tile = vt_tile + HEAD_DIM * LD_COLS;  // Q: [BLOCK_Q][LD_OWN]
