@@ -55,3 +55,46 @@ def naive_attention(q, k, v, *, scale=None, causal=False, window=(-1, -1), softc
                 probs = probs * keep[head, i, allowed].double() / (1 - dropout_p)
             out[i, head] = probs @ v[allowed, kv]
     return out, lse
+
+
+def dense_attention(q, k, v, *, scale=None, causal=False, window=(-1, -1), softcap=0.0, alibi=None,
+                    dtype=torch.float64):
+    """naive_attention's rules on whole matrices, differentiable. One sequence: q (sq, h, d), k/v (sk, hk, d);
+    alibi (h,) slopes. Computed in `dtype`: float64 is the oracle; a low precision is the "plain PyTorch"
+    baseline of the tolerance rule, computed as upstream's reference computes it (keys pre-scaled, softmax in
+    the scores' dtype, probabilities rounded to v's dtype). A row is fully masked when the mask leaves it no key,
+    whatever its scores. Returns out (sq, h, d) in `dtype` and lse (h, sq) float64 (+inf: fully masked)."""
+    sq, h, d = q.shape
+    sk, hk = k.shape[0], k.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    left, right = window
+    if causal:
+        right = 0
+    group = h // hk
+    q, k, v = q.to(dtype), k.to(dtype).repeat_interleave(group, dim=1), v.to(dtype).repeat_interleave(group, dim=1)
+    scores = torch.einsum("ihd,jhd->hij", q, k * scale)
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    i = torch.arange(sq)[:, None]
+    j = torch.arange(sk)[None, :]
+    shifted = i + sk - sq  # bottom-right alignment
+    allowed = torch.ones(sq, sk, dtype=torch.bool)
+    if left >= 0:
+        allowed &= j >= shifted - left
+    if right >= 0:
+        allowed &= j <= shifted + right
+    if alibi is not None:  # an fp32 (or fp64) bias, as upstream adds it
+        bias = alibi.to(torch.promote_types(dtype, torch.float32))[:, None, None] * (shifted - j).abs()
+        scores = scores - bias
+    scores = scores.masked_fill(~allowed, -math.inf)
+    keyless = ~allowed.any(dim=1)  # (sq,)
+    probs = torch.softmax(scores, dim=-1).masked_fill(keyless[None, :, None], 0.0)
+    out = torch.einsum("hij,jhd->ihd", probs.to(v.dtype), v)
+    lse = torch.logsumexp(scores.double(), dim=-1).masked_fill(keyless[None, :], math.inf)
+    return out, lse
+
+
+def call_window(window, seqlen_k):
+    """The window flash-attn runs a call with: a side at least the call's seqlen_k long (k.shape[1], varlen's
+    max_seqlen_k, a kv cache's capacity) is unbounded (-1)."""
+    return tuple(-1 if side >= seqlen_k else side for side in window)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from flash_attn_metal import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from flash_attn_metal import ArgumentError, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from flash_attn_metal.ops import sink_gradient
 from flash_attn_metal.problem import AttentionProblem
 from flash_attn_metal.reference import attention
@@ -174,7 +174,7 @@ def test_public_functions_take_sinks():
 
 @pytest.mark.parametrize("sinks, error, match", [
     ([0.0] * 4, TypeError, "sinks must be a torch.Tensor"),
-    (torch.zeros(4, dtype=torch.float16), TypeError, "sinks must be float32"),
+    (torch.zeros(4, dtype=torch.float16), ArgumentError, "sinks must be float32"),
     (torch.zeros(2), ValueError, r"sinks must have shape \(4,\)"),
     (torch.zeros(1, 4), ValueError, r"sinks must have shape \(4,\)"),
     (torch.zeros(4, device="meta"), ValueError, "sinks is on meta"),

@@ -38,14 +38,14 @@ def test_round_trip_counts_a_disk_hit(tmp_path):
     cache.store("k", b"payload")
     assert cache.load("k") == b"payload"
     assert flash_attn_metal.stats()["cache_hits"]["disk"] == 1  # the miss counted nothing
-    assert [p.name for p in (tmp_path / "t").iterdir()] == ["k"]  # no temporary file left behind
+    assert [p.name for p in (tmp_path / "t").iterdir()] == ["k.v2"]  # no temporary file left behind
 
 
 @pytest.mark.parametrize("damage", ["flipped bit", "truncated payload", "truncated header", "empty", "not ours"])
 def test_damaged_entries_are_detected_discarded_and_rebuilt(tmp_path, damage):
     cache = DiskCache("t", root=tmp_path)
     cache.store("k", b"payload" * 100)
-    entry = tmp_path / "t" / "k"
+    entry = tmp_path / "t" / "k.v2"
     data = entry.read_bytes()
     damaged = {
         "flipped bit": data[:-1] + bytes([data[-1] ^ 1]),
@@ -70,7 +70,7 @@ def test_stale_temporary_files_are_removed_and_fresh_ones_kept(tmp_path):
     os.utime(stale, (time.time() - 2 * 3600,) * 2)
     cache.store("k", b"x")
     assert not stale.exists() and fresh.exists()
-    assert cache.entries() == [directory / "k"]  # temporary files are never entries
+    assert cache.entries() == [directory / "k.v2"]  # temporary files are never entries
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "", ".hidden", "-x", None])
@@ -141,7 +141,7 @@ print(sum("cannot write the kernel cache" in str(w.message) for w in caught))
 def test_a_full_disk_costs_one_warning_and_leaves_no_partial_files(tmp_path):
     out, err = python(FULL_DISK, str(tmp_path)).communicate(timeout=60)
     assert out.strip() == "1", err
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "small"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "small.v2"]
 
 
 EVICTING_BYTES = 6 * 200_100  # six of the ten entries fit
@@ -183,7 +183,8 @@ def test_concurrent_processes_never_see_or_leave_a_torn_entry(tmp_path):
         cache = DiskCache(namespace, root=tmp_path, max_bytes=max_bytes)
         entries = cache.entries()
         assert len(entries) == 10 if namespace == "replace" else 0 < len(entries) <= 6
-        assert all(cache.load(p.name) == (p.name * 100_000).encode() for p in entries)
+        keys = [p.name.removesuffix(".v2") for p in entries]
+        assert all(cache.load(key) == (key * 100_000).encode() for key in keys)
         assert not list((tmp_path / namespace).glob(".tmp-*"))
 
 
@@ -191,7 +192,7 @@ def test_size_bound_evicts_least_recently_used(tmp_path):
     cache = DiskCache("t", root=tmp_path, max_bytes=3 * 1100)
     for i, key in enumerate(("a", "b", "c")):
         cache.store(key, bytes(1000))
-        os.utime(tmp_path / "t" / key, (1000 + i, 1000 + i))
+        os.utime(tmp_path / "t" / f"{key}.v2", (1000 + i, 1000 + i))
     cache.load("a")  # used: now the newest
     cache.store("d", bytes(1000))
     assert cache.load("b") is None  # the least recently used went
@@ -256,7 +257,7 @@ def test_disk_cache_follows_the_variable_set_after_creation(monkeypatch, tmp_pat
     cache = DiskCache("t")
     monkeypatch.setenv("FLASH_ATTN_METAL_CACHE_DIR", str(tmp_path))
     cache.store("k", b"x")
-    assert (tmp_path / "t" / "k").exists()
+    assert (tmp_path / "t" / "k.v2").exists()
 
 
 def test_cache_key_is_stable_and_separates_parts():
@@ -281,3 +282,63 @@ def test_cache_info_and_clear_touch_only_entries(tmp_path):
     assert clear_cache(tmp_path) == 3
     assert cache_info(tmp_path)["entries"] == 0 and foreign.exists() and (tmp_path / "top-level").exists()
     assert clear_cache(tmp_path / "missing") == 0 and cache_info(tmp_path / "missing")["entries"] == 0
+
+
+def test_entries_filed_under_another_key_are_rebuilt_with_a_warning(tmp_path):
+    """Two intact entries swapped on disk: each would load the other's kernel (for the emulator, a shared object
+    without the kernel's symbols). Each is detected by the key in its header, reported and rebuilt."""
+    cache = DiskCache("t", root=tmp_path)
+    cache.store("a", b"kernel a")
+    cache.store("b", b"kernel b")
+    assert cache.load("a") == b"kernel a"  # must-pass twin: intact entries in place load
+    a, b = tmp_path / "t" / "a.v2", tmp_path / "t" / "b.v2"
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    with pytest.warns(RuntimeWarning, match=r"kernel cache entry .*a\.v2 was stored under another key \(b"):
+        assert cache.load("a") is None
+    assert not a.exists()
+    cache.store("a", b"kernel a")
+    assert cache.load("a") == b"kernel a"
+
+
+def test_format_1_entries_are_neither_loaded_nor_overwritten_but_still_cleared(tmp_path):
+    """An older version sharing the directory keeps its entries under the bare key: this version never reads or
+    replaces them (so neither version deletes the other's entries as damaged), yet evicts and clears them."""
+    old = tmp_path / "t" / "k"
+    old.parent.mkdir()
+    old.write_bytes(b"FAMC1\n" + bytes(40) + b"payload")
+    cache = DiskCache("t", root=tmp_path)
+    assert cache.load("k") is None
+    cache.store("k", b"new")
+    assert cache.load("k") == b"new" and old.exists()
+    assert sorted(p.name for p in cache.entries()) == ["k", "k.v2"]
+    assert clear_cache(tmp_path) == 2
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_files_that_are_not_regular_are_skipped_without_blocking(tmp_path, kind):
+    """A FIFO in the cache folder would block every read of it forever; it is never opened for reading."""
+    directory = tmp_path / "t"
+    directory.mkdir()
+    make = {"fifo": os.mkfifo, "directory": os.mkdir}[kind]
+    make(directory / "k.v2")  # where key "k" lives
+    make(directory / "stray")
+    code = f"""
+import sys
+from pathlib import Path
+from flash_attn_metal.runtime.cache import DiskCache, cache_info
+cache = DiskCache("t", root=Path({str(tmp_path)!r}))
+assert cache.load("k") is None
+cache.store("other", b"x")
+assert cache.load("other") == b"x"
+info = cache_info(Path({str(tmp_path)!r}))
+assert info["entries"] == 1, info
+print("done")
+"""
+    proc = python(code)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.strip() == "done", err

@@ -6,6 +6,7 @@
 
 from . import bert_padding
 from ._version import __version__
+from .errors import ArgumentError
 from .interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -21,6 +22,7 @@ from .stats import reset_stats, stats
 
 __all__ = [
     "__version__",
+    "ArgumentError",
     "bert_padding",
     "flash_attn_func",
     "flash_attn_kvpacked_func",

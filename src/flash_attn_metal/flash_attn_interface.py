@@ -162,7 +162,8 @@ def _used_keys(k: Tensor, v: Tensor, cu_seqlens_k: Tensor, leftpad_k: Optional[T
                seqused_k: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, int]:
     """K/V rows leftpad_k[b] .. seqused_k[b] of each sequence (flash-attn's key window of a varlen call),
     gathered: (k, v, cu_seqlens_k, max_seqlen_k)."""
-    offsets = validation.cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], k.device)
+    offsets = validation.offsets("cu_seqlens_k", validation.cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.device),
+                                 k.shape[0])
     lengths = [end - start for start, end in zip(offsets, offsets[1:])]
     batch = len(lengths)
     starts = _per_sequence("leftpad_k", leftpad_k, batch, [0] * batch)

@@ -14,6 +14,7 @@ from typing import Optional, Union
 import torch
 
 from . import fastpath, kvcache, reference, routing, validation
+from .errors import ArgumentError
 from .problem import AttentionProblem
 
 __all__ = [
@@ -27,14 +28,15 @@ __all__ = [
 ]
 
 
-def _options(q: torch.Tensor, batch: int, dropout_p, softmax_scale, causal, window_size, softcap,
+def _options(q: torch.Tensor, batch: int, seqlen_k: int, dropout_p, softmax_scale, causal, window_size, softcap,
              alibi_slopes, sinks) -> dict:
-    """A call's validated options, as AttentionProblem fields."""
-    left, right = validation.window(window_size)
+    """A call's validated options, as AttentionProblem fields. `seqlen_k`: what flash-attn compares the window
+    with (see `validation.local_window`)."""
+    left, right = validation.local_window(*validation.window(window_size), bool(causal), seqlen_k)
     softcap = validation.number("softcap", softcap)
     return dict(
         softmax_scale=validation.softmax_scale(softmax_scale, q.shape[-1]),
-        causal=bool(causal), window_left=left, window_right=0 if causal else right, softcap=softcap,
+        causal=bool(causal), window_left=left, window_right=right, softcap=softcap,
         alibi_slopes=validation.alibi(alibi_slopes, batch, q.shape[-2], q.device),
         dropout_p=validation.dropout(dropout_p, softcap), sinks=validation.sinks(sinks, q.shape[-2], q.device),
     )
@@ -50,22 +52,31 @@ def _problem(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, al
     validation.same_kind({"q": q, "k": k, "v": v})
     validation.heads(q, k, v)
     if k.shape[:-2] != v.shape[:-2]:
-        raise ValueError(f"k and v must have the same batch and sequence sizes, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ArgumentError(f"k and v must have the same batch and sequence sizes, got {tuple(k.shape)} and {tuple(v.shape)}")
     if varlen:
-        offsets_q = validation.cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-        offsets_k = validation.cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
-        if len(offsets_q) != len(offsets_k):
-            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got {len(offsets_q)} and {len(offsets_k)}")
-        batch = len(offsets_q) - 1
-        max_q = validation.max_seqlen("max_seqlen_q", max_seqlen_q, offsets_q)
-        max_k = validation.max_seqlen("max_seqlen_k", max_seqlen_k, offsets_k)
+        validation.cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
+        validation.cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+            raise ArgumentError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got {cu_seqlens_q.numel()} "
+                                f"and {cu_seqlens_k.numel()}")
+        batch = cu_seqlens_q.numel() - 1
+        bound_q = validation.max_seqlen("max_seqlen_q", max_seqlen_q)
+        seqlen_k = bound_k = validation.max_seqlen("max_seqlen_k", max_seqlen_k)
+        if torch.compiler.is_compiling():  # tracing cannot read cu_seqlens: the custom op does (ops)
+            max_q = max_k = validation.UNREAD
+        else:
+            max_q = validation.longest("max_seqlen_q", bound_q,
+                                       validation.offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0]))
+            max_k = validation.longest("max_seqlen_k", bound_k,
+                                       validation.offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0]))
     else:
         if k.shape[0] != q.shape[0]:
-            raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
-        batch, max_q, max_k = q.shape[0], q.shape[1], k.shape[1]
+            raise ArgumentError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+        batch, max_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+        max_k = seqlen_k
     return AttentionProblem(
         q=q, k=k, v=v,
-        **_options(q, batch, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks),
+        **_options(q, batch, seqlen_k, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks),
         cu_seqlens_q=cu_seqlens_q if varlen else None, cu_seqlens_k=cu_seqlens_k if varlen else None,
         max_seqlen_q=max_q, max_seqlen_k=max_k,
     )
@@ -145,7 +156,7 @@ def _unpack(packed: object, name: str, layout: str, axis: int) -> list[torch.Ten
     dims = layout.strip("()").split(", ")
     packed = validation.tensor(name, packed, len(dims))
     if packed.shape[axis] != int(dims[axis]):
-        raise ValueError(f"{name} must be laid out as {layout}, got shape {tuple(packed.shape)}")
+        raise ArgumentError(f"{name} must be laid out as {layout}, got shape {tuple(packed.shape)}")
     return list(packed.unbind(axis))
 
 
@@ -193,7 +204,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
                                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
                                      return_attn_probs=False, *, sinks=None):
-    """qkv: (total, 3, nheads, headdim); cu_seqlens: (batch + 1,) int32."""
+    """qkv: (total, 3, nheads, headdim); cu_seqlens: (batch + 1,) int32. Rows past cu_seqlens[-1]: as in
+    flash_attn_varlen_func."""
     q, k, v = _unpack(qkv, "qkv", "(total, 3, nheads, headdim)", axis=1)
     return _varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
                    window_size, softcap, alibi_slopes, return_attn_probs, sinks)
@@ -202,7 +214,8 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                                     alibi_slopes=None, deterministic=False, return_attn_probs=False, *, sinks=None):
-    """q: (total_q, nheads, headdim); kv: (total_k, 2, nheads_k, headdim)."""
+    """q: (total_q, nheads, headdim); kv: (total_k, 2, nheads_k, headdim). Rows past cu_seqlens_q/k[-1]: as in
+    flash_attn_varlen_func."""
     k, v = _unpack(kv, "kv", "(total_k, 2, nheads_k, headdim)", axis=1)
     return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
                    window_size, softcap, alibi_slopes, return_attn_probs, sinks)
@@ -212,7 +225,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None, *, sinks=None):
     """q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim), or paged
-    (num_blocks, page_block_size, nheads_k, headdim) with block_table (batch, max_blocks) int32."""
+    (num_blocks, page_block_size, nheads_k, headdim) with block_table (batch, max_blocks) int32.
+
+    Rows past cu_seqlens_q[-1] (or cu_seqlens_k[-1]) belong to no sequence: their out is 0, their lse +inf and
+    their gradients 0. max_seqlen_q/k only bound the lengths; the kernels size their work by the real ones."""
     if block_table is not None:
         k, v = kvcache.gather_paged(k, v, block_table, cu_seqlens_k)
     return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
@@ -235,9 +251,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     (0: the kernels choose, 1: no split)."""
     # Every argument is checked before the cache is written.
     q = validation.tensor("q", q, 4)
-    options = _options(q, q.shape[0], 0.0, softmax_scale, causal, window_size, softcap, alibi_slopes, sinks)
+    options = _options(q, q.shape[0], kvcache.capacity(k_cache, block_table), 0.0, softmax_scale, causal,
+                       window_size, softcap, alibi_slopes, sinks)
     splits = validation.num_splits(num_splits)
-    local = options["window_left"] >= 0 or options["window_right"] >= 0  # causal or a window
+    local = options["window_left"] >= 0 or options["window_right"] >= 0  # causal or a window shorter than the cache
     cached = kvcache.prepare(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                              cache_leftpad, block_table, bool(rotary_interleaved), rotate_q_per_token=local)
     problem = AttentionProblem(q=cached.q, k=k_cache, v=v_cache, **options, max_seqlen_q=q.shape[1],

@@ -11,6 +11,13 @@
 Sinks need nothing of the backward kernels: the forward's lse includes them, so P = exp(S - lse) and
 dS = P * (dP - D) with D = rowsum(dO * O) hold unchanged, and their own gradient is an O(N) sum here
 (`sink_gradient`). Masks take no gradient.
+
+Under torch.compile the public functions cannot read tensor values while tracing, so what they read on the
+host in eager mode happens here, when the graph runs:
+- a varlen call passes max_seqlen_q/k = `validation.UNREAD`: the ops check cu_seqlens and size the grids by
+  the longest sequences (the caller's max_seqlen is then checked for its type and range only);
+- a kv-cache call's per-sequence values are checked by `check_kv_cache`, whose output the in-place append
+  depends on, so the checks still run before the cache is written.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import validation
 from .problem import AttentionProblem, KVCache
 
 # The ops' namespace is the package's import name: a second copy of the package (the kernels-hub build, imported
@@ -32,6 +40,14 @@ def _problem(q, k, v, softmax_scale, causal, window_left, window_right, softcap,
              dropout_p=0.0, dropout_seed=0, dropout_offset=0, cache_seqlens=None, cache_leftpad=None,
              cache_batch_idx=None, block_table=None, num_splits=0) -> AttentionProblem:
     kv_cache = None if cache_seqlens is None else KVCache(cache_seqlens, cache_leftpad, cache_batch_idx, block_table)
+    if cu_seqlens_q is not None and max_seqlen_q == validation.UNREAD:  # traced: see the module docstring
+        max_seqlen_q = validation.longest("max_seqlen_q", validation.INT32_MAX,
+                                          validation.offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0]))
+        max_seqlen_k = validation.longest("max_seqlen_k", validation.INT32_MAX,
+                                          validation.offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0]))
+    if kv_cache is not None and max_seqlen_k == validation.UNREAD:
+        attended = cache_seqlens if cache_leftpad is None else cache_seqlens - cache_leftpad
+        max_seqlen_k = int(attended.max()) if attended.numel() else 0
     rng = (dropout_seed % (1 << 64), dropout_offset % (1 << 64)) if dropout_p > 0 else None  # int64 bits -> uint64
     return AttentionProblem(q=q, k=k, v=v, softmax_scale=softmax_scale, causal=causal, window_left=window_left,
                             window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes,
@@ -152,3 +168,20 @@ def _dropout_rng(p: AttentionProblem) -> tuple[int, int]:
     if p.dropout_rng is None:
         return 0, 0
     return tuple(v - (1 << 64) if v >= 1 << 63 else v for v in p.dropout_rng)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::check_kv_cache", mutates_args=())
+def check_kv_cache(seqlens: Tensor, leftpad: Optional[Tensor], batch_idx: Optional[Tensor],
+                   block_table: Optional[Tensor], new_len: int, rows: int, entries: int, page_size: int,
+                   rotary_positions: int, span: int) -> Tensor:
+    """`kvcache.check_rows` as an op; returns a copy of `seqlens` for the append to depend on."""
+    from . import kvcache
+
+    kvcache.check_rows(seqlens, leftpad, batch_idx, block_table, new_len, rows, entries, page_size,
+                       rotary_positions, span)
+    return seqlens.clone()
+
+
+@check_kv_cache.register_fake
+def _(seqlens, leftpad, batch_idx, block_table, new_len, rows, entries, page_size, rotary_positions, span):
+    return torch.empty_like(seqlens)

@@ -29,7 +29,9 @@ Semantics (flash-attn 2.8):
 - `sinks` (h,) join each row's softmax denominator: p_ij = exp(s_ij - lse_i) with
   lse_i = log(exp(sink_h) + sum_j exp(s_ij)); they carry no value and get a gradient;
 - a fully masked row (or seqlen_k == 0) gives out = 0 and lse = +inf (lse = sink_h with sinks, +inf where that
-  is -inf); in varlen, query rows past cu_seqlens_q[-1] belong to no sequence and get the same;
+  is -inf); a row whose scores are finite, however negative, is not masked: it gets its softmax and a finite lse;
+- in varlen, query rows past cu_seqlens_q[-1] belong to no sequence: out = 0, lse = +inf, and zero gradients
+  for them (and for key/value rows past cu_seqlens_k[-1]);
 - dropout drops probabilities with probability p and scales the rest by 1/(1-p); lse is taken before it;
 - GQA/MQA: query head h reads kv head h // (nheads / nheads_k);
 - lse is the natural-log logsumexp of the (scaled, softcapped, biased, masked) scores and the sink, fp32,
@@ -262,28 +264,26 @@ def _chunk_forward(q: Tensor, kg: Tensor, vg: Tensor, rows: Tensor, sq: int, slo
     if mask is not None:
         mask = mask.reshape(b, hk, group, c, sk)
         scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
-    lse = _logsumexp(scores.float(), None if sinks is None else sinks.float().view(1, hk, group, 1))
-    empty = torch.isneginf(lse)  # no key and no sink: out = 0
-    probs = torch.exp(scores.float() - lse.masked_fill(empty, 0.0).unsqueeze(-1)).to(vg.dtype)
+    # Softmax relative to the row's max (over its scores and sink), so rows of hugely negative but finite scores
+    # keep their weights; the max is a constant shift of the row (detached: it changes neither the probabilities
+    # nor their gradients).
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # fp32, or fp64 for fp64 inputs
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    sink = None if sinks is None else sinks.to(scores.dtype).view(1, hk, group, 1, 1)
+    if sink is not None:
+        row_max = torch.maximum(row_max, sink.detach())
+    empty = torch.isneginf(row_max)  # no key and no sink: out = 0
+    shift = row_max.masked_fill(empty, 0.0)
+    weights = torch.exp(scores - shift)
+    total = weights.sum(dim=-1, keepdim=True) + (0.0 if sink is None else torch.exp(sink - shift))  # >= 1 if any
+    probs = (weights / total.masked_fill(empty, 1.0)).to(vg.dtype)
     kept = probs if keep is None else probs * keep.view(b, hk, group, c, sk) / (1.0 - p.dropout_p)
     out = (kept @ vg).permute(0, 3, 1, 2, 4).reshape(b, c, h, d)
-    lse = lse.masked_fill(empty, math.inf).reshape(b, h, c)
+    lse = (row_max + torch.log(total)).squeeze(-1).masked_fill(empty.squeeze(-1), math.inf).reshape(b, h, c)
     if not o.return_probs:
         return out, lse, None
     signed = probs if keep is None else torch.where(keep.view_as(probs), probs, -probs)
     return out, lse, signed.reshape(b, h, c, sk)
-
-
-def _logsumexp(scores: Tensor, sinks: Tensor | None) -> Tensor:
-    """log(exp(sink) + sum_j exp(scores_j)) over the last dim, -inf where every term is -inf, with finite
-    gradients there (torch's logsumexp and logaddexp give NaN gradients for all -inf inputs)."""
-    empty = torch.isneginf(scores.amax(dim=-1))
-    lse = torch.logsumexp(scores.masked_fill(empty.unsqueeze(-1), 0.0), dim=-1).masked_fill(empty, -math.inf)
-    if sinks is None:
-        return lse
-    sinks = sinks.expand_as(lse)
-    none = empty & torch.isneginf(sinks)
-    return torch.logaddexp(lse.masked_fill(none, 0.0), sinks.masked_fill(none, 0.0)).masked_fill(none, -math.inf)
 
 
 def _dropout_keep(o: _Options, batch_index: int | None, b: int, rows: range, sk: int,

@@ -1,5 +1,10 @@
-"""Input checks for the public functions: bad input raises TypeError or ValueError naming the argument and
-what was expected, before any kernel runs."""
+"""Input checks for the public functions: bad input raises before any kernel runs, with a message naming the
+argument and what was expected. A value of the wrong Python type raises TypeError; a wrong value, shape,
+dtype or device raises `ArgumentError` (a ValueError and a RuntimeError, as flash-attn's checks raise).
+
+Checks that read tensor values on the host (cu_seqlens) are separate from the rest: under torch.compile they
+cannot run while tracing, so the custom op runs them when it executes (see `ops`).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,13 @@ from typing import Sequence
 
 import torch
 
+from .errors import ArgumentError
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+INT32_MAX = 2**31 - 1  # flash-attn takes sequence lengths as C ints: no real call has a longer sequence
+INT64_MAX = 2**63 - 1  # kernels take every integer argument as a 64-bit `long`
+UNREAD = -1  # a max_seqlen that tracing could not read from the tensors: the custom op finds it (ops)
 
 
 def tensor(name: str, x: object, rank: int | Sequence[int]) -> torch.Tensor:
@@ -18,11 +28,11 @@ def tensor(name: str, x: object, rank: int | Sequence[int]) -> torch.Tensor:
     ranks = (rank,) if isinstance(rank, int) else tuple(rank)
     if x.dim() not in ranks:
         expected = " or ".join(str(r) for r in ranks)
-        raise ValueError(f"{name} must have {expected} dimensions, got shape {tuple(x.shape)}")
+        raise ArgumentError(f"{name} must have {expected} dimensions, got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+        raise ArgumentError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
     if x.stride(-1) != 1 and x.numel():
-        raise ValueError(f"{name} must have a contiguous last dimension (stride(-1) == 1), got strides {x.stride()}")
+        raise ArgumentError(f"{name} must have a contiguous last dimension (stride(-1) == 1), got strides {x.stride()}")
     return x
 
 
@@ -30,22 +40,23 @@ def same_kind(named: dict[str, torch.Tensor]) -> None:
     (first_name, first), *rest = named.items()
     for name, x in rest:
         if x.dtype != first.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but {first_name} has {first.dtype}; they must match")
+            raise ArgumentError(f"{name} has dtype {x.dtype} but {first_name} has {first.dtype}; they must match")
         if x.device != first.device:
-            raise ValueError(f"{name} is on {x.device} but {first_name} is on {first.device}; they must match")
+            raise ArgumentError(f"{name} is on {x.device} but {first_name} is on {first.device}; they must match")
 
 
 def heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     d = q.shape[-1]
     if not 1 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"q's head dim must be between 1 and {MAX_HEAD_DIM}, got {d}")
+        raise ArgumentError(f"q's head dim must be between 1 and {MAX_HEAD_DIM}, got {d}")
     if k.shape[-1] != d or v.shape[-1] != d:
-        raise ValueError(f"q, k and v must share the head dim; got {d}, {k.shape[-1]} and {v.shape[-1]}")
+        raise ArgumentError(f"q, k and v must share the head dim; got {d}, {k.shape[-1]} and {v.shape[-1]}")
     if k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"k and v must have the same number of heads; got {k.shape[-2]} and {v.shape[-2]}")
+        raise ArgumentError(f"k and v must have the same number of heads; got {k.shape[-2]} and {v.shape[-2]}")
     h, hk = q.shape[-2], k.shape[-2]
     if hk == 0 or h % hk != 0:
-        raise ValueError(f"the number of query heads ({h}) must be a multiple of the number of key/value heads ({hk})")
+        raise ArgumentError(f"the number of query heads ({h}) must be a multiple of the number of key/value heads "
+                            f"({hk})")
 
 
 def number(name: str, value: object) -> float:
@@ -68,17 +79,26 @@ def window(window_size: object) -> tuple[int, int]:
     if not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size):
         raise TypeError(f"window_size must hold integers, got {window_size!r}")
     left, right = (int(w) for w in window_size)
-    if left < -1 or right < -1:
-        raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got {(left, right)}")
+    if not (-1 <= left <= INT64_MAX and -1 <= right <= INT64_MAX):
+        raise ArgumentError(f"window_size entries must be between -1 (-1: unbounded) and 2**63 - 1, got "
+                            f"{(left, right)}")
     return left, right
+
+
+def local_window(left: int, right: int, causal: bool, seqlen_k: int) -> tuple[int, int]:
+    """The window a call runs with, as flash-attn normalises it: a side at least `seqlen_k` long (the key length,
+    varlen's max_seqlen_k or the kv cache's capacity) is unbounded, and causal sets the right side to 0."""
+    left = -1 if left >= seqlen_k else left
+    right = -1 if right >= seqlen_k else right
+    return left, 0 if causal else right
 
 
 def dropout(dropout_p: object, softcap: float) -> float:
     p = number("dropout_p", dropout_p)
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        raise ArgumentError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if p > 0 and softcap > 0:
-        raise ValueError("softcap does not support dropout: pass softcap=0.0 or dropout_p=0.0")
+        raise ArgumentError("softcap does not support dropout: pass softcap=0.0 or dropout_p=0.0")
     return p
 
 
@@ -88,11 +108,12 @@ def alibi(alibi_slopes: object, batch: int, nheads: int, device: torch.device) -
     if not isinstance(alibi_slopes, torch.Tensor):
         raise TypeError(f"alibi_slopes must be a torch.Tensor, got {type(alibi_slopes).__name__}")
     if alibi_slopes.dtype != torch.float32:
-        raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+        raise ArgumentError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
     if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
-        raise ValueError(f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), got {tuple(alibi_slopes.shape)}")
+        raise ArgumentError(f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), got "
+                            f"{tuple(alibi_slopes.shape)}")
     if alibi_slopes.device != device:
-        raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {device}")
+        raise ArgumentError(f"alibi_slopes is on {alibi_slopes.device} but q is on {device}")
     return alibi_slopes
 
 
@@ -103,48 +124,65 @@ def sinks(value: object, nheads: int, device: torch.device) -> torch.Tensor | No
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"sinks must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype != torch.float32:
-        raise TypeError(f"sinks must be float32, got {value.dtype}")
+        raise ArgumentError(f"sinks must be float32, got {value.dtype}")
     if tuple(value.shape) != (nheads,):
-        raise ValueError(f"sinks must have shape ({nheads},) (one logit per query head), got {tuple(value.shape)}")
+        raise ArgumentError(f"sinks must have shape ({nheads},) (one logit per query head), got {tuple(value.shape)}")
     if value.device != device:
-        raise ValueError(f"sinks is on {value.device} but q is on {device}")
+        raise ArgumentError(f"sinks is on {value.device} but q is on {device}")
     return value
 
 
-def cu_seqlens(name: str, cu: object, total: int, device: torch.device) -> list[int]:
+def cu_seqlens(name: str, cu: object, device: torch.device) -> torch.Tensor:
+    """A cu_seqlens tensor's type, dtype, shape and device (what tracing can check; `offsets` reads the values)."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
-        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+        raise ArgumentError(f"{name} must be int32, got {cu.dtype}")
     if cu.dim() != 1 or cu.numel() < 1:
-        raise ValueError(f"{name} must be 1-D with batch_size + 1 entries, got shape {tuple(cu.shape)}")
+        raise ArgumentError(f"{name} must be 1-D with batch_size + 1 entries, got shape {tuple(cu.shape)}")
     if cu.device != device:
-        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+        raise ArgumentError(f"{name} is on {cu.device} but q is on {device}")
+    return cu
+
+
+def offsets(name: str, cu: torch.Tensor, total: int) -> list[int]:
+    """cu_seqlens's values (one host read), checked: from 0, non-decreasing, within the `total` rows."""
     values = cu.tolist()
     if values[0] != 0:
-        raise ValueError(f"{name} must start at 0, got {values[0]}")
+        raise ArgumentError(f"{name} must start at 0, got {values[0]}")
     if any(b < a for a, b in zip(values, values[1:])):
-        raise ValueError(f"{name} must be non-decreasing, got {values}")
+        raise ArgumentError(f"{name} must be non-decreasing, got {values}")
     if values[-1] > total:
-        raise ValueError(f"{name} ends at {values[-1]} but the tensor holds only {total} tokens")
+        raise ArgumentError(f"{name} ends at {values[-1]} but the tensor holds only {total} tokens")
     return values
 
 
-def max_seqlen(name: str, value: object, offsets: list[int]) -> int:
+def max_seqlen(name: str, value: object) -> int:
+    """The caller's bound on the sequence lengths: an int (or 0-d integer tensor) that fits flash-attn's C int."""
     if isinstance(value, torch.Tensor) and value.dim() == 0:  # transformers may pass a 0-d tensor
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int or a 0-d integer tensor, got {value!r}")
     value = int(value)
-    longest = max((b - a for a, b in zip(offsets, offsets[1:])), default=0)
-    if value < longest:
-        raise ValueError(f"{name} is {value} but the longest sequence has {longest} tokens")
+    if not 0 <= value <= INT32_MAX:
+        raise ArgumentError(f"{name} must be between 0 and 2**31 - 1 (flash-attn's int), got {value}")
     return value
 
 
+def longest(name: str, bound: int, offsets: list[int]) -> int:
+    """The longest sequence of `offsets`, checked against the caller's `bound` on it (max_seqlen_q or _k). Kernels
+    size their grids by this, never by the bound, so a loose bound costs nothing."""
+    found = max((b - a for a, b in zip(offsets, offsets[1:])), default=0)
+    if bound < found:
+        raise ArgumentError(f"{name} is {bound} but the longest sequence has {found} tokens")
+    return found
+
+
 def num_splits(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"num_splits must be an int >= 0 (0: chosen by the kernels), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"num_splits must be an int >= 0 (0: chosen by the kernels), got {value!r}")
+    if value < 0:
+        raise ArgumentError(f"num_splits must be an int >= 0 (0: chosen by the kernels), got {value!r}")
     return int(value)
 
 

@@ -198,8 +198,9 @@ def forward_launch(p: AttentionProblem, backend_name: str) -> ForwardLaunch:
     packed = packed_heads(p.max_seqlen_q, p.nheads, p.nheads_k, tiles.block_q)
     query_blocks = -(-p.max_seqlen_q * packed // tiles.block_q)
     head_groups = p.nheads // packed
-    splits = key_splits(query_blocks * head_groups * p.batch, -(-p.max_seqlen_k // tiles.block_k), gpu_cores(),
-                        p.num_splits)
+    threadgroups = query_blocks * head_groups * p.batch
+    splits = key_splits(threadgroups, -(-p.max_seqlen_k // tiles.block_k), gpu_cores(),
+                        p.num_splits) if threadgroups else 1  # no query rows: nothing to split
     spec = _spec(p, split_kv=splits > 1)
     lse_shape = (p.nheads, p.q.shape[0]) if p.is_varlen else (p.batch, p.nheads, p.q.shape[1])
     ints, floats = _launch_arguments(p, _contiguous_strides(p.q.shape), _contiguous_strides(lse_shape),

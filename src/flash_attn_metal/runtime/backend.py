@@ -8,7 +8,8 @@ at its storage offset (no strides: pass them as ints); a Python int binds a `con
 `constant float&`, a list of ints or of floats a `constant long*` / `constant float*` (pack many scalars into
 one list). `threads` is the grid in threads, `group_size` the threadgroup shape (1 to 3 dimensions each).
 Arguments pass through unchanged: the emulator checks every launch against the kernel's parameter types, and
-torch.mps raises on types it cannot bind, so this layer adds no per-call checks.
+torch.mps raises on types it cannot bind. This layer checks one thing for every backend: each dimension of
+the grid and threadgroup fits a uint32, as Metal's thread positions do (a larger one would wrap silently).
 
 `compile` keeps one library per source and backend in-process (tier 1 of the kernel cache); each
 implementation keeps its compiled artifacts on disk (tier 2) and calls `stats.record_compile()` for every
@@ -40,6 +41,8 @@ class Kernel:
         self.name = name
 
     def __call__(self, *args: Any, threads: Any = None, group_size: Any = None) -> None:
+        _check_dimensions(self.name, "threads", threads)
+        _check_dimensions(self.name, "group_size", group_size)
         self._fn(*args, threads=threads, group_size=group_size)
         record_launch(self.name)
 
@@ -47,6 +50,17 @@ class Kernel:
         if attr.startswith("_"):
             raise AttributeError(attr)
         return getattr(self._fn, attr)
+
+
+UINT32_MAX = 2**32 - 1  # Metal's thread_position_in_grid and threads_per_threadgroup are uint per dimension
+
+
+def _check_dimensions(kernel: str, what: str, dims: Any) -> None:
+    """Refuse a grid or threadgroup dimension that does not fit a uint32 (an int or a list of ints; None passes)."""
+    for size in (dims,) if isinstance(dims, int) else (dims or ()):
+        if isinstance(size, int) and not 0 <= size <= UINT32_MAX:
+            raise ValueError(f"kernel {kernel}: {what} {dims} has a dimension outside 0..{UINT32_MAX} (Metal's "
+                             "uint32 thread positions); the launch is too large for one dispatch")
 
 
 class Library:

@@ -5,8 +5,11 @@ Tier 2 (`DiskCache`) holds compiled artifacts (metallibs on a Mac, the emulator'
 in files under `cache_dir()/<namespace>/<key>` that outlive the process:
 
 - an entry is written to a temporary file and renamed into place, so no reader, in any process, sees half of it;
-- every entry starts with a header carrying the payload's length and SHA-256, so a truncated or corrupt
-  entry is detected, deleted, and reported as a miss: the caller rebuilds it;
+- every entry starts with a header carrying its key and the payload's length and SHA-256, so a truncated or
+  corrupt entry is detected, deleted, and reported as a miss: the caller rebuilds it; an intact entry filed
+  under another key (entries swapped or copied by hand) is rebuilt the same way, with a warning naming it;
+- only regular files are read: anything else in the directory (a FIFO, a socket, a folder) is skipped, never
+  opened for a blocking read;
 - an unwritable or full cache directory costs one warning per process, and the run goes on without storing;
 - each namespace is bounded: after a store, the least recently used entries (oldest mtime; a load touches
   its entry) are evicted until the namespace fits in `max_bytes`.
@@ -18,6 +21,7 @@ import hashlib
 import os
 import platform
 import re
+import stat
 import tempfile
 import threading
 import time
@@ -31,8 +35,12 @@ from ..stats import record_cache_hit
 T = TypeVar("T")
 
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
-_MAGIC = b"FAMC1\n"  # flash-attn-metal cache, entry format 1
-_HEADER = len(_MAGIC) + 8 + 32  # magic, payload length (8 bytes, little-endian), SHA-256 of the payload
+_MAGIC = b"FAMC2\n"  # flash-attn-metal cache, entry format 2: format 1 plus the entry's key
+_SUFFIX = ".v2"  # format 2 entries are files `<key>.v2`, so a process of an older version, sharing the directory,
+# never takes them for damaged entries of its own (and deletes them), nor we its
+_OLD_MAGICS = (b"FAMC1\n",)  # earlier formats: still entries (listed, evicted, cleared), never loaded
+_HEADER = len(_MAGIC) + 8 + 32  # magic, payload length (8 bytes, little-endian), SHA-256 of the key and payload
+_KEY_BYTES = 2  # then the key's length (2 bytes, little-endian), the key, and the payload
 _TMP_PREFIX = ".tmp-"
 _STALE_TMP_SECONDS = 3600  # a temporary file this old was left by a process that died mid-write
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -113,12 +121,15 @@ class DiskCache:
 
     def load(self, key: str) -> bytes | None:
         _check_name("key", key)
-        path = self.directory / key
-        try:
-            data = path.read_bytes()
-        except OSError:
+        path = self.directory / (key + _SUFFIX)
+        data = _read_regular(path)
+        if data is None:
             return None
-        payload = _unwrap(data)
+        payload, stored_key = _unwrap(data)
+        if payload is not None and stored_key != key:
+            warnings.warn(f"flash-attn-metal: the kernel cache entry {path} was stored under another key "
+                          f"({stored_key}; swapped or copied by hand?); rebuilding it", RuntimeWarning, stacklevel=2)
+            payload = None
         if payload is None:
             # Truncated or corrupt (a crash mid-write by a tool that skipped the rename, a bad disk): drop it so
             # the caller's rebuild replaces it. A rename by another process in between only costs that entry.
@@ -142,8 +153,8 @@ class DiskCache:
             directory.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=_TMP_PREFIX)
             with os.fdopen(fd, "wb") as f:
-                f.write(_wrap(payload))
-            os.replace(tmp, directory / key)
+                f.write(_wrap(key, payload))
+            os.replace(tmp, directory / (key + _SUFFIX))
             tmp = None
         except OSError as exc:  # each later store tries again: it costs little next to the compile before it
             _warn_once(f"flash-attn-metal: cannot write the kernel cache {directory} ({exc}); continuing "
@@ -155,8 +166,8 @@ class DiskCache:
         self._evict()
 
     def entries(self) -> list[Path]:
-        """This namespace's entry files: a key's name and our header (never a temporary file, never a file
-        someone else put there)."""
+        """This namespace's entry files: a key's name (with this format's suffix, or none for format 1) and our
+        header (never a temporary file, never a file someone else put there)."""
         try:
             listing = list(self.directory.iterdir())
         except OSError:
@@ -229,12 +240,26 @@ def _namespace_dirs(root: Path) -> list[Path]:
         return []
 
 
-def _has_magic(path: Path) -> bool:
+def _read_regular(path: Path, size: int = -1) -> bytes | None:
+    """The first `size` bytes (-1: all) of a regular file, or None for anything else or an unreadable path. The
+    open never blocks (O_NONBLOCK: a FIFO would wait for a writer) and the type is checked on the open file."""
     try:
-        with path.open("rb") as f:
-            return f.read(len(_MAGIC)) == _MAGIC
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
-        return False
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _has_magic(path: Path) -> bool:
+    return _read_regular(path, len(_MAGIC)) in (_MAGIC, *_OLD_MAGICS)
 
 
 def _check_name(what: str, name: str) -> None:
@@ -252,15 +277,23 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _wrap(payload: bytes) -> bytes:
-    return _MAGIC + len(payload).to_bytes(8, "little") + hashlib.sha256(payload).digest() + payload
+def _digest(name: bytes, payload: bytes) -> bytes:
+    return hashlib.sha256(len(name).to_bytes(_KEY_BYTES, "little") + name + payload).digest()
 
 
-def _unwrap(data: bytes) -> bytes | None:
-    if len(data) < _HEADER or not data.startswith(_MAGIC):
-        return None
+def _wrap(key: str, payload: bytes) -> bytes:
+    name = key.encode()
+    return (_MAGIC + len(payload).to_bytes(8, "little") + _digest(name, payload)
+            + len(name).to_bytes(_KEY_BYTES, "little") + name + payload)
+
+
+def _unwrap(data: bytes) -> tuple[bytes | None, str | None]:
+    """(payload, key) of an intact entry of this format, else (None, None)."""
+    if len(data) < _HEADER + _KEY_BYTES or not data.startswith(_MAGIC):
+        return None, None
     length = int.from_bytes(data[len(_MAGIC) : len(_MAGIC) + 8], "little")
-    payload = data[_HEADER:]
-    if len(payload) != length or hashlib.sha256(payload).digest() != data[len(_MAGIC) + 8 : _HEADER]:
-        return None
-    return payload
+    key_end = _HEADER + _KEY_BYTES + int.from_bytes(data[_HEADER : _HEADER + _KEY_BYTES], "little")
+    name, payload = data[_HEADER + _KEY_BYTES : key_end], data[key_end:]
+    if len(payload) != length or _digest(name, payload) != data[len(_MAGIC) + 8 : _HEADER]:
+        return None, None
+    return payload, name.decode(errors="replace")
