@@ -1,8 +1,7 @@
 """Edge cases an adversarial pass found (issue 17), each with its must-pass twin: sequence bounds no real call
 has, launches too large for Metal, windows beyond int64 or the sequence, rotary under such a window, empty
 queries over many key blocks, hugely negative scores, large-score gradients, and varlen rows past the last
-sequence. The kernels' side of the last one is being fixed in the kernel generator: those tests are strict
-xfails, and flip to passes when the fix lands.
+sequence.
 """
 
 from __future__ import annotations
@@ -24,9 +23,6 @@ from flash_attn_metal.problem import AttentionProblem
 from flash_attn_metal.reference import attention_ref
 from flash_attn_metal.runtime import backend as runtime_backend
 from naive import dense_attention
-
-KERNEL_FIX_PENDING = pytest.mark.xfail(strict=True, reason="kernel fix pending (lead)")
-
 
 @pytest.fixture(autouse=True)
 def emulator_strict(monkeypatch):
@@ -339,7 +335,6 @@ def test_the_reference_zeroes_rows_past_the_last_sequence(monkeypatch, name):
     check_past_the_end(name)
 
 
-@KERNEL_FIX_PENDING
 @pytest.mark.parametrize("name", list(PAST_THE_END))
 def test_the_kernels_zero_rows_past_the_last_sequence(name):
     check_past_the_end(name)

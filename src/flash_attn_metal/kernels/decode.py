@@ -185,7 +185,8 @@ def plan(p: AttentionProblem, backend: Backend) -> ForwardLaunch | None:
     unsplit, split, combine = _kernels(spec, backend)
     grid = [geo.row_blocks * geo.splits * THREADS, p.nheads_k, p.batch]
     if geo.splits == 1:
-        return ForwardLaunch([(unsplit, grid, [THREADS, 1, 1])], ints, floats, lse_shape)
+        return ForwardLaunch([(unsplit, grid, [THREADS, 1, 1])], ints, floats, lse_shape, p.is_varlen)
     steps = [(split, grid, [THREADS, 1, 1]), (combine, *decode_combine.combine_grid(p.max_seqlen_q, p.nheads, p.batch))]
-    return ForwardLaunch(steps, ints, floats, lse_shape, partial_rows=geo.splits * p.batch * p.nheads * p.max_seqlen_q,
+    return ForwardLaunch(steps, ints, floats, lse_shape, p.is_varlen,
+                         partial_rows=geo.splits * p.batch * p.nheads * p.max_seqlen_q,
                          partial_cols=spec.head_dim)

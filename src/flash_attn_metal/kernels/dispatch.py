@@ -208,9 +208,10 @@ def forward_launch(p: AttentionProblem, backend_name: str) -> ForwardLaunch:
     kernels = _forward_kernels(spec, _backend(p, backend_name))
     steps = [(kernels[0], [query_blocks * splits * tiles.threads, head_groups, p.batch], [tiles.threads, 1, 1])]
     if splits == 1:
-        return ForwardLaunch(steps, ints, floats, lse_shape)
+        return ForwardLaunch(steps, ints, floats, lse_shape, p.is_varlen)
     steps.append((kernels[1], *decode_combine.combine_grid(p.max_seqlen_q, p.nheads, p.batch)))
-    return ForwardLaunch(steps, ints, floats, lse_shape, partial_rows=splits * p.batch * p.nheads * p.max_seqlen_q,
+    return ForwardLaunch(steps, ints, floats, lse_shape, p.is_varlen,
+                         partial_rows=splits * p.batch * p.nheads * p.max_seqlen_q,
                          partial_cols=spec.head_dim)
 
 
@@ -238,7 +239,9 @@ def backward(p: AttentionProblem, out: torch.Tensor, stats: torch.Tensor, dout: 
     if vec != forward_spec.vec:
         forward_spec = dataclasses.replace(forward_spec, vec=vec)
     spec = _backward_spec(forward_spec)
-    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (p.q, p.k, p.v))
+    # A varlen call's rows past the last sequence get zero gradients: no threadgroup writes them.
+    allocate = torch.zeros if p.is_varlen else torch.empty
+    dq, dk, dv = (allocate(t.shape, dtype=t.dtype, device=t.device) for t in (p.q, p.k, p.v))
     row_sums = stats.new_empty(stats.shape[:-1])  # D = rowsum(dO * O)
     ints, floats = _launch_arguments(p, out.stride(), _contiguous_strides(row_sums.shape), packed_heads=1, splits=1)
     for t in (dout, dq, dk, dv):
