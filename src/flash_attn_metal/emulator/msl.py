@@ -404,7 +404,7 @@ class _Reader:
             return "namespace", "::".join(names) or None
         if texts[:1] == ["extern"] and len(texts) == 2:
             return "namespace", None
-        rest = _after_templates_and_attributes(texts)
+        rest = after_templates_and_attributes(texts)
         if rest[:1] == ["typedef"]:
             rest = rest[1:]
         if rest[:1] and rest[0] in _RECORD_KEYS:
@@ -605,7 +605,7 @@ class _Reader:
         return Instantiation(host_name, kernel, args, start, end, tokens[start].line)
 
 
-def _after_templates_and_attributes(texts: list[str]) -> list[str]:
+def after_templates_and_attributes(texts: list[str]) -> list[str]:
     """`texts` without its leading `template <...>` headers and `[[...]]` attributes."""
     k = 0
     while k < len(texts):

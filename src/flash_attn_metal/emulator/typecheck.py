@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import Diagnostic, MSLCompileError
-from .msl import STDLIB_HEADERS
+from .msl import STDLIB_HEADERS, after_templates_and_attributes
 
 SHIM_PATH = Path(__file__).parent / "include" / "metal_typecheck.h"
 INCLUDE_DIR = "/metal-typecheck/include"  # never on disk: clang gets every file under it from memory
@@ -690,7 +690,7 @@ def _classify(prefix: list[str]) -> _Scope:
     """The scope a `{` at namespace or record scope opens, from the declaration before it."""
     if "namespace" in prefix[:2] or (prefix[:1] == ["extern"] and len(prefix) == 2):
         return _Scope("namespace")
-    rest = _after_templates_and_attributes(prefix)
+    rest = after_templates_and_attributes(prefix)
     if rest[:1] == ["typedef"]:
         rest = rest[1:]
     if rest[:1] and rest[0] in ("struct", "class", "union", "enum"):
@@ -708,29 +708,6 @@ def _classify(prefix: list[str]) -> _Scope:
     if rest[-1] in _FUNCTION_BODY_AFTER or "->" in top:
         return _Scope("function", kernel="kernel" in prefix)
     return _Scope("other")  # a member initializer's braces
-
-
-def _after_templates_and_attributes(texts: list[str]) -> list[str]:
-    """`texts` without its leading `template <...>` headers and `[[...]]` attributes."""
-    k = 0
-    while k < len(texts):
-        if texts[k] == "template" and texts[k + 1:k + 2] == ["<"]:
-            angle, k = 0, k + 1
-            while k < len(texts):
-                angle += {"<": 1, ">": -1, ">>": -2}.get(texts[k], 0)
-                k += 1
-                if angle <= 0:
-                    break
-        elif texts[k] == "[" and texts[k + 1:k + 2] == ["["]:
-            depth = 0
-            while k < len(texts):
-                depth += {"[": 1, "]": -1}.get(texts[k], 0)
-                k += 1
-                if depth == 0:
-                    break
-        else:
-            break
-    return texts[k:]
 
 
 # ---------------------------------------------------------------------------------------------------------
