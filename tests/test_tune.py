@@ -194,7 +194,8 @@ def test_cli_dry_run_lists_the_candidates_and_runs_nothing(capsys, emulator_tabl
     out = capsys.readouterr().out
     first = forward_tiles(FAMILY, "half", 64)
     assert f"forward/apple10/half/d64/causal: [{tune.describe_tiles(first)}] (built-in)" in out
-    assert "dq/apple10/half/d64/causal:" in out and "dkdv/apple10/half/d64/causal:" in out and "3 keys" in out
+    assert "dq/apple10/half/d64/causal:" in out and "dkdv/apple10/half/d64/causal:" in out
+    assert "decode/apple10/half/d64/causal: [rows=16] (built-in)" in out and "4 keys" in out
     assert not emulator_table.exists()
 
 
@@ -229,13 +230,41 @@ class SplitTiles:  # a kernel family's own tile type
 
 def test_a_kernel_family_registers_its_own_tile_type(monkeypatch, emulator_table):
     monkeypatch.setattr(tuning, "KINDS", dict(tuning.KINDS))  # registrations undone after the test
-    tuning.register("decode", SplitTiles, lambda family, dtype, d: [SplitTiles(1), SplitTiles(4), SplitTiles(8, 16)])
-    key = tuning.entry_key("decode", FAMILY, "half", 128, True)
+    tuning.register("example", SplitTiles, lambda family, dtype, d: [SplitTiles(1), SplitTiles(4), SplitTiles(8, 16)])
+    key = tuning.entry_key("example", FAMILY, "half", 128, True)
     tuning.store({key: SplitTiles(8, 16)})
     assert json.loads(emulator_table.read_text())["winners"][key]["tiles"] == {"splits": 8, "rows": 16}
-    assert tuning.current("decode", FAMILY, "half", 128, True) == SplitTiles(8, 16)
-    monkeypatch.delitem(tuning.KINDS, "decode")  # a process that has not registered the family ignores its entries
+    assert tuning.current("example", FAMILY, "half", 128, True) == SplitTiles(8, 16)
+    monkeypatch.delitem(tuning.KINDS, "example")  # a process that has not registered the family ignores its entries
     tuning._changed(emulator_table)
-    assert tuning.current("decode", FAMILY, "half", 128, True) is None and tuning.stored() == {}
+    assert tuning.current("example", FAMILY, "half", 128, True) is None and tuning.stored() == {}
 
 
+
+
+DECODE_ROWS_RE = re.compile(r"attention_decode_\w+?_r(\d+)")
+
+
+def decode_rows(step) -> set[int]:
+    """The rows-per-SIMD-group of every decode kernel one run of `step` launched."""
+    flash_attn_metal.reset_stats()
+    step()
+    return {int(m.group(1)) for name in flash_attn_metal.stats()["launches"] if (m := DECODE_ROWS_RE.match(name))}
+
+
+def test_decode_rows_are_tuned_checked_and_used(emulator_table):
+    from flash_attn_metal.kernels.decode_kernel import DecodeTiles, tile_candidates
+
+    assert [t.rows for t in tile_candidates(FAMILY, "half", 64)] == [16, 8, 4]  # the budget's choice first
+    assert [t.rows for t in tile_candidates(FAMILY, "half", 256)] == [4]  # 8 rows of d=256 overflow the budget
+    q = torch.randn(2, 4, 8, 64, dtype=torch.float16)
+    k, v = (torch.randn(2, 90, 2, 64, dtype=torch.float16) for _ in range(2))
+    run = lambda: flash_attn_metal.flash_attn_func(q, k, v, causal=True)  # noqa: E731
+    assert decode_rows(run) == {16}  # the register budget's choice
+    timer = lambda step: 1e-3 if decode_rows(step) == {4} else 2e-3  # noqa: E731
+    (outcome,) = tune.run([("decode", "half", 64, True)], FAMILY, "cpu", timer, lambda *a: None)
+    assert [t.tiles for t in outcome.trials] == tile_candidates(FAMILY, "half", 64)
+    assert all(t.error is None for t in outcome.trials)  # every choice verified against the reference
+    assert outcome.winner.tiles == DecodeTiles(4)
+    assert decode_rows(run) == {4}  # the stored winner is used
+    assert decode_rows(lambda: flash_attn_metal.flash_attn_func(q, k, v)) == {16}  # not for unmasked calls

@@ -16,6 +16,7 @@ does) so that a fallback to the reference fails the check instead of passing it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -165,10 +166,11 @@ def _problem(q, k, v, causal: bool) -> AttentionProblem:
                             window_right=0 if causal else -1, softcap=0.0, alibi_slopes=None, dropout_p=0.0)
 
 
-def _forward_workload(device: str, dtype: str, head_dim: int, causal: bool) -> Workload:
+def _forward_workload(device: str, dtype: str, head_dim: int, causal: bool, check_shape: dict = CHECK_SHAPE,
+                      timed_shapes: dict = TIMED_SHAPE) -> Workload:
     from . import flash_attn_func
 
-    q, k, v = _inputs(device, dtype, head_dim, CHECK_SHAPE, grad=False)
+    q, k, v = _inputs(device, dtype, head_dim, check_shape, grad=False)
     exact, low = references(_problem(q, k, v, causal))
 
     def check() -> str | None:
@@ -178,7 +180,7 @@ def _forward_workload(device: str, dtype: str, head_dim: int, causal: bool) -> W
         return "; ".join(map(str, failed)) or None
 
     def make_step() -> Callable[[], object]:
-        tq, tk, tv = _inputs(device, dtype, head_dim, TIMED_SHAPE[device], grad=False, seed=1)
+        tq, tk, tv = _inputs(device, dtype, head_dim, timed_shapes[device], grad=False, seed=1)
         return lambda: flash_attn_func(tq, tk, tv, causal=causal)
 
     return Workload(check, make_step)
@@ -211,3 +213,13 @@ register(KernelKind("forward", _forward_workload, overrides=("forward",)))
 # and both are checked and timed through a whole backward.
 register(KernelKind("dq", _backward_workload, overrides=("dq",)))
 register(KernelKind("dkdv", _backward_workload, overrides=("dkdv",)))
+
+
+# ---- the decode kernels (kernels/decode_kernel.py): a forward of at most 8 query rows, no gradient ----
+
+# 4 query rows x 4 query heads per K/V head pack 16 rows: every rows-per-SIMD-group choice splits them differently
+DECODE_CHECK_SHAPE = dict(batch=2, seqlen_q=4, seqlen_k=250, heads=8, heads_k=2)
+DECODE_TIMED_SHAPE = {"mps": dict(batch=8, seqlen_q=1, seqlen_k=8192, heads=32, heads_k=8),  # GQA serving step
+                      "cpu": DECODE_CHECK_SHAPE}
+register(KernelKind("decode", functools.partial(_forward_workload, check_shape=DECODE_CHECK_SHAPE,
+                                                timed_shapes=DECODE_TIMED_SHAPE), overrides=("decode",)))

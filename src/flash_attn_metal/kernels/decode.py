@@ -18,9 +18,9 @@ import torch
 
 from ..problem import AttentionProblem
 from ..runtime.backend import Backend, Kernel
-from ..runtime.device import gpu_cores
-from . import decode_combine
-from .decode_kernel import FLOAT_ARGS, INT_ARGS, SIMDGROUPS, THREADS, DecodeSpec, decode_source, widest_vec
+from ..runtime.device import gpu_cores, gpu_family
+from . import decode_combine, decode_kernel, tuning
+from .decode_kernel import FLOAT_ARGS, INT_ARGS, SIMDGROUPS, THREADS, DecodeSpec, DecodeTiles, decode_source, widest_vec
 from .launch import ForwardLaunch
 from .spec import MSL_TYPES, padded_head_dim
 from .tiles import DTYPE_BYTES
@@ -30,6 +30,8 @@ THREADGROUPS_PER_CORE = 4  # what an auto split aims for: 1,024 resident threads
 PARTIAL_SHARE = 1 / 32  # an auto split keeps its partial outputs (written and read back) under this share of K/V
 MAX_SPLITS = decode_combine.MAX_SPLITS
 INT32_LIMIT = 2**31 - 1  # in-loop offsets are `int`
+
+tuning.register("decode", DecodeTiles, decode_kernel.tile_candidates)
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,9 @@ def spec_for(p: AttentionProblem) -> DecodeSpec:
 @functools.lru_cache(maxsize=1024)
 def _cached_spec(dtype: str, head_dim: int, vec: int, varlen: bool, masked: bool, softcap: bool, alibi: bool,
                  kv_cache: str, sinks: bool) -> DecodeSpec:
-    return DecodeSpec(dtype, head_dim, vec, varlen, masked, softcap, alibi, kv_cache, sinks)
+    """Cached until the tuned table or a tuning trial changes (kernels/dispatch.forget_tiles clears it)."""
+    tiles = tuning.current("decode", gpu_family(), dtype, head_dim, masked)
+    return DecodeSpec(dtype, head_dim, vec, varlen, masked, softcap, alibi, kv_cache, sinks, tiles)
 
 
 def load_width(p: AttentionProblem, head_dim: int) -> int:

@@ -59,6 +59,21 @@ FLOAT_ARGS = ("SCORE_SCALE", "SOFTCAP_LOG2")
 
 
 @dataclass(frozen=True)
+class DecodeTiles:
+    """The decode kernels' tunable choice (`python -m flash_attn_metal tune`, kind "decode")."""
+
+    rows: int  # (query row, head) pairs per SIMD group, one of ROW_CHOICES
+
+
+def tile_candidates(family: str, dtype: str, head_dim: int) -> list[DecodeTiles]:
+    """Every rows-per-SIMD-group choice within the register budget at this padded head dim (a masked dense-cache
+    decode, the common case), the budget's own choice first."""
+    spec = DecodeSpec.for_call(dtype, head_dim, masked=True, kv_cache="dense")
+    fitting = [DecodeTiles(r) for r in ROW_CHOICES if registers_per_thread(spec, r) <= REGISTER_BUDGET]
+    return fitting[:1] + sorted(fitting[1:], key=lambda t: -t.rows)
+
+
+@dataclass(frozen=True)
 class DecodeSpec:
     """Everything that changes a decode kernel's source; lengths, strides, windows and scales are run-time."""
 
@@ -71,6 +86,7 @@ class DecodeSpec:
     alibi: bool
     kv_cache: str = ""  # one of spec.KV_CACHES
     sinks: bool = False  # per-head sink logits join each row's softmax denominator (the combine's, when split)
+    tiles: DecodeTiles | None = None  # a tuned choice (kernels/tuning.py); None: the register budget's
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHES or (self.kv_cache and self.varlen):
@@ -92,7 +108,10 @@ class DecodeSpec:
 
     @functools.cached_property
     def rows(self) -> int:
-        """(query row, head) pairs per SIMD group: the most whose registers stay within REGISTER_BUDGET."""
+        """(query row, head) pairs per SIMD group: the tuned choice, else the most whose registers stay within
+        REGISTER_BUDGET."""
+        if self.tiles is not None:
+            return self.tiles.rows
         return next(r for r in ROW_CHOICES if registers_per_thread(self, r) <= REGISTER_BUDGET)
 
     @property
@@ -175,7 +194,7 @@ constant int HEAD_DIM = {spec.head_dim};  // padded to a multiple of 8: the part
 constant int VEC = {spec.vec};  // elements per load; every row offset of the call is a multiple of VEC
 constant int CHUNKS = {spec.chunks};  // loads per row and lane: lane l holds columns c * LANE_SPAN + l * VEC + 0..VEC-1
 constant int LANE_SPAN = {SIMD_WIDTH * spec.vec};  // columns the 32 lanes cover with one load each
-constant int ROWS = {spec.rows};  // (query row, head) pairs per SIMD group: the most that fit {REGISTER_BUDGET} registers
+constant int ROWS = {spec.rows};  // (query row, head) pairs per SIMD group: {"tuned on this machine" if spec.tiles else f"the most that fit {REGISTER_BUDGET} registers"}
 constant int REDUCE = {REDUCE};  // rows reduced by one simd_sum (a float4)
 constant int SIMDGROUPS = {SIMDGROUPS};
 constant float FINITE_MIN = {decode_combine.FINITE_MIN};  // -FLT_MAX: "no score yet"; exp2 of it minus any score is 0

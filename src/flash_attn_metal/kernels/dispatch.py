@@ -76,6 +76,7 @@ def forget_tiles() -> None:
     from .. import fastpath
 
     _cached_spec.cache_clear()
+    decode._cached_spec.cache_clear()
     _backward_spec.cache_clear()
     fastpath.clear()
 

@@ -6,7 +6,8 @@ the tuner times its candidates under.
     describe() -> str                   which table is in force (for `info`)
     store(winners, ...) / table_path()  what the tuner writes, and where
     register(kind, tiles_type, candidates)   a kernel family's tile type and candidates (forward, dq and dkdv
-                                             are registered here; `tune.py` registers how to check and time one)
+                                             are registered here, decode in decode.py; `tune.py` registers how
+                                             to check and time one)
 
 One JSON file per machine under `cache_dir()/tuning/`, named after the chip (or "emulator" off a Mac), the OS
 version and the package version: a new macOS (a new Metal compiler) or a new package (new kernels) starts from
