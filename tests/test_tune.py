@@ -253,7 +253,8 @@ def decode_rows(step) -> set[int]:
 
 
 def test_decode_rows_are_tuned_checked_and_used(emulator_table):
-    from flash_attn_metal.kernels.decode_kernel import DecodeTiles, tile_candidates
+    from flash_attn_metal.kernels.decode_kernel import tile_candidates
+    from flash_attn_metal.kernels.tiles import DecodeTiles
 
     assert [t.rows for t in tile_candidates(FAMILY, "half", 64)] == [16, 8, 4]  # the budget's choice first
     assert [t.rows for t in tile_candidates(FAMILY, "half", 256)] == [4]  # 8 rows of d=256 overflow the budget
@@ -268,3 +269,18 @@ def test_decode_rows_are_tuned_checked_and_used(emulator_table):
     assert outcome.winner.tiles == DecodeTiles(4)
     assert decode_rows(run) == {4}  # the stored winner is used
     assert decode_rows(lambda: flash_attn_metal.flash_attn_func(q, k, v)) == {16}  # not for unmasked calls
+
+
+def test_a_fresh_process_lists_every_kind_before_any_kernel_module_is_imported():
+    """Each kind's tiles are known to `kernels/tuning.py` itself, not only once a kernel module has been imported."""
+    import subprocess
+    import sys
+
+    run = lambda *kinds: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "flash_attn_metal", "tune", "--dry-run", "--head-dims", "256", "--dtypes", "fp16",
+         "--causal", "no", "--kinds", *kinds], capture_output=True, text=True, timeout=120)
+    listed = run("forward", "decode")
+    assert listed.returncode == 0, listed.stderr
+    assert "decode/apple10/half/d256/full: [rows=4] (built-in)" in listed.stdout
+    refused = run("decoder")
+    assert refused.returncode == 2 and "--kinds" in refused.stderr

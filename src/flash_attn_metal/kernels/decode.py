@@ -19,8 +19,8 @@ import torch
 from ..problem import AttentionProblem
 from ..runtime.backend import Backend, Kernel
 from ..runtime.device import gpu_cores, gpu_family
-from . import decode_combine, decode_kernel, tuning
-from .decode_kernel import FLOAT_ARGS, INT_ARGS, SIMDGROUPS, THREADS, DecodeSpec, DecodeTiles, decode_source, widest_vec
+from . import decode_combine, tuning
+from .decode_kernel import FLOAT_ARGS, INT_ARGS, SIMDGROUPS, THREADS, DecodeSpec, decode_source, widest_vec
 from .launch import ForwardLaunch
 from .spec import MSL_TYPES, padded_head_dim
 from .tiles import DTYPE_BYTES
@@ -30,8 +30,6 @@ THREADGROUPS_PER_CORE = 4  # what an auto split aims for: 1,024 resident threads
 PARTIAL_SHARE = 1 / 32  # an auto split keeps its partial outputs (written and read back) under this share of K/V
 MAX_SPLITS = decode_combine.MAX_SPLITS
 INT32_LIMIT = 2**31 - 1  # in-loop offsets are `int`
-
-tuning.register("decode", DecodeTiles, decode_kernel.tile_candidates)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from . import decode_combine
 from .msl import SIDE_BUFFERS, SINK_HELPERS, parameter_list, side_buffer_names
 from .spec import KV_CACHES, padded_head_dim
+from .tiles import DecodeTiles
 
 SIMD_WIDTH = 32
 SIMDGROUPS = 8  # per threadgroup; 256 threads keep any register budget within Metal's per-threadgroup limit
@@ -56,13 +57,6 @@ INT_ARGS = (
 # kernels, so the backward recomputes the same scores from the LSE;
 # SOFTCAP_LOG2 = softcap * log2(e) multiplies the tanh.
 FLOAT_ARGS = ("SCORE_SCALE", "SOFTCAP_LOG2")
-
-
-@dataclass(frozen=True)
-class DecodeTiles:
-    """The decode kernels' tunable choice (`python -m flash_attn_metal tune`, kind "decode")."""
-
-    rows: int  # (query row, head) pairs per SIMD group, one of ROW_CHOICES
 
 
 def tile_candidates(family: str, dtype: str, head_dim: int) -> list[DecodeTiles]:

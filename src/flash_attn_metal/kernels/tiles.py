@@ -59,6 +59,13 @@ class Tiles:
         return self.simdgroups * SIMD_WIDTH
 
 
+@dataclass(frozen=True)
+class DecodeTiles:
+    """The decode kernels' tunable choice (decode_kernel.py): the block tiles above do not apply to them."""
+
+    rows: int  # (query row, head) pairs per SIMD group, one of decode_kernel.ROW_CHOICES
+
+
 def row_stride(cols: int, dtype: str) -> int:
     """Elements between the rows of a padded threadgroup tile with `cols` columns."""
     return cols + ROW_PAD_BYTES // DTYPE_BYTES[dtype]

@@ -5,9 +5,9 @@ the tuner times its candidates under.
         inside `trying(...)` the trial's tiles; else this machine's stored winner; else None (the built-in table)
     describe() -> str                   which table is in force (for `info`)
     store(winners, ...) / table_path()  what the tuner writes, and where
-    register(kind, tiles_type, candidates)   a kernel family's tile type and candidates (forward, dq and dkdv
-                                             are registered here, decode in decode.py; `tune.py` registers how
-                                             to check and time one)
+    register(kind, tiles_type, candidates)   a kernel family's tile type and candidates (forward, dq, dkdv and
+                                             decode are registered here; `tune.py` registers how to check and
+                                             time one)
 
 One JSON file per machine under `cache_dir()/tuning/`, named after the chip (or "emulator" off a Mac), the OS
 version and the package version: a new macOS (a new Metal compiler) or a new package (new kernels) starts from
@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from .._version import __version__
 from ..runtime.cache import cache_dir
-from .tiles import KERNEL_KINDS, Tiles, candidates
+from .tiles import KERNEL_KINDS, DecodeTiles, Tiles, candidates
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,14 @@ class TunedKind:
     candidates: Callable[[str, str, int], list[Any]]  # (family, MSL dtype, head dim) -> tiles, the built-in first
 
 
+def _decode_candidates(family: str, dtype: str, head_dim: int) -> list[DecodeTiles]:
+    from .decode_kernel import tile_candidates  # decode_kernel imports spec, which imports this module
+
+    return tile_candidates(family, dtype, head_dim)
+
+
 KINDS: dict[str, TunedKind] = {kind: TunedKind(Tiles, functools.partial(candidates, kind)) for kind in KERNEL_KINDS}
+KINDS["decode"] = TunedKind(DecodeTiles, _decode_candidates)
 
 
 def register(kind: str, tiles_type: type, candidates: Callable[[str, str, int], list[Any]]) -> None:
