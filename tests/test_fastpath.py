@@ -11,7 +11,7 @@ import torch
 
 import flash_attn_metal
 from flash_attn_metal import fastpath, flash_attn_func, flash_attn_qkvpacked_func, interface
-from flash_attn_metal.kernels import dispatch
+from flash_attn_metal.kernels import launch
 
 
 @pytest.fixture(autouse=True)
@@ -164,6 +164,6 @@ def test_the_number_of_remembered_signatures_is_bounded(monkeypatch, full_path_r
 
 @pytest.mark.parametrize("shape", [(2, 5, 4, 16), (1, 1, 1, 8), (3, 0, 2, 8), (4, 7)])
 def test_contiguous_strides_match_torch(shape):
-    assert dispatch._contiguous_strides(shape) == torch.empty(shape).stride()
+    assert launch.contiguous_strides(shape) == torch.empty(shape).stride()
     if all(shape):
-        assert dispatch._contiguous_strides(shape) != torch.empty(shape).transpose(0, -1).stride()
+        assert launch.contiguous_strides(shape) != torch.empty(shape).transpose(0, -1).stride()

@@ -59,6 +59,11 @@ def test_report_covers_every_configuration_and_its_targets_hold():
                kernel="forward")
     missed = report.missed_targets([bad])
     assert len(missed) == 3 and "registers_per_thread 200" in missed[0]
+    decode = next(r for r in records if r["kernel"] == "decode")
+    traffic = decode["decode_traffic"][0]
+    heavy = dict(decode, decode_traffic=[dict(traffic, bytes_per_token=2 * traffic["io_bound_bytes_per_token"])])
+    (missed,) = report.missed_targets([heavy])
+    assert f"{traffic['cache_rows']} cache rows move" in missed
     assert "targets: all met" in report.format_report()
     assert json.loads(report.format_json())[0]["kernel"] == "forward"
 

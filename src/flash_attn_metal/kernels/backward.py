@@ -28,7 +28,6 @@ from .msl import (
     kernel_attribute,
     mask_declaration,
     parameter_list,
-    side_buffer_names,
 )
 from .spec import BackwardSpec
 from .tiles import Tiles, row_stride, threadgroup_bytes
@@ -48,7 +47,7 @@ def kernel_names(spec: BackwardSpec) -> tuple[str, ...]:
 
 
 def buffer_names(spec: BackwardSpec) -> list[str]:
-    return ["Q", "K", "V", "O", "dO", "STATS", "D", "dQ", "dK", "dV", "ints", "floats", *side_buffer_names(spec.forward)]
+    return ["Q", "K", "V", "O", "dO", "STATS", "D", "dQ", "dK", "dV", "ints", "floats", *spec.forward.side_buffers]
 
 
 def backward_source(spec: BackwardSpec) -> str:

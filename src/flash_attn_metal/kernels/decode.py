@@ -21,14 +21,12 @@ from ..runtime.backend import Backend, Kernel
 from ..runtime.device import gpu_cores, gpu_family
 from . import decode_combine, tuning
 from .decode_kernel import FLOAT_ARGS, INT_ARGS, SIMDGROUPS, THREADS, DecodeSpec, decode_source, widest_vec
-from .launch import ForwardLaunch
-from .spec import MSL_TYPES, padded_head_dim
-from .tiles import DTYPE_BYTES
+from .launch import ForwardLaunch, contiguous_strides, score_floats, sequence_ints, windows
+from .spec import cache_kind, msl_type, padded_head_dim
+from .tiles import DTYPE_BYTES, MAX_SPLITS, THREADGROUPS_PER_CORE
 
 MAX_QUERY_ROWS = 8  # query rows per sequence that take the vector path (MLX's sdpa_vector: the same 8)
-THREADGROUPS_PER_CORE = 4  # what an auto split aims for: 1,024 resident threads per GPU core
 PARTIAL_SHARE = 1 / 32  # an auto split keeps its partial outputs (written and read back) under this share of K/V
-MAX_SPLITS = decode_combine.MAX_SPLITS
 INT32_LIMIT = 2**31 - 1  # in-loop offsets are `int`
 
 
@@ -36,7 +34,6 @@ INT32_LIMIT = 2**31 - 1  # in-loop offsets are `int`
 class Geometry:
     """How a call's rows and keys spread over threadgroups and SIMD groups."""
 
-    packed_rows: int  # (query row, head) pairs per sequence and K/V head: max_seqlen_q x query heads per K/V head
     row_groups: int  # SIMD groups of a threadgroup that split its rows
     row_blocks: int  # threadgroups (per split) that split the packed rows; each reads the K/V head's keys
     splits: int  # key splits per row block
@@ -53,7 +50,7 @@ def geometry(spec: DecodeSpec, batch: int, max_seqlen_q: int, nheads: int, nhead
     row_blocks = -(-packed // (spec.rows * row_groups))
     splits = key_splits(batch * nheads_k * row_blocks, max_seqlen_k, min(packed, spec.rows * row_groups), spec,
                         cores, requested_splits)
-    return Geometry(packed, row_groups, row_blocks, splits)
+    return Geometry(row_groups, row_blocks, splits)
 
 
 def key_splits(threadgroups: int, max_seqlen_k: int, rows: int, spec: DecodeSpec, cores: int, requested: int = 0) -> int:
@@ -76,11 +73,10 @@ def min_split_keys(rows: int, spec: DecodeSpec) -> int:
 
 def spec_for(p: AttentionProblem) -> DecodeSpec:
     """The decode kernel a call runs: its dtype, padded head dim, load width and features."""
-    left, right = _windows(p)
-    cache = "" if p.kv_cache is None else "paged" if p.kv_cache.paged else "dense"
+    left, right = windows(p)
     d = padded_head_dim(p.head_dim)
-    return _cached_spec(MSL_TYPES[str(p.q.dtype).removeprefix("torch.")], d, load_width(p, d), p.is_varlen,
-                        left >= 0 or right >= 0, p.softcap > 0, p.alibi_slopes is not None, cache, p.sinks is not None)
+    return _cached_spec(msl_type(p.q.dtype), d, load_width(p, d), p.is_varlen, left >= 0 or right >= 0,
+                        p.softcap > 0, p.alibi_slopes is not None, cache_kind(p), p.sinks is not None)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -119,44 +115,10 @@ def _offsets_fit(p: AttentionProblem) -> bool:
     return all(in_loop_span(tuple(t.shape), t.stride(), rows, paged) <= INT32_LIMIT for t in (p.k, p.v))
 
 
-def _windows(p: AttentionProblem) -> tuple[int, int]:
-    """The mask's windows, -1 where unbounded: a side at least max_seqlen_k + max_seqlen_q long lets every row
-    see every key (and keeps the kernel's `int` arithmetic in range)."""
-    reach = p.max_seqlen_k + p.max_seqlen_q
-    return tuple(-1 if w < 0 or w >= reach else w for w in (p.window_left, p.window_right))  # type: ignore[return-value]
-
-
-def _strides(t: torch.Tensor, varlen: bool) -> list[int]:
-    """(batch, row, head) element strides; varlen tensors have no batch dimension. A kv cache's "batch" is its
-    slot or block."""
-    s = t.stride()
-    return [0, s[0], s[1]] if varlen else [s[0], s[1], s[2]]
-
-
-def _contiguous(shape: tuple[int, ...]) -> list[int]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return strides[::-1]
-
-
 def _launch_arguments(p: AttentionProblem, geo: Geometry, lse_shape: tuple[int, ...]) -> tuple[list[int], list[float]]:
-    varlen = p.is_varlen
-    out = _contiguous(tuple(p.q.shape))
-    lse = _contiguous(lse_shape)
-    alibi = p.alibi_slopes
-    paged = p.kv_cache is not None and p.kv_cache.paged
-    ints = [
-        0 if varlen else p.q.shape[1], 0 if varlen else p.k.shape[1], p.head_dim, p.nheads // p.nheads_k,
-        *_strides(p.q, varlen), *_strides(p.k, varlen), *_strides(p.v, varlen),
-        *([0, *out[:2]] if varlen else out[:3]), *([0, lse[0]] if varlen else lse[:2]),
-        *_windows(p), alibi.shape[-1] if alibi is not None and alibi.dim() == 2 else 0,
-        p.k.shape[1] if paged else 0, p.kv_cache.block_table.shape[1] if paged else 0,
-        geo.row_groups, geo.splits, p.nheads, p.max_seqlen_q, p.batch * p.nheads * p.max_seqlen_q,
-    ]
-    log2e = math.log2(math.e)
-    floats = [p.softmax_scale / p.softcap if p.softcap > 0 else p.softmax_scale * log2e, p.softcap * log2e]
+    ints = [*sequence_ints(p, contiguous_strides(p.q.shape), contiguous_strides(lse_shape)),
+            geo.row_groups, geo.splits, p.nheads, p.max_seqlen_q, p.batch * p.nheads * p.max_seqlen_q]
+    floats = score_floats(p)
     assert len(ints) == len(INT_ARGS) and len(floats) == len(FLOAT_ARGS)
     return ints, floats
 

@@ -17,24 +17,22 @@ nor read. The combine computes, per (query row, head, sequence):
     top = max_s LSE_s,  w_s = exp2(LSE_s - top),  out = sum_s w_s O_s / sum_s w_s,  lse = (top + log2 sum_s w_s) ln 2
 
 and a row whose splits all saw nothing gets out = 0 and lse = +inf. One SIMD group serves a row: lane s holds
-split s's LSE (so at most MAX_SPLITS splits), the maximum and the weights' sum are SIMD reductions, and the lanes
+split s's LSE (so at most tiles.MAX_SPLITS splits), the maximum and the weights' sum are SIMD reductions, and the lanes
 walk the head dim (lane l accumulates columns l, l + 32, ...) while the splits are read one after the other.
 """
 
 from __future__ import annotations
 
-SIMD_WIDTH = 32
-# -FLT_MAX spelled with MSL's MAXFLOAT (the same value), which the emulator defines today and FLT_MAX not yet:
-# the sentinel of "no score yet" and of a split that saw no key.
-FINITE_MIN = "-MAXFLOAT"
-MAX_SPLITS = SIMD_WIDTH  # one split per lane
+from .tiles import SIMD_WIDTH
+
+# The sentinel of "no score yet" and of a split that saw no key, below every finite score (every kernel's MASKED).
+FINITE_MIN = "-FLT_MAX"
 HEADS_PER_GROUP = 4  # SIMD groups (heads of one query row) per threadgroup
 THREADS = HEADS_PER_GROUP * SIMD_WIDTH
 
 # What the source around `combine_kernel` defines: `input_t`, `constant int HEAD_DIM`, and these names of the
-# kernel's `ints` buffer (an enum), besides the `locate` code's own.
-REQUIRED_INT_ARGS = ("HEAD_DIM_REAL", "O_ROW", "O_HEAD", "LSE_HEAD", "NUM_SPLITS", "NHEADS", "MAX_SEQLEN_Q",
-                     "SPLIT_STRIDE")
+# kernel's `ints` buffer (an enum), besides the `locate` code's own: HEAD_DIM_REAL, O_ROW, O_HEAD, LSE_HEAD,
+# NUM_SPLITS, NHEADS, MAX_SEQLEN_Q and SPLIT_STRIDE.
 
 
 def combine_kernel(name: str, params: str, locate: str, head_dim: int, sinks: bool = False) -> str:

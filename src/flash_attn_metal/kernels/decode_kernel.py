@@ -26,11 +26,11 @@ import re
 from dataclasses import dataclass
 
 from . import decode_combine
-from .msl import SIDE_BUFFERS, SINK_HELPERS, parameter_list, side_buffer_names
-from .spec import KV_CACHES, padded_head_dim
-from .tiles import DecodeTiles
+from .launch import SCORE_FLOAT_ARGS, SEQUENCE_INT_ARGS
+from .msl import SIDE_BUFFERS, SINK_HELPERS, locate_sequence, parameter_list
+from .spec import KV_CACHES, padded_head_dim, side_buffer_names
+from .tiles import SIMD_WIDTH, DecodeTiles
 
-SIMD_WIDTH = 32
 SIMDGROUPS = 8  # per threadgroup; 256 threads keep any register budget within Metal's per-threadgroup limit
 THREADS = SIMDGROUPS * SIMD_WIDTH
 REDUCE = 4  # rows whose scores one simd_sum reduces (a float4)
@@ -44,19 +44,12 @@ MASKED_SCALARS = 5  # rows' common key range (2), window left and right, the dia
 INT64_TYPES = re.compile(r"\b(long|ulong|int64_t|uint64_t|size_t|ptrdiff_t)\b")
 
 # Run-time integer arguments, in the order decode.plan packs them into the `ints` buffer.
-INT_ARGS = (
-    "SEQLEN_Q", "SEQLEN_K", "HEAD_DIM_REAL", "KV_GROUP",
-    "Q_BATCH", "Q_ROW", "Q_HEAD", "K_BATCH", "K_ROW", "K_HEAD", "V_BATCH", "V_ROW", "V_HEAD",
-    "O_BATCH", "O_ROW", "O_HEAD", "LSE_BATCH", "LSE_HEAD", "WINDOW_LEFT", "WINDOW_RIGHT", "ALIBI_BATCH",
-    "PAGE_SIZE", "TABLE_STRIDE",  # paged kv caches: rows per block, and the block table's row stride
+INT_ARGS = SEQUENCE_INT_ARGS + (
     "ROW_GROUPS",  # SIMD groups that split a threadgroup's rows (1, 2, 4 or 8); the others split its keys
     # Key splits per row block (1: none) and the partial outputs' layout (decode_combine.py).
     "NUM_SPLITS", "NHEADS", "MAX_SEQLEN_Q", "SPLIT_STRIDE",
 )
-# SCORE_SCALE multiplies q.k (softmax_scale * log2(e), or softmax_scale / softcap before the tanh), as in the block
-# kernels, so the backward recomputes the same scores from the LSE;
-# SOFTCAP_LOG2 = softcap * log2(e) multiplies the tanh.
-FLOAT_ARGS = ("SCORE_SCALE", "SOFTCAP_LOG2")
+FLOAT_ARGS = SCORE_FLOAT_ARGS  # as in the block kernels, so the backward recomputes the same scores from the LSE
 
 
 def tile_candidates(family: str, dtype: str, head_dim: int) -> list[DecodeTiles]:
@@ -122,6 +115,11 @@ class DecodeSpec:
         return f"attention_decode_{self.dtype}_d{self.head_dim}_v{self.vec}_r{self.rows}{features}"
 
     @property
+    def side_buffers(self) -> list[str]:
+        return side_buffer_names(varlen=self.varlen, kv_cache=self.kv_cache, alibi=self.alibi, mask=False,
+                                 sinks=self.sinks)
+
+    @property
     def kernel_names(self) -> tuple[str, str, str]:
         """The library's kernels: unsplit (writes O and LSE), split (writes partials), and the combine."""
         return self.name, f"{self.name}_split", f"{self.name}_combine"
@@ -152,9 +150,9 @@ def buffer_names(spec: DecodeSpec, split: bool) -> list[str]:
     """The kernel's buffers in [[buffer(i)]] order: a split kernel (and the combine) binds the fp32 partial
     outputs first and O and LSE last, as launch.ForwardLaunch passes them."""
     if split:
-        return ["Q", "K", "V", "O_partial", "LSE_partial", "ints", "floats", *side_buffer_names(spec), "O", "LSE",
+        return ["Q", "K", "V", "O_partial", "LSE_partial", "ints", "floats", *spec.side_buffers, "O", "LSE",
                 "STATS"]
-    return ["Q", "K", "V", "O", "LSE", "STATS", "ints", "floats", *side_buffer_names(spec)]
+    return ["Q", "K", "V", "O", "LSE", "STATS", "ints", "floats", *spec.side_buffers]
 
 
 def _declarations(spec: DecodeSpec) -> dict[str, str]:
@@ -170,7 +168,7 @@ def decode_source(spec: DecodeSpec) -> str:
     """One library: the decode kernel unsplit and split (one body, inlined twice) and the combine kernel."""
     unsplit, split, combine = spec.kernel_names
     declarations = _declarations(spec)
-    side = side_buffer_names(spec)
+    side = spec.side_buffers
     body_params = ",\n    ".join([declarations[n] for n in ("Q", "K", "V", "O", "LSE", "STATS", "O_partial", "LSE_partial",
                                                               "ints", "floats")] + [SIDE_BUFFERS[n] for n in side])
     side_args = "".join(f", {n}" for n in side)
@@ -202,7 +200,7 @@ enum FloatArg {{ {", ".join(FLOAT_ARGS)} }};
 {_entry(spec, unsplit, False, side_args)}
 {_entry(spec, split, True, side_args)}
 {decode_combine.combine_kernel(combine, parameter_list(declarations, buffer_names(spec, True)),
-                               _locate_queries(spec), spec.head_dim, spec.sinks)}"""
+                               locate_sequence(spec.kv_cache, spec.varlen), spec.head_dim, spec.sinks)}"""
 
 
 def _vector_types(spec: DecodeSpec) -> str:
@@ -247,41 +245,9 @@ inline float lane_dot(float_vec a, float_vec b) { return dot(a, b); }
 
 def _locate(spec: DecodeSpec) -> str:
     """MSL giving this sequence's lengths, its first q, out and lse offsets, and the K/V head's base pointers."""
-    if spec.kv_cache == "dense":
-        return """  // Sequence b attends to rows cache_leftpad[b] .. cache_seqlens[b] - 1 of cache slot cache_batch_idx[b].
-  const int seqlen_q = int(ints[SEQLEN_Q]);
-  const int k_first = cache_leftpad[batch], seqlen_k = cache_seqlens[batch] - k_first;
-  const long slot = cache_batch_idx[batch];
-  const long q_start = batch * ints[Q_BATCH], o_start = batch * ints[O_BATCH], lse_start = batch * ints[LSE_BATCH];
-  device const input_t* k_seq = K + slot * ints[K_BATCH] + k_first * ints[K_ROW] + kv_head * ints[K_HEAD];
-  device const input_t* v_seq = V + slot * ints[V_BATCH] + k_first * ints[V_ROW] + kv_head * ints[V_HEAD];"""
-    if spec.kv_cache == "paged":
-        return """  // Sequence b attends to its rows 0 .. cache_seqlens[b] - 1, found through its row of the block table.
-  const int seqlen_q = int(ints[SEQLEN_Q]), seqlen_k = cache_seqlens[batch];
-  device const int* pages = block_table + batch * ints[TABLE_STRIDE];
-  const long q_start = batch * ints[Q_BATCH], o_start = batch * ints[O_BATCH], lse_start = batch * ints[LSE_BATCH];
-  device const input_t* k_seq = K + kv_head * ints[K_HEAD];  // rows are addressed through `pages`
-  device const input_t* v_seq = V + kv_head * ints[V_HEAD];"""
-    if spec.varlen:
-        return """  const long q_first = cu_seqlens_q[batch], k_first = cu_seqlens_k[batch];  // the sequence's first rows
-  const int seqlen_q = int(cu_seqlens_q[batch + 1] - q_first), seqlen_k = int(cu_seqlens_k[batch + 1] - k_first);
-  const long q_start = q_first * ints[Q_ROW], o_start = q_first * ints[O_ROW], lse_start = q_first;
-  device const input_t* k_seq = K + k_first * ints[K_ROW] + kv_head * ints[K_HEAD];
-  device const input_t* v_seq = V + k_first * ints[V_ROW] + kv_head * ints[V_HEAD];"""
-    return """  const int seqlen_q = int(ints[SEQLEN_Q]), seqlen_k = int(ints[SEQLEN_K]);
-  const long q_start = batch * ints[Q_BATCH], o_start = batch * ints[O_BATCH], lse_start = batch * ints[LSE_BATCH];
-  device const input_t* k_seq = K + batch * ints[K_BATCH] + kv_head * ints[K_HEAD];
-  device const input_t* v_seq = V + batch * ints[V_BATCH] + kv_head * ints[V_HEAD];"""
-
-
-def _locate_queries(spec: DecodeSpec) -> str:
-    """The combine kernel's `locate`: this sequence's query rows and first out and lse offsets."""
-    if spec.varlen:
-        return """  const long q_first = cu_seqlens_q[batch];
-  const int seqlen_q = int(cu_seqlens_q[batch + 1] - q_first);
-  const long o_start = q_first * ints[O_ROW], lse_start = q_first;"""
-    return """  const int seqlen_q = int(ints[SEQLEN_Q]);
-  const long o_start = batch * ints[O_BATCH], lse_start = batch * ints[LSE_BATCH];"""
+    return locate_sequence(spec.kv_cache, spec.varlen) + """
+  device const input_t* k_seq = K + k_start + kv_head * ints[K_HEAD];
+  device const input_t* v_seq = V + v_start + kv_head * ints[V_HEAD];"""
 
 
 def _key_range(spec: DecodeSpec) -> str:

@@ -26,7 +26,7 @@ FAMILIES = ("apple7", "apple9")  # apple8 chips run apple7's figures here, apple
 DTYPES = ("half", "bfloat", "float")
 HEAD_DIMS = (64, 128, 256)
 CACHE_ROWS = (4096, 32768, 131072)
-TARGET = 1.05  # bytes per token at most this times the bound for caches of 1,024 rows or more
+TARGET = 1.05  # bytes per token at most this times the bound for caches of 1,024 rows or more (CACHE_ROWS are)
 DUMP_HEAD_DIMS = (40, 64, 96, 128, 256)
 DUMP_FEATURES = (  # (varlen, masked, softcap, alibi, kv_cache)
     (False, False, False, False, ""),
@@ -115,15 +115,15 @@ def report_records() -> list[dict]:
     return records
 
 
-def format_report() -> str:
-    """The plain table's lines for the decode kernels."""
+def format_report(records: list[dict] | None = None) -> str:
+    """The plain table's lines for the decode kernels (of `records`, default report_records())."""
     sizes = "".join(f"{f'{rows // 1024}k rows: MB (x bound)':>24}" for rows in CACHE_ROWS)
     header = (f"{'family':<7} {'dtype':<6} {'d':>4} {'vec':>3} {'rows':>4} {'threads':>7} {'tg bytes':>8} "
               f"{'regs':>4} {'i64':>3}{sizes}")
     lines = [f"decode kernels (at most {decode.MAX_QUERY_ROWS} query rows): one token of one sequence through a "
              f"{LLAMA_3_8B.name}-shaped cache ({LLAMA_3_8B.layers} layers, {LLAMA_3_8B.nheads}/{LLAMA_3_8B.nheads_k} "
              "heads), dense, causal; the bound reads each K/V element once", header, "-" * len(header)]
-    records = report_records()
+    records = report_records() if records is None else records
     for r in records:
         cells = "".join(f"{t['bytes_per_token'] / 1e6:>14.1f} ({t['bytes_per_token'] / t['io_bound_bytes_per_token']:.3f})"
                         for t in r["decode_traffic"])

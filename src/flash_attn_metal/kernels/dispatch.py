@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Sequence
 
 import torch
@@ -24,12 +23,9 @@ from . import decode, decode_combine, dropout
 from .backward import PREPROCESS_ROWS, backward_source
 from .backward import kernel_names as backward_kernel_names
 from .forward import FLOAT_ARGS, INT_ARGS, combine_name, forward_source
-from .launch import ForwardLaunch
-from .msl import side_buffer_names
-from .spec import MAX_VEC, MSL_TYPES, BackwardSpec, ForwardSpec
+from .launch import LOG2E, ForwardLaunch, contiguous_strides, row_strides, score_floats, sequence_ints
+from .spec import MAX_VEC, BackwardSpec, ForwardSpec, cache_kind, msl_type, side_buffer_names
 from .tiles import key_splits, packed_heads
-
-LOG2E = math.log2(math.e)
 
 
 def native_features() -> str:
@@ -50,23 +46,18 @@ def unsupported_reason(problem: AttentionProblem, needs_grad: bool) -> str | Non
 def _cached_spec(dtype: torch.dtype, head_dim: int, varlen: bool, masked: bool, softcap: bool, alibi: bool,
                  kv_cache: str, split_kv: bool, vec: int, wide: bool, mask: str, sinks: bool,
                  dropout: bool) -> ForwardSpec:
-    return ForwardSpec.for_call(_msl_type(dtype), head_dim, gpu_family(), varlen=varlen, masked=masked,
+    return ForwardSpec.for_call(msl_type(dtype), head_dim, gpu_family(), varlen=varlen, masked=masked,
                                 softcap=softcap, alibi=alibi, kv_cache=kv_cache, split_kv=split_kv, vec=vec,
                                 wide=wide, mask=mask, sinks=sinks, dropout=dropout)
 
 
-def _msl_type(dtype: torch.dtype) -> str:
-    return "bool" if dtype == torch.bool else MSL_TYPES[str(dtype).removeprefix("torch.")]
-
-
 def _spec(p: AttentionProblem, split_kv: bool = False) -> ForwardSpec:
-    cache = "" if p.kv_cache is None else "paged" if p.kv_cache.paged else "dense"
     tensors = (p.q, p.k, p.v)
     spanned = tensors if p.attn_mask is None else (*tensors, p.attn_mask)
     return _cached_spec(p.q.dtype, p.head_dim, p.is_varlen, p.window_left >= 0 or p.window_right >= 0,
-                        p.softcap > 0, p.alibi_slopes is not None, cache, split_kv, load_vec(tensors),
+                        p.softcap > 0, p.alibi_slopes is not None, cache_kind(p), split_kv, load_vec(tensors),
                         any(_span(t) >= WIDE_ELEMENTS for t in spanned),
-                        "" if p.attn_mask is None else _msl_type(p.attn_mask.dtype), p.sinks is not None,
+                        "" if p.attn_mask is None else msl_type(p.attn_mask.dtype), p.sinks is not None,
                         p.dropout_p > 0)
 
 
@@ -100,43 +91,17 @@ def load_vec(tensors: Sequence[torch.Tensor], widest: int = MAX_VEC) -> int:
     return vec
 
 
-def _strides(strides: tuple[int, ...], varlen: bool) -> list[int]:
-    """(batch, row, head) element strides; varlen tensors have no batch dimension."""
-    return [0, strides[0], strides[1]] if varlen else [strides[0], strides[1], strides[2]]
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
-
-
 def _launch_arguments(p: AttentionProblem, out_strides: tuple[int, ...], lse_strides: tuple[int, ...], *,
                       packed_heads: int, splits: int) -> tuple[list[int], list[float]]:
     """The forward's int and float arguments (kernels/forward.py INT_ARGS and FLOAT_ARGS order)."""
-    varlen = p.is_varlen
-    alibi = p.alibi_slopes
     ints = [
-        0 if varlen else p.q.shape[1], 0 if varlen else p.k.shape[1], p.head_dim, p.nheads // p.nheads_k,
-        *_strides(p.q.stride(), varlen), *_strides(p.k.stride(), varlen), *_strides(p.v.stride(), varlen),
-        *_strides(out_strides, varlen), *([0, lse_strides[0]] if varlen else lse_strides[:2]),
-        *_windows(p), alibi.shape[-1] if alibi is not None and alibi.dim() == 2 else 0,
-        *_paging(p), packed_heads, splits, p.nheads, p.max_seqlen_q, p.batch * p.nheads * p.max_seqlen_q,
-        0 if p.top_left else 1, *(p.attn_mask.stride() if p.attn_mask is not None else (0, 0, 0, 0)), *_dropout(p),
+        *sequence_ints(p, out_strides, lse_strides), packed_heads, splits, p.nheads, p.max_seqlen_q,
+        p.batch * p.nheads * p.max_seqlen_q, 0 if p.top_left else 1,
+        *(p.attn_mask.stride() if p.attn_mask is not None else (0, 0, 0, 0)), *_dropout(p),
     ]
-    score_scale = p.softmax_scale / p.softcap if p.softcap > 0 else p.softmax_scale * LOG2E
-    floats = [score_scale, p.softcap * LOG2E, 1.0 / (1.0 - p.dropout_p)]
+    floats = [*score_floats(p), 1.0 / (1.0 - p.dropout_p)]
     assert len(ints) == len(INT_ARGS) and len(floats) == len(FLOAT_ARGS)
     return ints, floats
-
-
-def _windows(p: AttentionProblem) -> tuple[int, int]:
-    """The window as the kernels take it: a side longer than any query and key sequence together is unbounded (-1)
-    in either alignment, which keeps the kernels' 32-bit mask arithmetic in range."""
-    longest = p.max_seqlen_q + p.max_seqlen_k
-    return tuple(-1 if w >= longest else w for w in (p.window_left, p.window_right))
 
 
 def _dropout(p: AttentionProblem) -> tuple[int, int, int]:
@@ -145,13 +110,6 @@ def _dropout(p: AttentionProblem) -> tuple[int, int, int]:
         return 0, 0, 0
     seed, offset = p.dropout_rng
     return dropout.as_int64(seed), dropout.as_int64(offset), dropout.threshold(p.dropout_p)
-
-
-def _paging(p: AttentionProblem) -> list[int]:
-    """PAGE_SIZE and TABLE_STRIDE: a paged cache's rows per block and its block table's row stride."""
-    if p.kv_cache is None or not p.kv_cache.paged:
-        return [0, 0]
-    return [p.k.shape[1], p.kv_cache.block_table.shape[1]]  # side_buffers makes the table contiguous
 
 
 def side_buffers(p: AttentionProblem) -> list[torch.Tensor]:
@@ -164,8 +122,9 @@ def side_buffers(p: AttentionProblem) -> list[torch.Tensor]:
         c = p.kv_cache
         tensors.update(cache_seqlens=c.seqlens, cache_leftpad=c.leftpad, cache_batch_idx=c.batch_idx,
                        block_table=c.block_table)
-    return [p.attn_mask if name == "attn_mask" else tensors[name].contiguous()
-            for name in side_buffer_names(_spec(p))]
+    names = side_buffer_names(varlen=p.is_varlen, kv_cache=cache_kind(p), alibi=p.alibi_slopes is not None,
+                              mask=p.attn_mask is not None, sinks=p.sinks is not None)
+    return [p.attn_mask if name == "attn_mask" else tensors[name].contiguous() for name in names]
 
 
 def _backend(p: AttentionProblem, backend_name: str) -> Backend:
@@ -195,16 +154,18 @@ def forward_launch(p: AttentionProblem, backend_name: str) -> ForwardLaunch:
     launch = decode.plan(p, _backend(p, backend_name))  # short queries: the vector kernels
     if launch is not None:
         return launch
-    tiles = _spec(p).tiles
+    spec = _spec(p)
+    tiles = spec.tiles
     packed = packed_heads(p.max_seqlen_q, p.nheads, p.nheads_k, tiles.block_q)
     query_blocks = -(-p.max_seqlen_q * packed // tiles.block_q)
     head_groups = p.nheads // packed
     threadgroups = query_blocks * head_groups * p.batch
     splits = key_splits(threadgroups, -(-p.max_seqlen_k // tiles.block_k), gpu_cores(),
                         p.num_splits) if threadgroups else 1  # no query rows: nothing to split
-    spec = _spec(p, split_kv=splits > 1)
+    if splits > 1:
+        spec = _spec(p, split_kv=True)
     lse_shape = (p.nheads, p.q.shape[0]) if p.is_varlen else (p.batch, p.nheads, p.q.shape[1])
-    ints, floats = _launch_arguments(p, _contiguous_strides(p.q.shape), _contiguous_strides(lse_shape),
+    ints, floats = _launch_arguments(p, contiguous_strides(p.q.shape), contiguous_strides(lse_shape),
                                      packed_heads=packed, splits=splits)
     kernels = _forward_kernels(spec, _backend(p, backend_name))
     steps = [(kernels[0], [query_blocks * splits * tiles.threads, head_groups, p.batch], [tiles.threads, 1, 1])]
@@ -244,9 +205,9 @@ def backward(p: AttentionProblem, out: torch.Tensor, stats: torch.Tensor, dout: 
     allocate = torch.zeros if p.is_varlen else torch.empty
     dq, dk, dv = (allocate(t.shape, dtype=t.dtype, device=t.device) for t in (p.q, p.k, p.v))
     row_sums = stats.new_empty(stats.shape[:-1])  # D = rowsum(dO * O)
-    ints, floats = _launch_arguments(p, out.stride(), _contiguous_strides(row_sums.shape), packed_heads=1, splits=1)
+    ints, floats = _launch_arguments(p, out.stride(), contiguous_strides(row_sums.shape), packed_heads=1, splits=1)
     for t in (dout, dq, dk, dv):
-        ints += _strides(t.stride(), p.is_varlen)
+        ints += row_strides(t.stride(), p.is_varlen)
     floats += [p.softmax_scale, 1.0 / p.softcap if p.softcap > 0 else 0.0]
     preprocess, dq_kernel, *dkdv_kernels = _backward_kernels(spec, _backend(p, backend_name))
     args = (p.q, p.k, p.v, out, dout, stats, row_sums, dq, dk, dv, ints, floats, *side_buffers(p))

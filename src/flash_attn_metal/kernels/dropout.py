@@ -46,13 +46,6 @@ DRAW_MAX = 1 << DRAW_BITS
 WORD = 0xFFFFFFFF
 CPU_SLICE = 1 << 14  # counters per slice of the twin on the CPU
 
-# Philox evaluations per element of each MSL keep function (a lane evaluates its own tiles; the lanes that hold
-# the tile's other elements evaluate it again).
-PHILOX_PER_ELEMENT = {
-    "dropout_keep_row_quad": 0.25,  # forward and dq: two fragments side by side
-    "dropout_keep_row_pair": 0.5,  # forward and dq: one fragment
-    "dropout_keep_column_pair": 0.5,  # dkdv: one transposed fragment (S^T)
-}
 
 
 def threshold(p: float) -> int:

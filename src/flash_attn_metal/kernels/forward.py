@@ -23,25 +23,22 @@ from __future__ import annotations
 
 from .msl import (
     THREADGROUP_BUILTINS,
-    mask_declaration,
     UNROLL,
     finish_header,
     header,
     kernel_attribute,
     key_range,
+    locate_sequence,
+    mask_declaration,
     parameter_list,
-    side_buffer_names,
 )
 from . import decode_combine
+from .launch import SCORE_FLOAT_ARGS, SEQUENCE_INT_ARGS
 from .spec import ForwardSpec
 from .tiles import row_stride, threadgroup_bytes
 
 # Run-time integer arguments, in the order dispatch.py packs them into the `ints` buffer.
-INT_ARGS = (
-    "SEQLEN_Q", "SEQLEN_K", "HEAD_DIM_REAL", "KV_GROUP",
-    "Q_BATCH", "Q_ROW", "Q_HEAD", "K_BATCH", "K_ROW", "K_HEAD", "V_BATCH", "V_ROW", "V_HEAD",
-    "O_BATCH", "O_ROW", "O_HEAD", "LSE_BATCH", "LSE_HEAD", "WINDOW_LEFT", "WINDOW_RIGHT", "ALIBI_BATCH",
-    "PAGE_SIZE", "TABLE_STRIDE",  # paged kv caches: rows per block, and the block table's row stride
+INT_ARGS = SEQUENCE_INT_ARGS + (
     "PACKED_HEADS",  # query heads per threadgroup (tiles.packed_heads: GQA packing), 1 without packing
     # Split-KV (tiles.key_splits): splits per query block (1: none), and the partial outputs' layout, rows
     # ordered (split, sequence, head, query row), SPLIT_STRIDE = sequences * NHEADS * MAX_SEQLEN_Q rows a split.
@@ -50,18 +47,16 @@ INT_ARGS = (
     "MASK_BATCH", "MASK_HEAD", "MASK_ROW", "MASK_COL",  # the attention mask's element strides (0: broadcast)
     "DROPOUT_SEED", "DROPOUT_OFFSET", "DROPOUT_THRESHOLD",  # kernels/dropout.py: the call's draw, and p in 1/65536
 )
-# Run-time float arguments: SCORE_SCALE multiplies q.k (softmax_scale * log2(e), or softmax_scale / softcap
-# before the tanh); SOFTCAP_LOG2 = softcap * log2(e) multiplies the tanh.
-FLOAT_ARGS = ("SCORE_SCALE", "SOFTCAP_LOG2", "DROPOUT_SCALE")  # DROPOUT_SCALE = 1 / (1 - p)
+FLOAT_ARGS = SCORE_FLOAT_ARGS + ("DROPOUT_SCALE",)  # DROPOUT_SCALE = 1 / (1 - p)
 
 
 def buffer_names(spec: ForwardSpec) -> list[str]:
     """The kernel's buffers in [[buffer(i)]] order. A split-KV forward writes fp32 partial outputs and log2 LSEs in
     decode_combine.py's layout, and the combine kernel there (same buffers) merges them into O, LSE and STATS."""
     if spec.split_kv:
-        return ["Q", "K", "V", "O_partial", "LSE_partial", "ints", "floats", *side_buffer_names(spec), "O", "LSE",
+        return ["Q", "K", "V", "O_partial", "LSE_partial", "ints", "floats", *spec.side_buffers, "O", "LSE",
                 "STATS"]
-    return ["Q", "K", "V", "O", "LSE", "STATS", "ints", "floats", *side_buffer_names(spec)]
+    return ["Q", "K", "V", "O", "LSE", "STATS", "ints", "floats", *spec.side_buffers]
 
 
 def combine_name(spec: ForwardSpec) -> str:
@@ -96,32 +91,6 @@ constant constexpr int SMEM_VECTORS = {-(-smem // 16)};  // threadgroup memory i
 
 {_kernel(spec, params)}{_combine_kernel(spec, params) if spec.split_kv else ""}"""
     return finish_header(text, spec.vec)
-
-
-def _locate(spec: ForwardSpec) -> str:
-    """MSL giving this sequence's lengths and the 64-bit offsets of its first q, k, v, out and lse elements."""
-    if spec.kv_cache == "dense":
-        return """  // Sequence b attends to rows cache_leftpad[b] .. cache_seqlens[b] - 1 of cache slot cache_batch_idx[b].
-  const int seqlen_q = int(ints[SEQLEN_Q]);
-  const int k_first = cache_leftpad[batch], seqlen_k = cache_seqlens[batch] - k_first;
-  const long slot = cache_batch_idx[batch];
-  const long q_start = batch * ints[Q_BATCH], o_start = batch * ints[O_BATCH], lse_start = batch * ints[LSE_BATCH];
-  const long k_start = slot * ints[K_BATCH] + k_first * ints[K_ROW];
-  const long v_start = slot * ints[V_BATCH] + k_first * ints[V_ROW];"""
-    if spec.kv_cache == "paged":
-        return """  // Sequence b attends to its rows 0 .. cache_seqlens[b] - 1, found through its row of the block table.
-  const int seqlen_q = int(ints[SEQLEN_Q]), seqlen_k = cache_seqlens[batch];
-  device const int* pages = block_table + batch * ints[TABLE_STRIDE];
-  const long q_start = batch * ints[Q_BATCH], o_start = batch * ints[O_BATCH], lse_start = batch * ints[LSE_BATCH];
-  const long k_start = 0, v_start = 0;  // rows are addressed through `pages`"""
-    if spec.varlen:
-        return """  const int q_offset = cu_seqlens_q[batch], k_offset = cu_seqlens_k[batch];
-  const int seqlen_q = cu_seqlens_q[batch + 1] - q_offset, seqlen_k = cu_seqlens_k[batch + 1] - k_offset;
-  const long q_start = q_offset * ints[Q_ROW], k_start = k_offset * ints[K_ROW];
-  const long v_start = k_offset * ints[V_ROW], o_start = q_offset * ints[O_ROW], lse_start = q_offset;"""
-    return """  const int seqlen_q = int(ints[SEQLEN_Q]), seqlen_k = int(ints[SEQLEN_K]);
-  const long q_start = batch * ints[Q_BATCH], k_start = batch * ints[K_BATCH];
-  const long v_start = batch * ints[V_BATCH], o_start = batch * ints[O_BATCH], lse_start = batch * ints[LSE_BATCH];"""
 
 
 def _load_block(spec: ForwardSpec, matrix: str, checked: str) -> str:
@@ -212,7 +181,7 @@ void {spec.name}(
   const uint batch = group.z;
   const int packed_heads = int(ints[PACKED_HEADS]), first_head = int(group.y) * packed_heads;
   const int kv_head = first_head / int(ints[KV_GROUP]);  // GQA/MQA: query heads share a K/V head
-{_locate(spec)}
+{locate_sequence(spec.kv_cache, spec.varlen)}
   const int num_splits = int(ints[NUM_SPLITS]), split = int(group.x) % num_splits;  // split-KV: a share of the keys
   const int packed_rows = seqlen_q * packed_heads, first_packed = int(group.x) / num_splits * BLOCK_Q;
   if (first_packed >= packed_rows) return;  // the whole threadgroup leaves together
@@ -422,4 +391,4 @@ def _dropout_p(spec: ForwardSpec) -> str:
 
 def _combine_kernel(spec: ForwardSpec, params: str) -> str:
     """Split-KV's second kernel, shared with the decode kernels (decode_combine.py)."""
-    return decode_combine.combine_kernel(combine_name(spec), params, _locate(spec), spec.head_dim, spec.sinks)
+    return decode_combine.combine_kernel(combine_name(spec), params, locate_sequence(spec.kv_cache, spec.varlen), spec.head_dim, spec.sinks)

@@ -1,7 +1,9 @@
-"""A planned forward launch: the kernels with their packed arguments and grids, replayable on new tensors.
+"""A planned forward launch: the kernels with their packed arguments and grids, replayable on new tensors; and the
+run-time arguments every forward family packs the same way.
 
 dispatch.py plans one per call (and `fastpath` keeps it for repeated calls); any kernel family (the block
-forward, split-KV with its combine kernel, the decode kernels) describes its launch with this one class.
+forward, split-KV with its combine kernel, the decode kernels) describes its launch with this one class, and
+starts its `ints` with `sequence_ints` (msl.locate_sequence reads them) and its `floats` with `score_floats`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,69 @@ from typing import Sequence
 
 import torch
 
+from ..problem import AttentionProblem
 from ..runtime.backend import Kernel
+
+LOG2E = math.log2(math.e)
+
+# The first run-time integer arguments of every forward family's `ints` buffer, in order: lengths, the (batch,
+# row, head) element strides of q, k, v and out, lse's (batch, head) strides, the window, ALiBi's batch stride,
+# and a paged kv cache's rows per block and block-table row stride.
+SEQUENCE_INT_ARGS = (
+    "SEQLEN_Q", "SEQLEN_K", "HEAD_DIM_REAL", "KV_GROUP",
+    "Q_BATCH", "Q_ROW", "Q_HEAD", "K_BATCH", "K_ROW", "K_HEAD", "V_BATCH", "V_ROW", "V_HEAD",
+    "O_BATCH", "O_ROW", "O_HEAD", "LSE_BATCH", "LSE_HEAD", "WINDOW_LEFT", "WINDOW_RIGHT", "ALIBI_BATCH",
+    "PAGE_SIZE", "TABLE_STRIDE",
+)
+# SCORE_SCALE multiplies q.k (softmax_scale * log2(e), or softmax_scale / softcap before the tanh); SOFTCAP_LOG2 =
+# softcap * log2(e) multiplies the tanh.
+SCORE_FLOAT_ARGS = ("SCORE_SCALE", "SOFTCAP_LOG2")
+
+
+def sequence_ints(p: AttentionProblem, out_strides: Sequence[int], lse_strides: Sequence[int]) -> list[int]:
+    """The SEQUENCE_INT_ARGS of a call whose out and lse have these strides."""
+    varlen = p.is_varlen
+    alibi = p.alibi_slopes
+    return [
+        0 if varlen else p.q.shape[1], 0 if varlen else p.k.shape[1], p.head_dim, p.nheads // p.nheads_k,
+        *row_strides(p.q.stride(), varlen), *row_strides(p.k.stride(), varlen), *row_strides(p.v.stride(), varlen),
+        *row_strides(out_strides, varlen), *([0, lse_strides[0]] if varlen else lse_strides[:2]),
+        *windows(p), alibi.shape[-1] if alibi is not None and alibi.dim() == 2 else 0, *_paging(p),
+    ]
+
+
+def score_floats(p: AttentionProblem) -> list[float]:
+    """SCORE_FLOAT_ARGS."""
+    return [p.softmax_scale / p.softcap if p.softcap > 0 else p.softmax_scale * LOG2E, p.softcap * LOG2E]
+
+
+def windows(p: AttentionProblem) -> tuple[int, int]:
+    """The window as the kernels take it, -1 where unbounded: a side at least as long as any query and key sequence
+    together lets every row see every key in either alignment (and keeps the kernels' 32-bit mask arithmetic in
+    range)."""
+    longest = p.max_seqlen_q + p.max_seqlen_k
+    return tuple(-1 if w < 0 or w >= longest else w for w in (p.window_left, p.window_right))  # type: ignore[return-value]
+
+
+def row_strides(strides: Sequence[int], varlen: bool) -> list[int]:
+    """(batch, row, head) element strides; varlen tensors have no batch dimension. A kv cache's "batch" is its
+    slot or block."""
+    return [0, strides[0], strides[1]] if varlen else [strides[0], strides[1], strides[2]]
+
+
+def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _paging(p: AttentionProblem) -> list[int]:
+    """PAGE_SIZE and TABLE_STRIDE: a paged cache's rows per block and its block table's row stride."""
+    if p.kv_cache is None or not p.kv_cache.paged:
+        return [0, 0]
+    return [p.k.shape[1], p.kv_cache.block_table.shape[1]]  # dispatch.side_buffers makes the table contiguous
 
 
 class ForwardLaunch:

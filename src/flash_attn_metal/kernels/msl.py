@@ -13,6 +13,7 @@ Conventions every kernel follows (they keep the kernels right under fast math an
 from __future__ import annotations
 
 from . import dropout
+from .decode_combine import FINITE_MIN
 from .spec import ForwardSpec
 from .tiles import DTYPE_BYTES, ROW_PAD_BYTES
 
@@ -24,8 +25,7 @@ THREADGROUP_BUILTINS = """    uint3 group [[threadgroup_position_in_grid]],
     ushort sg [[simdgroup_index_in_threadgroup]],
     ushort lane [[thread_index_in_simdgroup]]"""
 
-# Buffers that only some specs bind, after a kernel's own: sequence offsets (varlen), the kv cache's per-sequence
-# rows (kv_cache; see problem.KVCache) and ALiBi slopes.
+# The declarations of the buffers that only some specs bind, after a kernel's own (spec.side_buffer_names).
 SIDE_BUFFERS = {
     "cu_seqlens_q": "device const int* cu_seqlens_q",
     "cu_seqlens_k": "device const int* cu_seqlens_k",
@@ -36,19 +36,6 @@ SIDE_BUFFERS = {
     "alibi_slopes": "device const float* alibi_slopes",
     "sinks": "device const float* sinks",
 }
-KV_CACHE_BUFFERS = {
-    "": [],
-    "dense": ["cache_seqlens", "cache_leftpad", "cache_batch_idx"],
-    "paged": ["cache_seqlens", "block_table"],
-}
-
-
-def side_buffer_names(spec: ForwardSpec) -> list[str]:
-    return ((["cu_seqlens_q", "cu_seqlens_k"] if spec.varlen else []) + KV_CACHE_BUFFERS[spec.kv_cache]
-            + (["alibi_slopes"] if spec.alibi else []) + (["attn_mask"] if getattr(spec, "mask", "") else [])
-            + (["sinks"] if getattr(spec, "sinks", False) else []))
-
-
 def mask_declaration(spec: ForwardSpec) -> dict[str, str]:
     """The attention mask's buffer, read through its strides (MASK_* ints; stride 0 on broadcast dimensions)."""
     return {"attn_mask": f"device const {spec.mask}* attn_mask"} if spec.mask else {}
@@ -83,7 +70,7 @@ constant constexpr int D_FRAGS = HEAD_DIM / 8;  // 8x8 fragments across the head
 constant constexpr int VEC = {vec};  // elements per device read of the block loaders (the host checked alignment)
 constant constexpr int ROW_PAD = {ROW_PAD_BYTES // elem};  // threadgroup tile rows are padded by {ROW_PAD_BYTES} bytes (MLX)
 constant constexpr bool RAGGED = {"true" if spec.ragged else "false"};  // the real head dim is below HEAD_DIM: columns are checked
-constant constexpr float MASKED = -3.40282347e+38f;  // -FLT_MAX: a masked score, below every finite score
+constant constexpr float MASKED = {FINITE_MIN};  // a masked score, below every finite score
 constant constexpr uint INF_BITS = 0x7f800000u;  // +inf, written only as a final LSE
 constant constexpr float LN2 = 0.69314718055994531f;
 constant constexpr float LOG2E = 1.44269504088896341f;
@@ -216,6 +203,34 @@ def finish_header(text: str, vec: int) -> str:
     store = ("tile[c * LD + r] = v;" if vec == 1 else
              " ".join(f"tile[(c + {e}) * LD + r] = v[{e}];" for e in range(vec)))
     return text.replace("STORE_TRANSPOSED", store)
+
+
+def locate_sequence(kv_cache: str, varlen: bool) -> str:
+    """MSL giving sequence `batch`'s lengths (seqlen_q, seqlen_k) and the 64-bit offsets of its first q, k, v, out and
+    lse elements (q_start, k_start, v_start, o_start, lse_start), read from the ints buffer (launch.SEQUENCE_INT_ARGS)
+    and the side buffers of the layout: padded, varlen, a dense or a paged kv cache (which also gives `pages`)."""
+    if kv_cache == "dense":
+        return """  // Sequence b attends to rows cache_leftpad[b] .. cache_seqlens[b] - 1 of cache slot cache_batch_idx[b].
+  const int seqlen_q = int(ints[SEQLEN_Q]);
+  const int k_first = cache_leftpad[batch], seqlen_k = cache_seqlens[batch] - k_first;
+  const long slot = cache_batch_idx[batch];
+  const long q_start = batch * ints[Q_BATCH], o_start = batch * ints[O_BATCH], lse_start = batch * ints[LSE_BATCH];
+  const long k_start = slot * ints[K_BATCH] + k_first * ints[K_ROW];
+  const long v_start = slot * ints[V_BATCH] + k_first * ints[V_ROW];"""
+    if kv_cache == "paged":
+        return """  // Sequence b attends to its rows 0 .. cache_seqlens[b] - 1, found through its row of the block table.
+  const int seqlen_q = int(ints[SEQLEN_Q]), seqlen_k = cache_seqlens[batch];
+  device const int* pages = block_table + batch * ints[TABLE_STRIDE];
+  const long q_start = batch * ints[Q_BATCH], o_start = batch * ints[O_BATCH], lse_start = batch * ints[LSE_BATCH];
+  const long k_start = 0, v_start = 0;  // rows are addressed through `pages`"""
+    if varlen:
+        return """  const int q_first = cu_seqlens_q[batch], k_first = cu_seqlens_k[batch];  // the sequence's first rows
+  const int seqlen_q = cu_seqlens_q[batch + 1] - q_first, seqlen_k = cu_seqlens_k[batch + 1] - k_first;
+  const long q_start = q_first * ints[Q_ROW], k_start = k_first * ints[K_ROW];
+  const long v_start = k_first * ints[V_ROW], o_start = q_first * ints[O_ROW], lse_start = q_first;"""
+    return """  const int seqlen_q = int(ints[SEQLEN_Q]), seqlen_k = int(ints[SEQLEN_K]);
+  const long q_start = batch * ints[Q_BATCH], k_start = batch * ints[K_BATCH];
+  const long v_start = batch * ints[V_BATCH], o_start = batch * ints[O_BATCH], lse_start = batch * ints[LSE_BATCH];"""
 
 
 def key_range(spec: ForwardSpec) -> str:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import torch
+
+from ..problem import AttentionProblem
 from .tiles import Tiles, dkdv_tiles, dq_tiles, forward_tiles
 from .tuning import current
 
@@ -19,6 +22,31 @@ KV_CACHES = ("", "dense", "paged")  # K/V laid out like q; a kv cache with a slo
 HEAD_DIM_ALIGN = 8  # simdgroup_matrix fragments are 8 wide
 MAX_VEC = 4  # MSL vectors hold at most 4 elements: half4 (8 bytes), float4 (16 bytes)
 MASK_TYPES = ("", "bool", "half", "bfloat", "float")  # an attention mask's element type (torch SDPA's: bool, q's, fp32)
+
+
+def msl_type(dtype: torch.dtype) -> str:
+    """The MSL scalar type of a tensor's dtype (bool: an attention mask's)."""
+    return "bool" if dtype == torch.bool else MSL_TYPES[str(dtype).removeprefix("torch.")]
+
+
+def cache_kind(p: AttentionProblem) -> str:
+    """The call's entry of KV_CACHES."""
+    return "" if p.kv_cache is None else "paged" if p.kv_cache.paged else "dense"
+
+
+# Buffers that only some specs bind, after a kernel's own, in this order: sequence offsets (varlen), the kv
+# cache's per-sequence rows (see problem.KVCache), ALiBi slopes, the attention mask and the sinks.
+KV_CACHE_BUFFERS = {
+    "": [],
+    "dense": ["cache_seqlens", "cache_leftpad", "cache_batch_idx"],
+    "paged": ["cache_seqlens", "block_table"],
+}
+
+
+def side_buffer_names(*, varlen: bool, kv_cache: str, alibi: bool, mask: bool, sinks: bool) -> list[str]:
+    """The side buffers a kernel with these features binds (dispatch.side_buffers passes them)."""
+    return ((["cu_seqlens_q", "cu_seqlens_k"] if varlen else []) + KV_CACHE_BUFFERS[kv_cache]
+            + (["alibi_slopes"] if alibi else []) + (["attn_mask"] if mask else []) + (["sinks"] if sinks else []))
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -69,6 +97,11 @@ class ForwardSpec:
         tiles = current("forward", family, dtype, d, masked) or forward_tiles(family, dtype, d)  # a tuned winner first
         return cls(dtype, d, tiles, varlen, masked, softcap, alibi, kv_cache, split_kv, load_width(head_dim, vec),
                    d != head_dim, wide, mask, sinks, dropout)
+
+    @property
+    def side_buffers(self) -> list[str]:
+        return side_buffer_names(varlen=self.varlen, kv_cache=self.kv_cache, alibi=self.alibi, mask=bool(self.mask),
+                                 sinks=self.sinks)
 
     @property
     def block_q(self) -> int:

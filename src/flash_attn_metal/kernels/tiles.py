@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from . import decode_combine
 
 THREADGROUP_MEMORY_LIMIT = 32 * 1024  # bytes, Apple7/8/9 (Metal feature set tables)
 THREADS_LIMIT = 1024
@@ -34,7 +33,6 @@ FAMILIES = ("apple7", "apple8", "apple9", "apple10")
 KERNEL_KINDS = ("forward", "dq", "dkdv")
 STATIONARY = ("registers", "threadgroup", "device")
 ROW_PAD_BYTES = 16  # MLX's threadgroup row padding
-LOAD_BYTES = 16  # the block loaders' widest device read per thread (a float4 or half8... as 16 bytes)
 STATS_PER_QUERY = 3  # the dkdv kernel stages M, log2(l) and D per query row (fp32)
 
 
@@ -192,8 +190,8 @@ def packed_heads(seqlen_q: int, nheads: int, nheads_k: int, block_q: int) -> int
     return group if blocks(seqlen_q * group) * nheads_k < blocks(seqlen_q) * nheads else 1
 
 
-MAX_SPLITS = decode_combine.MAX_SPLITS  # key splits per query block: the combine kernel holds one per SIMD lane
-THREADGROUPS_PER_CORE = 4  # what a split launch aims for: several resident threadgroups per GPU core
+MAX_SPLITS = SIMD_WIDTH  # key splits per query block: the combine kernel (decode_combine.py) holds one per lane
+THREADGROUPS_PER_CORE = 4  # what a split launch aims for: 1,024 resident threads per GPU core (decode's too)
 MIN_KEY_BLOCKS_PER_SPLIT = 4  # fewer keys per split and the partial outputs cost more than the split saves
 
 
