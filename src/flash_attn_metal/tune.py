@@ -25,11 +25,12 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .kernels import tuning
+from .kernels.spec import MSL_TYPES
 from .problem import AttentionProblem
 from .selftest.report import describe_error
 from .verify import GRADIENT_FACTOR, OUTPUT_FACTOR, compare, compare_lse, references
 
-DTYPES = {"half": torch.float16, "bfloat": torch.bfloat16, "float": torch.float32}  # MSL name -> torch dtype
+DTYPES = {msl: getattr(torch, name) for name, msl in MSL_TYPES.items()}  # MSL name -> torch dtype
 TIMED_REPEATS = 5  # per candidate, after one warm-up run; the median counts
 
 Timer = Callable[[Callable[[], object]], float]  # seconds one run of a step takes
