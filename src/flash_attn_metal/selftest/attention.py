@@ -19,7 +19,7 @@ import flash_attn_metal
 from ..bench import DTYPES
 from ..problem import AttentionProblem, KVCache
 from ..stats import reset_stats, stats
-from ..verify import GRADIENT_FACTOR, OUTPUT_FACTOR, Comparison, compare, compare_lse, references
+from ..verify import Comparison, compare_results, references
 
 FUNCTIONS = ("flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
              "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache")
@@ -108,12 +108,8 @@ def check(case: AttentionCase, device: str) -> list[Comparison]:
         max_seqlen_q=max(lens_q, default=0), max_seqlen_k=max(lens_k, default=0))
     dout = randn(*out.shape) if grad else None
     exact, low = references(problem, dout)
-    found = [compare("out", out, exact.out, low.out, factor=OUTPUT_FACTOR), compare_lse(lse, exact.lse)]
-    if grad:
-        grads = torch.autograd.grad(out, (q, k, v), dout)
-        found += [compare(n, ours, e, lp, factor=GRADIENT_FACTOR)
-                  for n, ours, e, lp in zip(("dq", "dk", "dv"), grads, exact.grads, low.grads)]
-    return found
+    grads = torch.autograd.grad(out, (q, k, v), dout) if grad else ()
+    return compare_results(exact, low, out=out, lse=lse, grads=grads)
 
 
 def _require_kernels() -> None:
@@ -179,5 +175,4 @@ def _kvcache(case: AttentionCase, device: str, randn, options: dict) -> list[Com
     problem = AttentionProblem(  # the caches after the append, as the kernels read them
         q=q, k=k_cache, v=v_cache, **_mask_fields(options, d), max_seqlen_q=NEW_TOKENS,
         max_seqlen_k=max(CACHE_SEQLENS) + NEW_TOKENS, kv_cache=cache)
-    exact, low = references(problem)
-    return [compare("out", out, exact.out, low.out, factor=OUTPUT_FACTOR), compare_lse(lse, exact.lse)]
+    return compare_results(*references(problem), out=out, lse=lse)
