@@ -12,11 +12,11 @@ figures (bytes per token against the I/O bound, bandwidth-limited time per chip)
 from __future__ import annotations
 
 import inspect
-import time
 
 import torch
 import torch.nn.functional as F
 
+from flash_attn_metal.bench import _time
 from flash_attn_metal.kernels import decode_report
 from flash_attn_metal.runtime.device import detect, gpu_cores
 
@@ -24,16 +24,7 @@ CACHE_ROWS = (1024, 4096, 16384, 32768)
 HEAD_DIMS = (64, 128, 256)
 BATCHES = (1, 4)
 MODEL = decode_report.LLAMA_3_8B
-
-
-def _time_mps(fn, repeats: int = 20) -> float:
-    fn()
-    torch.mps.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.mps.synchronize()
-    return (time.perf_counter() - start) / repeats
+REPEATS = 20  # timed runs per step, after a warm-up one
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -68,10 +59,10 @@ def main() -> None:
                 k_cache, v_cache = (torch.randn(batch, rows, hk, d, device="mps", dtype=torch.float16)
                                     for _ in range(2))
                 seqlens = torch.full((batch,), rows, dtype=torch.int32, device="mps")
-                ours = _time_mps(lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens,
-                                                                 causal=True))
+                ours = _time(lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, causal=True),
+                             "mps", REPEATS)
                 step, path = _sdpa(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2))
-                sdpa = _time_mps(step)
+                sdpa = _time(step, "mps", REPEATS)
                 moved, _, _ = decode_report.token_traffic(spec, rows, d, gpu_cores(), MODEL)
                 gbs = batch * moved / MODEL.layers / ours / 1e9
                 share = f"{100 * gbs / bandwidth:5.1f}%" if bandwidth else "    ?"

@@ -7,25 +7,15 @@ kernel configuration (`python -m flash_attn_metal kernels --report`) and says th
 
 from __future__ import annotations
 
-import time
-
 import torch
 
+from flash_attn_metal.bench import _time
 from flash_attn_metal.kernels.report import format_report
 from flash_attn_metal.runtime.device import fp16_peak_tflops
 
 SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 HEAD_DIMS = (64, 128, 256)
-
-
-def _time_mps(fn, repeats: int = 10) -> float:
-    fn()
-    torch.mps.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.mps.synchronize()
-    return (time.perf_counter() - start) / repeats
+REPEATS = 10  # timed runs per measurement, after a warm-up one
 
 
 def main() -> None:
@@ -43,9 +33,10 @@ def main() -> None:
         for n in SEQLENS:
             for causal in (False, True):
                 q, k, v = (torch.randn(1, n, 16, d, device="mps", dtype=torch.float16) for _ in range(3))
-                ours = _time_mps(lambda: flash_attn_func(q, k, v, causal=causal))
+                ours = _time(lambda: flash_attn_func(q, k, v, causal=causal), "mps", REPEATS)
                 qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-                sdpa = _time_mps(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal))
+                sdpa = _time(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
+                             "mps", REPEATS)
                 flops = 4 * n * n * d * 16 / (2 if causal else 1)
                 tflops = flops / ours / 1e12
                 pct = f"{100 * tflops / peak:6.1f}%" if peak else "     ?"

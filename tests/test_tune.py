@@ -32,11 +32,16 @@ def emulator_table(monkeypatch, tmp_path):
     tuning._forget_chosen_tiles()  # later tests plan their launches under the built-in table again
 
 
-def launched_tiles(step) -> set[tuple[int, int]]:
-    """The (block_q, block_k) of every kernel one run of `step` launched."""
+def launched(step) -> list[str]:
+    """The names of the kernels one run of `step` launched."""
     flash_attn_metal.reset_stats()
     step()
-    return {tuple(map(int, TILES_RE.search(name + "_").groups())) for name in flash_attn_metal.stats()["launches"]}
+    return list(flash_attn_metal.stats()["launches"])
+
+
+def launched_tiles(step) -> set[tuple[int, int]]:
+    """The (block_q, block_k) of every kernel one run of `step` launched."""
+    return {tuple(map(int, TILES_RE.search(name + "_").groups())) for name in launched(step)}
 
 
 def timer_favouring(fast: tuple[int, int]):
@@ -96,10 +101,7 @@ def test_the_dq_kind_checks_gradients_under_each_candidate(monkeypatch):
     seen = []
 
     def timer(step):
-        flash_attn_metal.reset_stats()
-        step()
-        seen.append({tuple(map(int, m.groups())) for name in flash_attn_metal.stats()["launches"]
-                     if (m := DQ_TILES_RE.search(name))})
+        seen.append({tuple(map(int, m.groups())) for name in launched(step) if (m := DQ_TILES_RE.search(name))})
         return 1e-3
 
     outcome = tune.tune_one("dq", FAMILY, "cpu", "half", 32, True, timer)
@@ -240,16 +242,12 @@ def test_a_kernel_family_registers_its_own_tile_type(monkeypatch, emulator_table
     assert tuning.current("example", FAMILY, "half", 128, True) is None and tuning.stored() == {}
 
 
-
-
 DECODE_ROWS_RE = re.compile(r"attention_decode_\w+?_r(\d+)")
 
 
 def decode_rows(step) -> set[int]:
     """The rows-per-SIMD-group of every decode kernel one run of `step` launched."""
-    flash_attn_metal.reset_stats()
-    step()
-    return {int(m.group(1)) for name in flash_attn_metal.stats()["launches"] if (m := DECODE_ROWS_RE.match(name))}
+    return {int(m.group(1)) for name in launched(step) if (m := DECODE_ROWS_RE.match(name))}
 
 
 def test_decode_rows_are_tuned_checked_and_used(emulator_table):

@@ -36,10 +36,15 @@ def _environment(**values: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
+def _kernel_backend() -> str:
+    """The backend that runs the kernels on this machine: MPS on a Mac, the CPU emulator elsewhere."""
+    return "mps" if torch.backends.mps.is_available() else "emulator"
+
+
 def _kernels_here() -> dict[str, str]:
     """The settings under which a command runs the kernels on this machine, strictly (a fallback raises): MPS
     tensors on a Mac, CPU tensors in the emulator elsewhere."""
-    return {settings.STRICT: "1", settings.BACKEND: "mps" if torch.backends.mps.is_available() else "emulator"}
+    return {settings.STRICT: "1", settings.BACKEND: _kernel_backend()}
 
 
 def _alias_line() -> str:
@@ -131,7 +136,7 @@ def info(_: argparse.Namespace) -> int:
 
 def demo(_: argparse.Namespace) -> int:
     from .problem import AttentionProblem
-    from .reference import attention
+    from .verify import references
 
     device = "mps" if torch.backends.mps.is_available() else "cpu"
     setting = os.environ.get(settings.BACKEND) or ("auto" if device == "mps" else "emulator")
@@ -155,19 +160,15 @@ def demo(_: argparse.Namespace) -> int:
             runs = _demo_runs(q, k, v, grad)
 
     # The upstream rule: error against fp32 <= 2x (3x for gradients) that of plain fp16 PyTorch.
-    truth, low = [], []
-    for upcast, results in ((True, truth), (False, low)):
-        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        problem = AttentionProblem(q=leaves[0], k=leaves[1], v=leaves[2], softmax_scale=d**-0.5, causal=True,
-                                   window_left=-1, window_right=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0)
-        out = attention(problem, upcast=upcast, reorder_ops=not upcast)[0]
-        results += [out, *torch.autograd.grad(out, leaves, grad.to(out.dtype))]
+    exact, plain = references(AttentionProblem(q=q, k=k, v=v, softmax_scale=d**-0.5, causal=True, window_left=-1,
+                                               window_right=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0), grad)
+    truth, low = [exact.out, *exact.grads], [plain.out, *plain.grads]  # on the CPU
     names = ("out", "dq", "dk", "dv")
     for label, seconds, first_seconds, ran, ours in runs:
         print(f"{label}: ran on {ran}")
         print(f"  {seconds * 1e3:8.1f} ms (the first call, which compiles any kernels: {first_seconds * 1e3:.1f} ms)")
         for name, x, t, lp in zip(names, ours, truth, low):
-            err, base = (x.float() - t.float()).abs().max().item(), (lp.float() - t.float()).abs().max().item()
+            err, base = (x.float().cpu() - t.float()).abs().max().item(), (lp.float() - t.float()).abs().max().item()
             print(f"  max |{name} - fp32 reference| = {err:.2e}   (plain fp16 PyTorch: {base:.2e})")
     for reason in stats()["fallbacks"]:
         print(f"  fallback: {reason}")
@@ -230,7 +231,7 @@ def _warm() -> None:
     from .runtime import get_backend
     from .runtime.device import NEWEST_FAMILY, gpu_family
 
-    backend = get_backend("mps" if torch.backends.mps.is_available() else "emulator")
+    backend = get_backend(_kernel_backend())
     family = gpu_family() or NEWEST_FAMILY
     sources = [source for spec in common_specs(family) for source in kernel_sources(spec, family).values()]
     sources += [source for spec in decode_report.common_specs() for source in decode_report.kernel_sources(spec).values()]
@@ -273,8 +274,6 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def export_hub(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .integrations import hub
 
     target = hub.export(Path(args.dir))
@@ -335,8 +334,9 @@ def tune(args: argparse.Namespace) -> int:
             line += f"; {len(rejected)} of {len(outcome.trials)} rejected"
         print(f"[{done}/{total}] {outcome.key}: {line}", flush=True)
 
+    device = "mps" if mps else "cpu"
     with _environment(**_kernels_here()):
-        outcomes = tuner.run(todo, family, "mps" if mps else "cpu", tuner.device_timer("mps" if mps else "cpu"), report)
+        outcomes = tuner.run(todo, family, device, tuner.device_timer(device), report)
     unverified = [o.key for o in outcomes if o.winner is None]
     print(f"stored {len(outcomes) - len(unverified)} winners; `info` shows the table in force")
     return 1 if unverified else 0

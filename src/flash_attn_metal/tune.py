@@ -25,11 +25,12 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .kernels import tuning
+from .kernels.spec import MSL_TYPES
 from .problem import AttentionProblem
 from .selftest.report import describe_error
-from .verify import GRADIENT_FACTOR, OUTPUT_FACTOR, compare, compare_lse, references
+from .verify import compare_results, failures, references
 
-DTYPES = {"half": torch.float16, "bfloat": torch.bfloat16, "float": torch.float32}  # MSL name -> torch dtype
+DTYPES = {msl: getattr(torch, name) for name, msl in MSL_TYPES.items()}  # MSL name -> torch dtype
 TIMED_REPEATS = 5  # per candidate, after one warm-up run; the median counts
 
 Timer = Callable[[Callable[[], object]], float]  # seconds one run of a step takes
@@ -175,9 +176,7 @@ def _forward_workload(device: str, dtype: str, head_dim: int, causal: bool, chec
 
     def check() -> str | None:
         out, lse, _ = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
-        checks = (compare("out", out, exact.out, low.out, factor=OUTPUT_FACTOR), compare_lse(lse, exact.lse))
-        failed = [c for c in checks if not c.ok]
-        return "; ".join(map(str, failed)) or None
+        return failures(compare_results(exact, low, out=out, lse=lse))
 
     def make_step() -> Callable[[], object]:
         tq, tk, tv = _inputs(device, dtype, head_dim, timed_shapes[device], grad=False, seed=1)
@@ -195,9 +194,7 @@ def _backward_workload(device: str, dtype: str, head_dim: int, causal: bool) -> 
 
     def check() -> str | None:
         grads = torch.autograd.grad(flash_attn_func(q, k, v, causal=causal), (q, k, v), dout)
-        failed = [c for c in (compare(n, g, e, lp, factor=GRADIENT_FACTOR)
-                              for n, g, e, lp in zip(("dq", "dk", "dv"), grads, exact.grads, low.grads)) if not c.ok]
-        return "; ".join(map(str, failed)) or None
+        return failures(compare_results(exact, low, grads=grads))
 
     def make_step() -> Callable[[], object]:
         tq, tk, tv = _inputs(device, dtype, head_dim, TIMED_SHAPE[device], grad=True, seed=1)

@@ -2,6 +2,7 @@
 
     exact, low = references(problem, dout)     # fp32 reference, plain low-precision PyTorch (CPU copies)
     compare("out", ours, exact.out, low.out, factor=OUTPUT_FACTOR)   # -> Comparison(error, bound)
+    failures(compare_results(exact, low, out=out, lse=lse, grads=(dq, dk, dv)))   # -> None, or what failed
 
 The rule (flash-attn's own test method): our max error against the fp32 reference is at most 2x (3x for
 gradients) the max error of plain low-precision PyTorch (`upcast=False, reorder_ops=True`), plus a small slack
@@ -12,6 +13,7 @@ numerics (MPS has shipped wrong attention before) never enter the oracle. `selft
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Iterable, Sequence
 
 import torch
 
@@ -93,3 +95,17 @@ def compare_lse(ours: torch.Tensor, exact: torch.Tensor) -> Comparison:
     finite = torch.isfinite(exact)
     error = (ours[finite] - exact[finite]).abs().max().item() if finite.any() else 0.0
     return Comparison("lse", error if error == error else float("inf"), LSE_TOLERANCE)
+
+
+def compare_results(exact: Result, low: Result, *, out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+                    grads: Sequence[torch.Tensor] = ()) -> list[Comparison]:
+    """Whichever of out, lse and (dq, dk, dv) are given, each against `references`' results by its rule."""
+    found = [] if out is None else [compare("out", out, exact.out, low.out, factor=OUTPUT_FACTOR)]
+    found += [] if lse is None else [compare_lse(lse, exact.lse)]
+    return found + [compare(name, ours, e, lp, factor=GRADIENT_FACTOR)
+                    for name, ours, e, lp in zip(("dq", "dk", "dv"), grads, exact.grads, low.grads)]
+
+
+def failures(comparisons: Iterable[Comparison]) -> str | None:
+    """The comparisons that fail, in one line; None when every one holds."""
+    return "; ".join(str(c) for c in comparisons if not c.ok) or None

@@ -114,6 +114,7 @@ def get_backend(name: str) -> Backend:
 
 @functools.cache
 def _backend(name: str, debug: bool, fast_math: bool = False) -> Backend:
+    """One backend per (name, debug, fast_math); the emulator reads the two flags itself when it compiles."""
     if name == "mps":
         from .mps import compile_library
 

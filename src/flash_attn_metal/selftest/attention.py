@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 
 import flash_attn_metal
+from ..bench import DTYPES
 from ..problem import AttentionProblem, KVCache
 from ..stats import reset_stats, stats
-from ..verify import GRADIENT_FACTOR, OUTPUT_FACTOR, Comparison, compare, compare_lse, references
+from ..verify import Comparison, compare_results, references
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FUNCTIONS = ("flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
              "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache")
 MASKS = {  # flash-attn keyword arguments of each mask
@@ -101,23 +101,29 @@ def check(case: AttentionCase, device: str) -> list[Comparison]:
 
     reset_stats()
     out, lse = _call(case.function, q, k, v, lens_q, lens_k, options)
-    if not stats()["launches"]:
-        raise RuntimeError("the kernels did not run: the call fell back to the PyTorch reference")
+    _require_kernels()
     cu_q, cu_k = (_cu_seqlens(lens, device) for lens in (lens_q, lens_k)) if varlen else (None, None)
     problem = AttentionProblem(
-        q=q, k=k, v=v, softmax_scale=d**-0.5, causal=bool(options.get("causal")),
-        window_left=options.get("window_size", (-1, -1))[0],
-        window_right=0 if options.get("causal") else options.get("window_size", (-1, -1))[1],
-        softcap=options.get("softcap", 0.0), alibi_slopes=options.get("alibi_slopes"), dropout_p=0.0,
-        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q, default=0), max_seqlen_k=max(lens_k, default=0))
+        q=q, k=k, v=v, **_mask_fields(options, d), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+        max_seqlen_q=max(lens_q, default=0), max_seqlen_k=max(lens_k, default=0))
     dout = randn(*out.shape) if grad else None
     exact, low = references(problem, dout)
-    found = [compare("out", out, exact.out, low.out, factor=OUTPUT_FACTOR), compare_lse(lse, exact.lse)]
-    if grad:
-        grads = torch.autograd.grad(out, (q, k, v), dout)
-        found += [compare(n, ours, e, lp, factor=GRADIENT_FACTOR)
-                  for n, ours, e, lp in zip(("dq", "dk", "dv"), grads, exact.grads, low.grads)]
-    return found
+    grads = torch.autograd.grad(out, (q, k, v), dout) if grad else ()
+    return compare_results(exact, low, out=out, lse=lse, grads=grads)
+
+
+def _require_kernels() -> None:
+    """Raise when the call since the last reset_stats() launched no kernel (it fell back to the reference)."""
+    if not stats()["launches"]:
+        raise RuntimeError("the kernels did not run: the call fell back to the PyTorch reference")
+
+
+def _mask_fields(options: dict, head_dim: int) -> dict:
+    """AttentionProblem's scale, mask, softcap, ALiBi and dropout fields for a case's flash-attn keyword arguments."""
+    causal = bool(options.get("causal"))
+    left, right = options.get("window_size", (-1, -1))
+    return dict(softmax_scale=head_dim**-0.5, causal=causal, window_left=left, window_right=0 if causal else right,
+                softcap=options.get("softcap", 0.0), alibi_slopes=options.get("alibi_slopes"), dropout_p=0.0)
 
 
 def _cu_seqlens(lens: tuple[int, ...], device: str) -> torch.Tensor:
@@ -165,13 +171,8 @@ def _kvcache(case: AttentionCase, device: str, randn, options: dict) -> list[Com
     reset_stats()
     out, lse = flash_attn_metal.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens,
                                                         **layout, **options, return_softmax_lse=True)
-    if not stats()["launches"]:
-        raise RuntimeError("the kernels did not run: the call fell back to the PyTorch reference")
-    window = options.get("window_size", (-1, -1))
+    _require_kernels()
     problem = AttentionProblem(  # the caches after the append, as the kernels read them
-        q=q, k=k_cache, v=v_cache, softmax_scale=d**-0.5, causal=bool(options.get("causal")), window_left=window[0],
-        window_right=0 if options.get("causal") else window[1], softcap=options.get("softcap", 0.0),
-        alibi_slopes=options.get("alibi_slopes"), dropout_p=0.0, max_seqlen_q=NEW_TOKENS,
+        q=q, k=k_cache, v=v_cache, **_mask_fields(options, d), max_seqlen_q=NEW_TOKENS,
         max_seqlen_k=max(CACHE_SEQLENS) + NEW_TOKENS, kv_cache=cache)
-    exact, low = references(problem)
-    return [compare("out", out, exact.out, low.out, factor=OUTPUT_FACTOR), compare_lse(lse, exact.lse)]
+    return compare_results(*references(problem), out=out, lse=lse)

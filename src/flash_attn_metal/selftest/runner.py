@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import attention, conformance
+from ..verify import failures
 from .report import Check, Report, describe_error, environment, headline, write
 
 EMULATOR_TIMINGS = "emulator timings: they exercise the harness and say nothing about Apple GPU speed"
@@ -84,8 +85,7 @@ def conformance_checks(mps: bool, notes: list[str]) -> Iterator[Check]:
 
 
 def _attention(case: attention.AttentionCase, device: str) -> str | None:
-    failed = [c for c in attention.check(case, device) if not c.ok]
-    return "; ".join(map(str, failed)) or None
+    return failures(attention.check(case, device))
 
 
 def _timing(report: Report, mps: bool, quick: bool, say: Callable[[str], None]) -> str | None:
