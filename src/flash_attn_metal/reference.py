@@ -45,7 +45,7 @@ backward (activation checkpointing) instead of keeping its score matrix.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -71,10 +71,8 @@ def attention(
     p = problem
     if p.attn_mask is not None and (p.is_varlen or p.kv_cache is not None):
         raise ValueError("attn_mask applies to the padded layout only")
-    if p.dropout_p > 0 and dropout_mask is None and p.dropout_rng is None:
-        from .kernels import dropout  # imported on first use: importing the package stays light
-
-        p = replace(p, dropout_rng=dropout.draw_seed_offset(generator))
+    if dropout_mask is None:
+        p = p.with_dropout_rng(generator)
     options = _Options(p, upcast, reorder_ops, return_probs, dropout_mask)
     if p.kv_cache is not None:
         outs, lses, all_probs = [], [], []
