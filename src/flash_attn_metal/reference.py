@@ -116,7 +116,7 @@ def _cache_rows(p: AttentionProblem, b: int) -> tuple[Tensor, Tensor]:
 
 def _stacked_probs(p: AttentionProblem, per_sequence: list[Tensor]) -> Tensor:
     """Each sequence's S_dmask (1, h, >= sq_b, >= sk_b) in one (b, h, round128(max_sq), round128(max_sk))."""
-    probs = p.q.new_zeros((p.batch, p.nheads, _round128(p.max_seqlen_q), _round128(p.max_seqlen_k)))
+    probs = p.q.new_zeros((p.batch, p.nheads, round128(p.max_seqlen_q), round128(p.max_seqlen_k)))
     for b, pr in enumerate(per_sequence):
         probs[b, :, : pr.shape[2], : pr.shape[3]] = pr[0]
     return probs
@@ -162,7 +162,8 @@ def _longest(cu_seqlens: Tensor) -> int:
     return int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
 
 
-def _round128(n: int) -> int:
+def round128(n: int) -> int:
+    """n rounded up to a multiple of 128: S_dmask's padded sequence lengths."""
     return (n + 127) // 128 * 128
 
 
@@ -208,7 +209,7 @@ def _padded(q: Tensor, k: Tensor, v: Tensor, batch_index: int | None, o: _Option
     lse = torch.cat(lses, dim=2)
     probs = None
     if o.return_probs:
-        probs = q.new_zeros((b, h, _round128(sq), _round128(sk)))
+        probs = q.new_zeros((b, h, round128(sq), round128(sk)))
         probs[:, :, :sq, :sk] = torch.cat(all_probs, dim=2).to(q.dtype)
     return out, lse, probs
 
@@ -224,7 +225,7 @@ def _no_keys(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, needs_grad: 
     lse = torch.full((b, h, sq), math.inf, dtype=torch.float32, device=q.device)
     if sinks is not None:
         lse = sinks.detach().float().masked_fill(sinks.isneginf(), math.inf).view(1, h, 1).expand(b, h, sq)
-    probs = q.new_zeros((b, h, _round128(sq), _round128(k.shape[1]))) if return_probs else None
+    probs = q.new_zeros((b, h, round128(sq), round128(k.shape[1]))) if return_probs else None
     return out, lse, probs
 
 
