@@ -175,8 +175,12 @@ def _used_keys(k: Tensor, v: Tensor, cu_seqlens_k: Tensor, leftpad_k: Optional[T
     rows = torch.cat([torch.arange(offsets[b] + starts[b], offsets[b] + ends[b]) for b in range(batch)]
                      or [torch.zeros(0, dtype=torch.long)]).to(k.device)
     used = [e - s for s, e in zip(starts, ends)]
-    cu = torch.tensor([0] + used, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(k.device)
-    return k[rows], v[rows], cu, max(used, default=0)
+    return k[rows], v[rows], _cu_seqlens(used, k.device), max(used, default=0)
+
+
+def _cu_seqlens(lengths: list[int], device: torch.device) -> Tensor:
+    """int32 (batch + 1,) offsets of sequences of `lengths`."""
+    return torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
 
 
 def _per_sequence(name: str, value: Optional[Tensor], batch: int, default: list[int]) -> list[int]:
@@ -204,7 +208,7 @@ def _flash_attn_varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Te
             raise ValueError("leftpad_k cannot be used with a paged kv cache (block_table), as in flash-attn")
         if seqused_k is not None:  # the paged gather reads each sequence's first seqused_k[b] rows
             used = _per_sequence("seqused_k", seqused_k, cu_seqlens_k.numel() - 1, [])
-            cu_seqlens_k = torch.tensor([0] + used, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(q.device)
+            cu_seqlens_k = _cu_seqlens(used, q.device)
             max_seqlen_k = max(used, default=0)
     elif leftpad_k is not None or seqused_k is not None:
         k, v, cu_seqlens_k, max_seqlen_k = _used_keys(k, v, cu_seqlens_k, leftpad_k, seqused_k)
