@@ -24,11 +24,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SLACK = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def emulator_strict(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
-    monkeypatch.setenv("FLASH_ATTN_METAL_STRICT", "1")
-    flash_attn_metal.reset_stats()
+pytestmark = pytest.mark.usefixtures("emulator_strict")
 
 
 def reference_grads(q, k, v, grad, upcast, **kw):

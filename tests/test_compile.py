@@ -11,10 +11,7 @@ from flash_attn_metal.ops import backward as backward_op
 from flash_attn_metal.ops import forward as forward_op
 
 
-@pytest.fixture(autouse=True)
-def emulator_strict(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
-    monkeypatch.setenv("FLASH_ATTN_METAL_STRICT", "1")
+pytestmark = pytest.mark.usefixtures("emulator_strict")
 
 
 def inputs(requires_grad=True):

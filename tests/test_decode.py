@@ -22,11 +22,7 @@ from test_forward_kernels import assert_within_rule, problem_of, varlen_inputs
 FP16 = torch.float16
 
 
-@pytest.fixture(autouse=True)
-def emulator_strict(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
-    monkeypatch.setenv("FLASH_ATTN_METAL_STRICT", "1")
-    flash_attn_metal.reset_stats()
+pytestmark = pytest.mark.usefixtures("emulator_strict")
 
 
 def launched() -> dict[str, int]:
@@ -217,11 +213,6 @@ def test_caches_past_32_bit_offsets_take_the_block_forward():
                            alibi_slopes=None, dropout_p=0.0, max_seqlen_q=1, max_seqlen_k=rows,
                            kv_cache=KVCache(seqlens, seqlens * 0, seqlens * 0, None))
     assert decode.plan(big, get_backend("emulator")) is None
-
-
-@pytest.fixture
-def debug_emulator(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_METAL_EMULATOR_DEBUG", "1")
 
 
 def test_debug_build_stays_in_bounds(debug_emulator):

@@ -81,9 +81,7 @@ def lengths(b: int, n: int) -> torch.Tensor:
     return torch.full((b,), n)
 
 
-@pytest.fixture(autouse=True)
-def on_the_reference(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "reference")
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 # ---- the convention on small cases computed by hand ----

@@ -24,10 +24,7 @@ from flash_attn_metal.reference import attention_ref
 from flash_attn_metal.runtime import backend as runtime_backend
 from naive import dense_attention
 
-@pytest.fixture(autouse=True)
-def emulator_strict(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
-    monkeypatch.setenv("FLASH_ATTN_METAL_STRICT", "1")
+pytestmark = pytest.mark.usefixtures("emulator_strict")
 
 
 @pytest.fixture

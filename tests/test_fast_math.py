@@ -18,11 +18,8 @@ from flash_attn_metal.emulator import compile_shader
 
 
 @pytest.fixture(autouse=True)
-def fast_math(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
-    monkeypatch.setenv("FLASH_ATTN_METAL_STRICT", "1")
+def fast_math(emulator_strict, monkeypatch):
     monkeypatch.setenv("FLASH_ATTN_METAL_EMULATOR_FAST_MATH", "1")
-    flash_attn_metal.reset_stats()
 
 
 def test_the_build_really_assumes_finite_math():

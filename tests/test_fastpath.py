@@ -15,11 +15,9 @@ from flash_attn_metal.kernels import launch
 
 
 @pytest.fixture(autouse=True)
-def emulator_strict(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
-    monkeypatch.setenv("FLASH_ATTN_METAL_STRICT", "1")
+def fresh_launches(emulator_strict):
+    """No launch remembered before or after a test."""
     fastpath.clear()
-    flash_attn_metal.reset_stats()
     yield
     fastpath.clear()
 

@@ -31,11 +31,7 @@ from flash_attn_metal.reference import attention
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-@pytest.fixture(autouse=True)
-def emulator_strict(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
-    monkeypatch.setenv("FLASH_ATTN_METAL_STRICT", "1")
-    flash_attn_metal.reset_stats()
+pytestmark = pytest.mark.usefixtures("emulator_strict")
 
 
 def problem_of(q, k, v, causal=False, window=(-1, -1), softcap=0.0, alibi=None, cu_q=None, cu_k=None, max_q=0, max_k=0):
@@ -255,12 +251,6 @@ def test_side_inputs_may_be_views():
     out, lse, _ = flash_attn_func(q, q, q, alibi_slopes=slopes, return_attn_probs=True)
     assert_within_rule(out, lse, problem_of(q, q, q, alibi=slopes.contiguous()))
     kernels_ran()
-
-
-@pytest.fixture
-def debug_emulator(monkeypatch):
-    """Kernels run as bounds-checking debug builds (a backend of their own, so no cached build is reused)."""
-    monkeypatch.setenv("FLASH_ATTN_METAL_EMULATOR_DEBUG", "1")
 
 
 def test_debug_build_bounds_checks_every_access(debug_emulator):

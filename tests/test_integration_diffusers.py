@@ -19,10 +19,7 @@ TOL = 1e-5  # fp32
 
 
 @pytest.fixture(autouse=True)
-def emulator_strict(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
-    monkeypatch.setenv("FLASH_ATTN_METAL_STRICT", "1")
-    flash_attn_metal.reset_stats()
+def disabled_after(emulator_strict):
     yield
     integration.disable()
 

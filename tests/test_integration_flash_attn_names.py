@@ -20,11 +20,7 @@ from flash_attn_metal.layers.rotary import (
 )
 
 
-@pytest.fixture(autouse=True)
-def emulator_strict(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
-    monkeypatch.setenv("FLASH_ATTN_METAL_STRICT", "1")
-    flash_attn_metal.reset_stats()
+pytestmark = pytest.mark.usefixtures("emulator_strict")
 
 
 # ---- rotary ------------------------------------------------------------------------------------------------

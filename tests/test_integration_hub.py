@@ -26,11 +26,7 @@ from kernels._rust import Digest, DigestAlgorithm, Metadata  # noqa: E402
 REPO = "flash-attn-metal/flash-attn-metal"  # any <org>/<repo>: LOCAL_KERNELS maps it to the export
 
 
-@pytest.fixture(autouse=True)
-def emulator_strict(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
-    monkeypatch.setenv("FLASH_ATTN_METAL_STRICT", "1")
-    flash_attn_metal.reset_stats()
+pytestmark = pytest.mark.usefixtures("emulator_strict")
 
 
 @pytest.fixture(scope="module")

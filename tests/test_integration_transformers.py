@@ -18,11 +18,7 @@ from flash_attn_metal.integrations import transformers as integration  # noqa: E
 TOL = 1e-4  # fp32 logits through two layers: the kernels match eager to ~1e-6
 
 
-@pytest.fixture(autouse=True)
-def emulator_strict(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
-    monkeypatch.setenv("FLASH_ATTN_METAL_STRICT", "1")
-    flash_attn_metal.reset_stats()
+pytestmark = pytest.mark.usefixtures("emulator_strict")
 
 
 def tiny(kind: str):

@@ -22,9 +22,7 @@ from flash_attn_metal.bert_padding import index_first_axis, pad_input, unpad_inp
 from naive import naive_attention
 
 
-@pytest.fixture(autouse=True)
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "reference")
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def padded_naive(q, k, v, **kw):

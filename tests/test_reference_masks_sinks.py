@@ -15,9 +15,7 @@ from flash_attn_metal.reference import attention
 from naive import naive_attention
 
 
-@pytest.fixture(autouse=True)
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "reference")
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def problem(q, k, v, *, causal=False, window=(-1, -1), alibi=None, mask=None, sinks=None, top_left=False):

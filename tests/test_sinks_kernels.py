@@ -20,11 +20,7 @@ from flash_attn_metal.reference import attention
 SLACK = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def emulator(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "emulator")
-    monkeypatch.setenv("FLASH_ATTN_METAL_STRICT", "1")
-    flash_attn_metal.reset_stats()
+pytestmark = pytest.mark.usefixtures("emulator_strict")
 
 
 def run_quietly(fn, *args, **kwargs):

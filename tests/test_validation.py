@@ -19,9 +19,7 @@ from flash_attn_metal import (
 )
 
 
-@pytest.fixture(autouse=True)
-def reference_backend(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_METAL_BACKEND", "reference")
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def qkv(b=2, s=8, h=4, hk=2, d=16, dtype=torch.float16):

@@ -7,10 +7,11 @@ same key replays that launch on its own tensors: about a quarter of the full pat
 
 The key holds everything the full path's decisions read, so a call that would fail validation, fall back or run
 a different kernel never shares a key with one that ran: the tensors' exact type (plain `torch.Tensor`), shapes,
-strides, dtypes, devices and what the loads' alignment reads of their storage offsets; the options as plain Python values (the type is part of the key, so `True` never
-stands in for `1.0`); and the environment variables that choose the backend. Calls that need autograd, run under
-torch.compile, or pass tensors as options (ALiBi slopes, a tensor window or softcap) have no key and always
-take the full path.
+strides, dtypes, devices and what the loads' alignment reads of their storage offsets; the options as plain Python
+values (the type is part of the key, so `True` never stands in for `1.0`); and the environment variables that
+choose the backend and build the kernels. Calls that need autograd, run under torch.compile, use dropout (each
+draws a new seed) or pass tensors as options (ALiBi slopes, sinks, a tensor window or softcap) have no key and
+always take the full path.
 """
 
 from __future__ import annotations

@@ -10,11 +10,11 @@ it as its `flash_attn_interface`. The private functions keep flash-attn 2.8.3's 
 - `_flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, ...) -> softmax_d` writes the gradients
   into dq, dk, dv (when given) and returns D = rowsum(dout * out), laid out as flash-attn lays it out;
 - neither records autograd history: callers wrap them in an autograd.Function of their own;
-- the backward reads the given out and softmax_lse (as ring attention needs) where the kernels run it; where the
-  PyTorch reference runs it (dropout, or an announced fallback) it recomputes the forward, so out and
-  softmax_lse must then be this call's own;
-- `rng_state` is the device's default-generator state before the forward: the backward of a dropout call
-  replays the same draw from it;
+- the backward reads the given out and softmax_lse (as ring attention needs) where the kernels run a call
+  without dropout; a dropout call, or an announced fallback to the PyTorch reference, recomputes the forward,
+  so out and softmax_lse must then be this call's own;
+- `rng_state` is the state of torch's default CPU generator (the one dropout draws from on every device)
+  before the forward: the backward of a dropout call replays the same draw from it;
 - `_wrapped_flash_attn_*` are the same functions (flash-attn's are its torch.library ops).
 """
 
@@ -101,9 +101,9 @@ def _forward(q: Tensor, call, dropout_p: float) -> tuple[Tensor, Tensor, Tensor,
 
 def _gradients(problem: AttentionProblem, out: Tensor, lse: Tensor, dout: Tensor, recompute,
                rng_state: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv: the backward kernels from out and lse where they run this call (the statistics they read are
-    rebuilt from lse: P = exp(S - lse), as a globally reduced lse asks); otherwise the call's forward recomputed
-    under autograd (`recompute(q, k, v)`, replaying the dropout draw)."""
+    """dq, dk, dv: the backward kernels from out and lse where they run this call without dropout (the statistics
+    they read are rebuilt from lse: P = exp(S - lse), as a globally reduced lse asks); otherwise the call's
+    forward recomputed under autograd: `recompute(q, k, v)` replaying the dropout draw, or the reference."""
     if problem.dropout_p == 0:
         backend = routing.choose(problem, needs_grad=True)
         if backend is not None:
@@ -175,8 +175,12 @@ def _used_keys(k: Tensor, v: Tensor, cu_seqlens_k: Tensor, leftpad_k: Optional[T
     rows = torch.cat([torch.arange(offsets[b] + starts[b], offsets[b] + ends[b]) for b in range(batch)]
                      or [torch.zeros(0, dtype=torch.long)]).to(k.device)
     used = [e - s for s, e in zip(starts, ends)]
-    cu = torch.tensor([0] + used, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(k.device)
-    return k[rows], v[rows], cu, max(used, default=0)
+    return k[rows], v[rows], _cu_seqlens(used, k.device), max(used, default=0)
+
+
+def _cu_seqlens(lengths: list[int], device: torch.device) -> Tensor:
+    """int32 (batch + 1,) offsets of sequences of `lengths`."""
+    return torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
 
 
 def _per_sequence(name: str, value: Optional[Tensor], batch: int, default: list[int]) -> list[int]:
@@ -204,7 +208,7 @@ def _flash_attn_varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Te
             raise ValueError("leftpad_k cannot be used with a paged kv cache (block_table), as in flash-attn")
         if seqused_k is not None:  # the paged gather reads each sequence's first seqused_k[b] rows
             used = _per_sequence("seqused_k", seqused_k, cu_seqlens_k.numel() - 1, [])
-            cu_seqlens_k = torch.tensor([0] + used, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(q.device)
+            cu_seqlens_k = _cu_seqlens(used, q.device)
             max_seqlen_k = max(used, default=0)
     elif leftpad_k is not None or seqused_k is not None:
         k, v, cu_seqlens_k, max_seqlen_k = _used_keys(k, v, cu_seqlens_k, leftpad_k, seqused_k)

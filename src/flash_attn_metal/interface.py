@@ -8,7 +8,6 @@ eager inference call of the padded layout replays its remembered launch instead 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional, Union
 
 import torch
@@ -86,10 +85,7 @@ def _attend(problem: AttentionProblem, return_attn_probs: bool, call_key: tuple 
     """Run the problem on the backend routing chooses; flash-attn's return value (out, or out, lse, S_dmask).
     When the kernels run an eager call that has a `fastpath` key, its launch is remembered under that key.
     A dropout call draws its mask's (seed, offset) here, once; its backward reuses them."""
-    if problem.dropout_p > 0:
-        from .kernels import dropout  # only for dropout: importing the package stays light
-
-        problem = dataclasses.replace(problem, dropout_rng=dropout.draw_seed_offset())
+    problem = problem.with_dropout_rng()
     needs_grad = problem_needs_grad(problem)
     needs_probs = return_attn_probs and problem.dropout_p > 0  # flash-attn's S_dmask is empty without dropout
     backend = routing.choose(problem, needs_grad)
@@ -114,10 +110,7 @@ def run_kernels(problem: AttentionProblem, backend: str, needs_grad: bool,
                 call_key: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) from the kernels on `backend`. An eager inference call with a `fastpath` key has its launch
     remembered under that key. A dropout call without its (seed, offset) yet draws them here."""
-    if problem.dropout_p > 0 and problem.dropout_rng is None:
-        from .kernels import dropout
-
-        problem = dataclasses.replace(problem, dropout_rng=dropout.draw_seed_offset())
+    problem = problem.with_dropout_rng()
     if needs_grad or torch.compiler.is_compiling():
         from . import ops  # custom ops: autograd and torch.compile see the kernels as single ops
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import validation
+from .kernels import dropout
 from .problem import AttentionProblem, KVCache
 
 # The ops' namespace is the package's import name: a second copy of the package (the kernels-hub build, imported
@@ -167,7 +168,7 @@ def _dropout_rng(p: AttentionProblem) -> tuple[int, int]:
     """The call's dropout (seed, offset) as int64 bits, the ops' int arguments (0, 0 without dropout)."""
     if p.dropout_rng is None:
         return 0, 0
-    return tuple(v - (1 << 64) if v >= 1 << 63 else v for v in p.dropout_rng)
+    return tuple(map(dropout.as_int64, p.dropout_rng))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::check_kv_cache", mutates_args=())

@@ -6,7 +6,7 @@ below them (the reference, the kernel dispatch) reads only this.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -77,6 +77,15 @@ class AttentionProblem:
     attn_mask: torch.Tensor | None = None  # bool or float, (b, h, sq, sk) view; padded layout only
     sinks: torch.Tensor | None = None  # fp32 (h,)
     top_left: bool = False
+
+    def with_dropout_rng(self, generator: torch.Generator | None = None) -> AttentionProblem:
+        """This problem with its dropout's (seed, offset) drawn from `generator` (kernels/dropout.py) if it drops
+        and has none yet; otherwise this problem."""
+        if self.dropout_p <= 0 or self.dropout_rng is not None:
+            return self
+        from .kernels import dropout  # only for dropout: importing the package stays light
+
+        return replace(self, dropout_rng=dropout.draw_seed_offset(generator))
 
     @property
     def top_left_matters(self) -> bool:

@@ -45,7 +45,7 @@ backward (activation checkpointing) instead of keeping its score matrix.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -71,10 +71,8 @@ def attention(
     p = problem
     if p.attn_mask is not None and (p.is_varlen or p.kv_cache is not None):
         raise ValueError("attn_mask applies to the padded layout only")
-    if p.dropout_p > 0 and dropout_mask is None and p.dropout_rng is None:
-        from .kernels import dropout  # imported on first use: importing the package stays light
-
-        p = replace(p, dropout_rng=dropout.draw_seed_offset(generator))
+    if dropout_mask is None:
+        p = p.with_dropout_rng(generator)
     options = _Options(p, upcast, reorder_ops, return_probs, dropout_mask)
     if p.kv_cache is not None:
         outs, lses, all_probs = [], [], []
@@ -118,7 +116,7 @@ def _cache_rows(p: AttentionProblem, b: int) -> tuple[Tensor, Tensor]:
 
 def _stacked_probs(p: AttentionProblem, per_sequence: list[Tensor]) -> Tensor:
     """Each sequence's S_dmask (1, h, >= sq_b, >= sk_b) in one (b, h, round128(max_sq), round128(max_sk))."""
-    probs = p.q.new_zeros((p.batch, p.nheads, _round128(p.max_seqlen_q), _round128(p.max_seqlen_k)))
+    probs = p.q.new_zeros((p.batch, p.nheads, round128(p.max_seqlen_q), round128(p.max_seqlen_k)))
     for b, pr in enumerate(per_sequence):
         probs[b, :, : pr.shape[2], : pr.shape[3]] = pr[0]
     return probs
@@ -164,7 +162,8 @@ def _longest(cu_seqlens: Tensor) -> int:
     return int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
 
 
-def _round128(n: int) -> int:
+def round128(n: int) -> int:
+    """n rounded up to a multiple of 128: S_dmask's padded sequence lengths."""
     return (n + 127) // 128 * 128
 
 
@@ -210,7 +209,7 @@ def _padded(q: Tensor, k: Tensor, v: Tensor, batch_index: int | None, o: _Option
     lse = torch.cat(lses, dim=2)
     probs = None
     if o.return_probs:
-        probs = q.new_zeros((b, h, _round128(sq), _round128(sk)))
+        probs = q.new_zeros((b, h, round128(sq), round128(sk)))
         probs[:, :, :sq, :sk] = torch.cat(all_probs, dim=2).to(q.dtype)
     return out, lse, probs
 
@@ -226,7 +225,7 @@ def _no_keys(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, needs_grad: 
     lse = torch.full((b, h, sq), math.inf, dtype=torch.float32, device=q.device)
     if sinks is not None:
         lse = sinks.detach().float().masked_fill(sinks.isneginf(), math.inf).view(1, h, 1).expand(b, h, sq)
-    probs = q.new_zeros((b, h, _round128(sq), _round128(k.shape[1]))) if return_probs else None
+    probs = q.new_zeros((b, h, round128(sq), round128(k.shape[1]))) if return_probs else None
     return out, lse, probs
 
 

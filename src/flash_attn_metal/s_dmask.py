@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .kernels import dropout
 from .problem import AttentionProblem
-from .reference import CHUNK_ELEMENTS
+from .reference import CHUNK_ELEMENTS, round128
 
 
 def block_size_n(head_dim: int, is_dropout: bool, is_causal: bool) -> int:
@@ -38,10 +38,6 @@ def block_size_n(head_dim: int, is_dropout: bool, is_causal: bool) -> int:
     if head_dim <= 128:
         return 32 if is_dropout else 64
     return 64
-
-
-def round128(n: int) -> int:
-    return -(-n // 128) * 128
 
 
 def build(problem: AttentionProblem) -> Tensor:

@@ -12,7 +12,8 @@ torch's calling convention and semantics (2.13):
   to (..., Hq, L, S); a row whose scores are all -inf gives out = 0 and zero gradients (torch 2.13's math path,
   `_safe_softmax`);
 - `enable_gqa`: query head h reads key/value head h // (Hq / Hk);
-- `dropout_p` > 0 drops attention probabilities (torch's own SDPA runs those calls);
+- `dropout_p` > 0 drops attention probabilities, with the kernels' own mask (kernels/dropout.py, drawn from
+  torch's default CPU generator), not the one torch's SDPA would draw;
 - `sinks` (this package's extension): fp32 (Hq,) logits that join each row's softmax denominator and carry no
   value (gpt-oss).
 

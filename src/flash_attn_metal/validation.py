@@ -103,32 +103,29 @@ def dropout(dropout_p: object, softcap: float) -> float:
 
 
 def alibi(alibi_slopes: object, batch: int, nheads: int, device: torch.device) -> torch.Tensor | None:
-    if alibi_slopes is None:
-        return None
-    if not isinstance(alibi_slopes, torch.Tensor):
-        raise TypeError(f"alibi_slopes must be a torch.Tensor, got {type(alibi_slopes).__name__}")
-    if alibi_slopes.dtype != torch.float32:
-        raise ArgumentError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
-    if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
-        raise ArgumentError(f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), got "
-                            f"{tuple(alibi_slopes.shape)}")
-    if alibi_slopes.device != device:
-        raise ArgumentError(f"alibi_slopes is on {alibi_slopes.device} but q is on {device}")
-    return alibi_slopes
+    """ALiBi slopes: an fp32 (nheads,) or (batch, nheads) tensor on q's device, or None."""
+    return _fp32("alibi_slopes", alibi_slopes, ((nheads,), (batch, nheads)), f"({nheads},) or ({batch}, {nheads})",
+                 device)
 
 
 def sinks(value: object, nheads: int, device: torch.device) -> torch.Tensor | None:
     """Per-head sink logits: an fp32 (nheads,) tensor on q's device, or None."""
+    return _fp32("sinks", value, ((nheads,),), f"({nheads},) (one logit per query head)", device)
+
+
+def _fp32(name: str, value: object, shapes: tuple[tuple[int, ...], ...], expected: str,
+          device: torch.device) -> torch.Tensor | None:
+    """An optional fp32 tensor of one of `shapes` (`expected` spells them) on q's device."""
     if value is None:
         return None
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"sinks must be a torch.Tensor, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype != torch.float32:
-        raise ArgumentError(f"sinks must be float32, got {value.dtype}")
-    if tuple(value.shape) != (nheads,):
-        raise ArgumentError(f"sinks must have shape ({nheads},) (one logit per query head), got {tuple(value.shape)}")
+        raise ArgumentError(f"{name} must be float32, got {value.dtype}")
+    if tuple(value.shape) not in shapes:
+        raise ArgumentError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
     if value.device != device:
-        raise ArgumentError(f"sinks is on {value.device} but q is on {device}")
+        raise ArgumentError(f"{name} is on {value.device} but q is on {device}")
     return value
 
 
