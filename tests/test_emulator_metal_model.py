@@ -11,20 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from emulator_support import DEVICES
+from emulator_support import HEADER, assert_refused, build, on_devices
 from flash_attn_metal.emulator import MSLCompileError, UnsupportedMSL, compile_shader, typecheck
 
-HEADER = "#include <metal_stdlib>\nusing namespace metal;\n"
 INCLUDE = Path(importlib.import_module("flash_attn_metal.emulator").__file__).parent / "include"
-
-on_devices = pytest.mark.parametrize("device", DEVICES)
-
-
-def build(body: str, device: str = "cpu", checked: bool = True, header: str = HEADER):
-    source = header + body
-    if checked:
-        typecheck(source)
-    return compile_shader(source, device)
 
 
 # ---- 1. name lookup: user functions overload Metal's ----
@@ -219,10 +209,7 @@ def test_stdlib_vocabulary_in_constant_expressions(device):
 
 def test_a_false_trait_fails_a_static_assert():
     bad = VOCABULARY.replace("is_integral_v<ushort> &&", "is_integral_v<half> &&")
-    with pytest.raises(MSLCompileError):
-        compile_shader(HEADER + bad)
-    with pytest.raises(MSLCompileError):
-        typecheck(HEADER + bad)
+    assert_refused(HEADER + bad)
 
 
 # ---- 5. address-space overloads ----
