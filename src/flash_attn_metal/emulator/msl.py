@@ -346,12 +346,12 @@ class _Reader:
         self.struct_fields: set[str] = set()
         self.scopes: dict[int, str] = {}
         self.dropped: list[tuple[int, int]] = []
-        self.pending: list[tuple[int, int, tuple[str, ...]]] = []  # instantiations, read once every kernel is known
+        self.pending: list[tuple[int, int]] = []  # instantiations, read once every kernel is known
 
     def run(self) -> None:
         self.namespace_scope(0, len(self.tokens), ())
         templates = {k.name: k for k in self.kernels if k.template is not None}
-        for start, end, _ in self.pending:
+        for start, end in self.pending:
             instantiation = self.instantiation(start, end, templates)
             if instantiation is not None:
                 self.instantiations.append(instantiation)
@@ -370,7 +370,7 @@ class _Reader:
                 i = matching(tokens, i, text, ")" if text == "(" else "]") + 1
             elif text == ";":
                 if tokens[start].text == "template" and start + 1 < i and tokens[start + 1].text != "<":
-                    self.pending.append((start, i, namespace))
+                    self.pending.append((start, i))
                 i += 1
                 start = i
             elif text == "{":

@@ -118,7 +118,7 @@ MSL_FN constexpr ushort float_to_bfloat_bits(float f) {
 
 MSL_FN constexpr float bfloat_bits_to_float(ushort b) { return u2f((uint)b << 16); }
 
-// Copy the bytes of one object into another (as_type); NVRTC has no __builtin_memcpy.
+// Copy the bytes of one object into another (CUDA's shuffles and atomics); NVRTC has no __builtin_memcpy.
 MSL_FN void copy_bytes(void* dst, const void* src, size_t n) {
 #ifdef MSL_TARGET_CUDA
   for (size_t i = 0; i < n; ++i) ((char*)dst)[i] = ((const char*)src)[i];
@@ -308,9 +308,6 @@ struct swizzle : vec<T, sizeof...(I)> {
   MSL_SWIZZLE_COMPOUND(+) MSL_SWIZZLE_COMPOUND(-) MSL_SWIZZLE_COMPOUND(*) MSL_SWIZZLE_COMPOUND(/)
 #undef MSL_SWIZZLE_COMPOUND
 };
-
-template <class T> struct vec_traits { static constexpr bool is_vec = false; };
-template <class T, int N> struct vec_traits<vec<T, N>> { static constexpr bool is_vec = true; typedef T elem; static constexpr int n = N; };
 }  // namespace msl
 
 // Operators on vectors live in namespace metal, where argument-dependent lookup finds them. A packed vector
