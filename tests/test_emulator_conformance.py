@@ -1,34 +1,18 @@
 """Conformance of the Metal emulator: small MSL kernels checked against results computed in Python.
 
-Each kernel exercises one construct of the issue's list; the negative controls show that a broken
-emulator (a missing barrier, a wrong lane layout) would be caught.
+The kernels and their expected results are flash_attn_metal.selftest.conformance's (`selftest` runs them on a
+Mac's GPU too). Each exercises one construct; the negative controls show that a broken emulator (a missing
+barrier, a wrong lane layout) would be caught.
 """
 
 from __future__ import annotations
 
-
 import pytest
 
 from emulator_support import DEVICES
-from flash_attn_metal.emulator import compile_shader
-from flash_attn_metal.selftest.conformance import (  # noqa: F401  (kernels shared with selftest)
-    ATOMICS,
-    BARRIERS,
-    BINDING,
-    HEADER,
-    MATRIX,
-    SIMD,
-    TYPES,
-    failures,
-    named,
-    run,
-)
+from flash_attn_metal.selftest.conformance import failures, named, run
 
 pytestmark = pytest.mark.parametrize("device", DEVICES)
-
-
-def build(device: str, body: str):
-    return compile_shader(HEADER + body, device)
 
 
 def assert_conforms(case: str, device: str, *only: str) -> None:

@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from emulator_support import HEADER
 from flash_attn_metal.emulator import KernelExecutionError, MSLCompileError, UnsupportedMSL, compile_shader
-
-HEADER = "#include <metal_stdlib>\nusing namespace metal;\n"
 
 DIVERGENCE = HEADER + """
 kernel void split_barrier(device float* out [[buffer(0)]], constant long& diverge [[buffer(1)]],

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from emulator_support import HEADER
 from flash_attn_metal import settings
 from flash_attn_metal.emulator import EmulatorUnavailable, compile_shader
 from flash_attn_metal.runtime.backend import get_backend
 from flash_attn_metal.stats import stats
 
-HEADER = "#include <metal_stdlib>\nusing namespace metal;\n"
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 ADD_ONE = HEADER + """

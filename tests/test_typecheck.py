@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from emulator_support import HEADER
 from flash_attn_metal.emulator import MSLCompileError, typecheck
 
 
@@ -17,7 +18,7 @@ def internals():
     package's `typecheck` attribute to the module for test files collected later)."""
     return importlib.import_module("flash_attn_metal.emulator.typecheck")
 
-HEADER = "#include <metal_stdlib>\nusing namespace metal;\n"
+
 HELPER_LINE, BODY_LINE = 3, 6
 
 

@@ -40,7 +40,7 @@ class MSLCompileError(MSLError):
 
 class KernelExecutionError(MSLError):
     """A kernel failed while running: a barrier or SIMD collective that cannot complete, or (in debug mode)
-    an out-of-bounds buffer access."""
+    an out-of-bounds or misaligned access to device, constant or threadgroup memory."""
 
 
 class EmulatorUnavailable(MSLError, RuntimeError):

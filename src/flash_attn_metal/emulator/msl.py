@@ -231,6 +231,12 @@ def matching(tokens: list[Token], i: int, open_: str, close: str) -> int:
     raise UnsupportedMSL(open_, tokens[i].line, f"unbalanced {open_!r}")
 
 
+def group_end(tokens: list[Token], i: int) -> int:
+    """`i` points at a `(` or `[`: the index of the `)` or `]` that closes it."""
+    open_ = tokens[i].text
+    return matching(tokens, i, open_, ")" if open_ == "(" else "]")
+
+
 def angle_end(tokens: list[Token], i: int) -> int:
     """`i` points at a `<` that opens template arguments or parameters: the index of its closing `>` (a `>>` that
     closes two levels counts as closing this one)."""
@@ -239,7 +245,7 @@ def angle_end(tokens: list[Token], i: int) -> int:
     while j < len(tokens):
         t = tokens[j].text
         if t in ("(", "["):
-            j = matching(tokens, j, t, ")" if t == "(" else "]")
+            j = group_end(tokens, j)
         elif t == "<":
             depth += 1
         elif t in (">", ">>"):
@@ -346,12 +352,12 @@ class _Reader:
         self.struct_fields: set[str] = set()
         self.scopes: dict[int, str] = {}
         self.dropped: list[tuple[int, int]] = []
-        self.pending: list[tuple[int, int, tuple[str, ...]]] = []  # instantiations, read once every kernel is known
+        self.pending: list[tuple[int, int]] = []  # instantiations, read once every kernel is known
 
     def run(self) -> None:
         self.namespace_scope(0, len(self.tokens), ())
         templates = {k.name: k for k in self.kernels if k.template is not None}
-        for start, end, _ in self.pending:
+        for start, end in self.pending:
             instantiation = self.instantiation(start, end, templates)
             if instantiation is not None:
                 self.instantiations.append(instantiation)
@@ -367,10 +373,10 @@ class _Reader:
                     start = i + 1
                 i += 1
             elif text == "(" or text == "[":
-                i = matching(tokens, i, text, ")" if text == "(" else "]") + 1
+                i = group_end(tokens, i) + 1
             elif text == ";":
                 if tokens[start].text == "template" and start + 1 < i and tokens[start + 1].text != "<":
-                    self.pending.append((start, i, namespace))
+                    self.pending.append((start, i))
                 i += 1
                 start = i
             elif text == "{":
@@ -432,7 +438,7 @@ class _Reader:
                 i += 1
                 continue
             if text in ("(", "["):
-                i = matching(tokens, i, text, ")" if text == "(" else "]") + 1
+                i = group_end(tokens, i) + 1
                 continue
             if text == "{":
                 end = matching(tokens, i, "{", "}")
@@ -509,7 +515,7 @@ class _Reader:
             elif tokens[i].text == "template" and i + 1 < brace and tokens[i + 1].text == "<":
                 i = template_header_end(tokens, i) + 1
             elif tokens[i].text in ("(", "["):
-                i = matching(tokens, i, tokens[i].text, ")" if tokens[i].text == "(" else "]") + 1
+                i = group_end(tokens, i) + 1
             else:
                 if tokens[i].text == "kernel":
                     return True
@@ -549,7 +555,7 @@ class _Reader:
                 dropped.append((j, j))
                 j += 1
             elif tokens[j].text in ("(", "["):
-                end = matching(tokens, j, tokens[j].text, ")" if tokens[j].text == "(" else "]")
+                end = group_end(tokens, j)
                 head.extend(range(j, end + 1))
                 j = end + 1
             else:

@@ -87,8 +87,9 @@ _PRELUDES = {"cpu": "msl_cpu.h", "cuda": "msl_cuda.h"}
 
 def translate(source: str, *, debug: bool = False, target: str = "cpu", fast_math: bool = False) -> Translation:
     program = parse(preprocess(source, fast_math=fast_math))
+    writer = _Writer(program, target)
     entries = [_Entry(k.host_name or k.name, k, None, k.line) for k in program.kernels if k.template is None]
-    entries += [_Entry(inst.host_name, inst.kernel, _Writer(program, target).text(*inst.args), inst.line)
+    entries += [_Entry(inst.host_name, inst.kernel, writer.text(*inst.args), inst.line)
                 for inst in program.instantiations]
     if not entries:
         raise UnsupportedMSL("no kernel", None, "the source declares no callable kernel (a `kernel void` function, "
@@ -101,7 +102,7 @@ def translate(source: str, *, debug: bool = False, target: str = "cpu", fast_mat
             raise UnsupportedMSL(e.host_name, e.line, f"a second kernel of this name (the first is on MSL line "
                                                       f"{seen[e.host_name]})")
         seen[e.host_name] = e.line
-    out = [f'#include "{_PRELUDES[target]}"\n', f'#line 1 "{MSL_FILE}"\n', _Writer(program, target).write()]
+    out = [f'#include "{_PRELUDES[target]}"\n', f'#line 1 "{MSL_FILE}"\n', writer.write()]
     out.append('\n#line 1 "emulator-entry-points"\n')
     out.extend(_entry_point(e) for e in entries)
     kernels = {e.host_name: _kernel_info(e, program) for e in entries}

@@ -37,8 +37,8 @@ from .msl import STDLIB_HEADERS, after_templates_and_attributes
 SHIM_PATH = Path(__file__).parent / "include" / "metal_typecheck.h"
 INCLUDE_DIR = "/metal-typecheck/include"  # never on disk: clang gets every file under it from memory
 SHIM_FILE = f"{INCLUDE_DIR}/metal_typecheck.h"
-CONSTANTS_PATH = SHIM_PATH.with_name("msl_constants.h")  # the math constants the shim shares with the runtime
-CONSTANTS_FILE = f"{INCLUDE_DIR}/msl_constants.h"
+# The headers the shim shares with the runtime: Metal's predefined macros and constants, and common type traits.
+SHARED_HEADERS = ("msl_constants.h", "msl_type_traits.h")
 # <metal_stdlib> and the sub-headers a kernel may name instead (msl.STDLIB_HEADERS) each serve the library half.
 # The source reaches clang under this module's own path, its content replaced from memory: clang keeps a
 # precompiled preamble only for a main file that exists on disk.
@@ -121,7 +121,8 @@ class _Checker:
         self.lib = cindex.conf.lib
         self.index = _index_with_preambles_in_memory(cindex)
         stdlib = '#define METAL_TYPECHECK_STDLIB\n#include "metal_typecheck.h"\n'
-        self.headers = [(SHIM_FILE, SHIM_PATH.read_text()), (CONSTANTS_FILE, CONSTANTS_PATH.read_text())] + [
+        self.headers = [(SHIM_FILE, SHIM_PATH.read_text())] + [
+            (f"{INCLUDE_DIR}/{h}", SHIM_PATH.with_name(h).read_text()) for h in SHARED_HEADERS] + [
             (f"{INCLUDE_DIR}/{h}", stdlib) for h in sorted(STDLIB_HEADERS)]
         self.units: dict[Any, Any] = {}  # "lex", and True/False: whether the source includes <metal_stdlib>
 

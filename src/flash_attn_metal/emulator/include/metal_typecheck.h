@@ -185,27 +185,13 @@ V cast(A... a) noexcept(conditional_checked<is_vector<V>, caster<V, A...>, const
 #define HUGE_VALF __builtin_inff()
 #define MAXHALF __FLT16_MAX__
 
+#include "msl_type_traits.h"
 namespace metal {
-// ---- <metal_type_traits> ----
+// ---- <metal_type_traits> (the rest: msl_type_traits.h) ----
 template <bool B, class T = void> using enable_if = metal_tc::enable_if<B, T>;
 template <bool B, class T = void> using enable_if_t = typename metal_tc::enable_if<B, T>::type;
-template <class T, T v> struct integral_constant { static constexpr T value = v; typedef T value_type; };
-typedef integral_constant<bool, true> true_type;
-typedef integral_constant<bool, false> false_type;
 template <class A, class B> using is_same = metal_tc::is_same<A, B>;
 template <class A, class B> constexpr bool is_same_v = metal_tc::is_same<A, B>::value;
-template <bool B, class T, class F> struct conditional { typedef T type; };
-template <class T, class F> struct conditional<false, T, F> { typedef F type; };
-template <bool B, class T, class F> using conditional_t = typename conditional<B, T, F>::type;
-template <class T> struct remove_cv { typedef T type; };
-template <class T> struct remove_cv<const T> { typedef T type; };
-template <class T> struct remove_cv<volatile T> { typedef T type; };
-template <class T> struct remove_cv<const volatile T> { typedef T type; };
-template <class T> using remove_cv_t = typename remove_cv<T>::type;
-template <class T> struct remove_reference { typedef T type; };
-template <class T> struct remove_reference<T&> { typedef T type; };
-template <class T> struct remove_reference<T&&> { typedef T type; };
-template <class T> using remove_reference_t = typename remove_reference<T>::type;
 template <class T> struct is_floating_point {
   static constexpr bool value = metal_tc::scalar_kind<remove_cv_t<T>>::value == 3;
 };
@@ -219,28 +205,6 @@ template <class T> struct is_signed { static constexpr bool value = is_arithmeti
 template <class T> constexpr bool is_signed_v = is_signed<T>::value;
 template <class T> struct is_unsigned { static constexpr bool value = is_integral<T>::value && !(T(-1) < T(0)); };
 template <class T> constexpr bool is_unsigned_v = is_unsigned<T>::value;
-template <class T> struct make_unsigned {};
-template <> struct make_unsigned<char> { typedef uchar type; };
-template <> struct make_unsigned<signed char> { typedef uchar type; };
-template <> struct make_unsigned<uchar> { typedef uchar type; };
-template <> struct make_unsigned<short> { typedef ushort type; };
-template <> struct make_unsigned<ushort> { typedef ushort type; };
-template <> struct make_unsigned<int> { typedef uint type; };
-template <> struct make_unsigned<uint> { typedef uint type; };
-template <> struct make_unsigned<long> { typedef ulong type; };
-template <> struct make_unsigned<ulong> { typedef ulong type; };
-template <class T> using make_unsigned_t = typename make_unsigned<T>::type;
-template <class T> struct make_signed {};
-template <> struct make_signed<char> { typedef signed char type; };
-template <> struct make_signed<signed char> { typedef signed char type; };
-template <> struct make_signed<uchar> { typedef signed char type; };
-template <> struct make_signed<short> { typedef short type; };
-template <> struct make_signed<ushort> { typedef short type; };
-template <> struct make_signed<int> { typedef int type; };
-template <> struct make_signed<uint> { typedef int type; };
-template <> struct make_signed<long> { typedef long type; };
-template <> struct make_signed<ulong> { typedef long type; };
-template <class T> using make_signed_t = typename make_signed<T>::type;
 
 // ---- packed vectors: a vector's elements with its element's alignment ----
 // Declared as the vector types themselves, under-aligned, so that they convert, compute and copy from any address

@@ -31,29 +31,15 @@ typedef ushort uint16_t;
 typedef uint uint32_t;
 typedef ulong uint64_t;
 
-// ---- <metal_type_traits> ----
+// ---- <metal_type_traits> (the rest: msl_type_traits.h) ----
+#include "msl_type_traits.h"
 namespace metal {
 template <bool B, class T = void> struct enable_if {};
 template <class T> struct enable_if<true, T> { typedef T type; };
 template <bool B, class T = void> using enable_if_t = typename enable_if<B, T>::type;
-template <class T, T v> struct integral_constant { static constexpr T value = v; typedef T value_type; };
-typedef integral_constant<bool, true> true_type;
-typedef integral_constant<bool, false> false_type;
 template <class A, class B> struct is_same : false_type {};
 template <class A> struct is_same<A, A> : true_type {};
 template <class A, class B> constexpr bool is_same_v = is_same<A, B>::value;
-template <bool B, class T, class F> struct conditional { typedef T type; };
-template <class T, class F> struct conditional<false, T, F> { typedef F type; };
-template <bool B, class T, class F> using conditional_t = typename conditional<B, T, F>::type;
-template <class T> struct remove_cv { typedef T type; };
-template <class T> struct remove_cv<const T> { typedef T type; };
-template <class T> struct remove_cv<volatile T> { typedef T type; };
-template <class T> struct remove_cv<const volatile T> { typedef T type; };
-template <class T> using remove_cv_t = typename remove_cv<T>::type;
-template <class T> struct remove_reference { typedef T type; };
-template <class T> struct remove_reference<T&> { typedef T type; };
-template <class T> struct remove_reference<T&&> { typedef T type; };
-template <class T> using remove_reference_t = typename remove_reference<T>::type;
 template <class T> struct is_integral : false_type {};
 #define MSL_INTEGRAL(T) template <> struct is_integral<T> : true_type {};
 MSL_INTEGRAL(bool) MSL_INTEGRAL(char) MSL_INTEGRAL(signed char) MSL_INTEGRAL(unsigned char) MSL_INTEGRAL(short)
@@ -71,28 +57,6 @@ template <class T> struct is_signed : integral_constant<bool, is_arithmetic<T>::
 template <class T> constexpr bool is_signed_v = is_signed<T>::value;
 template <class T> struct is_unsigned : integral_constant<bool, is_integral<T>::value && !(T(-1) < T(0))> {};
 template <class T> constexpr bool is_unsigned_v = is_unsigned<T>::value;
-template <class T> struct make_unsigned {};
-template <> struct make_unsigned<char> { typedef uchar type; };
-template <> struct make_unsigned<signed char> { typedef uchar type; };
-template <> struct make_unsigned<uchar> { typedef uchar type; };
-template <> struct make_unsigned<short> { typedef ushort type; };
-template <> struct make_unsigned<ushort> { typedef ushort type; };
-template <> struct make_unsigned<int> { typedef uint type; };
-template <> struct make_unsigned<uint> { typedef uint type; };
-template <> struct make_unsigned<long> { typedef ulong type; };
-template <> struct make_unsigned<ulong> { typedef ulong type; };
-template <class T> using make_unsigned_t = typename make_unsigned<T>::type;
-template <class T> struct make_signed {};
-template <> struct make_signed<char> { typedef signed char type; };
-template <> struct make_signed<signed char> { typedef signed char type; };
-template <> struct make_signed<uchar> { typedef signed char type; };
-template <> struct make_signed<short> { typedef short type; };
-template <> struct make_signed<ushort> { typedef short type; };
-template <> struct make_signed<int> { typedef int type; };
-template <> struct make_signed<uint> { typedef int type; };
-template <> struct make_signed<long> { typedef long type; };
-template <> struct make_signed<ulong> { typedef long type; };
-template <class T> using make_signed_t = typename make_signed<T>::type;
 }  // namespace metal
 
 namespace msl {
@@ -154,7 +118,7 @@ MSL_FN constexpr ushort float_to_bfloat_bits(float f) {
 
 MSL_FN constexpr float bfloat_bits_to_float(ushort b) { return u2f((uint)b << 16); }
 
-// Copy the bytes of one object into another (as_type); NVRTC has no __builtin_memcpy.
+// Copy the bytes of one object into another (CUDA's shuffles and atomics); NVRTC has no __builtin_memcpy.
 MSL_FN void copy_bytes(void* dst, const void* src, size_t n) {
 #ifdef MSL_TARGET_CUDA
   for (size_t i = 0; i < n; ++i) ((char*)dst)[i] = ((const char*)src)[i];
@@ -344,9 +308,6 @@ struct swizzle : vec<T, sizeof...(I)> {
   MSL_SWIZZLE_COMPOUND(+) MSL_SWIZZLE_COMPOUND(-) MSL_SWIZZLE_COMPOUND(*) MSL_SWIZZLE_COMPOUND(/)
 #undef MSL_SWIZZLE_COMPOUND
 };
-
-template <class T> struct vec_traits { static constexpr bool is_vec = false; };
-template <class T, int N> struct vec_traits<vec<T, N>> { static constexpr bool is_vec = true; typedef T elem; static constexpr int n = N; };
 }  // namespace msl
 
 // Operators on vectors live in namespace metal, where argument-dependent lookup finds them. A packed vector
